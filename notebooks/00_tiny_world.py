@@ -1,0 +1,273 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · The tiny world and its hallucinating VLM
+#
+# Re-Align needs a vision-language model that hallucinates, images to retrieve from, and
+# benchmarks to measure the hallucination. No VLM or image data set can be downloaded here, so
+# this notebook makes all three, offline, in a few minutes on a CPU:
+#
+# 1. **The tiny world** — seeded synthetic scenes with *co-occurrence priors* (a moon usually comes
+#    with a star) and *weak evidence* (small, faint objects), written in the official formats:
+#    LLaVA-Instruct-150K training JSON, POPE question files, MME-style folders.
+# 2. **The tiny VLM** — a genuine `LlavaForConditionalGeneration` (CLIP tower + Llama) trained from
+#    scratch: the vision tower first learns the world's labels (a stand-in for CLIP's
+#    pre-training), then projector and language model are instruction-tuned on the conversations.
+#    It is saved with `save_pretrained` and loaded back by path like any hub checkpoint.
+# 3. **Its base-line hallucination** — POPE (random / popular / adversarial) and CHAIR-style
+#    caption hallucination on held-out images.
+#
+# Everything is written into the run folder; later notebooks read only files.
+
+# %% tags=["parameters"]
+run_dir = "runs/tiny_world"  # run folder shared by all stages
+seed = 0  # world and training seed
+small_run = False  # a ~1-minute smoke setting (CI): tiny sizes, few steps
+n_train = 30000  # training images
+n_test = 1000  # held-out POPE images
+n_mme = 30  # images per MME-style subtask
+n_samples = 6000  # description samples handed to stages 1-3
+tower_steps = 600  # vision-tower pre-training steps
+sft_steps = 1200  # instruction-tuning steps (batch 48)
+model_path = ""  # an existing model folder to evaluate instead of training the tiny VLM
+eval_batch_size = 64  # POPE answering batch size
+n_show = 12  # held-out images described in the notebook
+
+# %%
+import json
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from realign_lib import pope, tinyworld as tw, vlm
+from realign_lib.data import samples_from_llava
+from realign_lib.io import read_jsonl, write_json, write_jsonl
+from realign_lib.tinyvlm import TinyVLMConfig, train_tiny_vlm
+
+if small_run:
+    n_train, n_test, n_mme, n_samples = 1500, 120, 10, 300
+    tower_steps, sft_steps, n_show = 120, 150, 6
+torch.manual_seed(seed)
+run = Path(run_dir)
+stage_dir = run / "00_tiny_world"
+stage_dir.mkdir(parents=True, exist_ok=True)
+versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}
+print(versions)
+t_start = time.time()
+
+# %% [markdown]
+# ## 1 · Build the world
+#
+# Each image has one to three objects of twelve types. A second object is the first one's
+# *partner* 75 % of the time, and partners are more often small and faint, so a model can learn
+# to guess them from the prior instead of seeing them — the way large VLMs hallucinate a fork next
+# to a plate.
+
+# %%
+t0 = time.time()
+world = tw.build_world(run / "data" / "tiny_world",
+                       tw.WorldConfig(seed=seed, n_train=n_train, n_test=n_test, n_mme=n_mme), progress=False)
+t_world = time.time() - t0
+train_scenes = tw.load_annotations(world["annotations_train"])
+test_scenes = tw.load_annotations(world["annotations_test"])
+print(f"world: {len(train_scenes)} training and {len(test_scenes)} test images in {t_world:.0f} s")
+print("partner co-occurrence P(partner | object):", world["partner_cooccurrence"])
+
+# %%
+fig, axes = plt.subplots(3, 4, figsize=(13, 10.5))
+for ax, s in zip(axes.flat, train_scenes[:12]):
+    ax.imshow(Image.open(Path(world["train_images"]) / f"{s.id}.png"), interpolation="nearest")
+    ax.set_title("\n".join(tw.describe(s)[i:i + 42] for i in range(0, len(tw.describe(s)), 42)), fontsize=7)
+    ax.axis("off")
+fig.suptitle("Tiny-world training scenes and their ground-truth descriptions")
+fig.tight_layout()
+fig.savefig(stage_dir / "scenes.png", dpi=80)
+plt.show()
+
+# %% [markdown]
+# The world's files are in the official layouts, so the same readers serve COCO later:
+
+# %%
+llava = json.load(open(world["train_json"]))
+print(json.dumps(llava[0], indent=1)[:700])
+print(open(world["pope"]["adversarial"]).readline().strip())
+mme_task = Path(world["mme_root"]) / "existence"
+print(sorted(p.name for p in mme_task.iterdir())[:4], "→", open(sorted(mme_task.glob("*.txt"))[0]).read())
+
+# %% [markdown]
+# Samples for stages 1–3: the detailed-description exchange of each training image (prompt,
+# image, chosen response), read back through the LLaVA-Instruct loader that real data uses too.
+
+# %%
+samples, sample_counts = samples_from_llava(world["train_json"], world["train_images"], limit=None,
+                                            prompt_contains=tw.DESCRIBE_PROMPT)
+if len(samples) < n_samples:  # records that open with yes/no turns put the description last
+    by_id = {s.id: s for s in train_scenes}
+    have = {s["id"] for s in samples}
+    for rec in llava:
+        if rec["id"] not in have:
+            samples.append({"id": rec["id"], "image": rec["image"], "prompt": tw.DESCRIBE_PROMPT,
+                            "chosen": tw.describe(by_id[rec["id"]])})
+samples = sorted(samples, key=lambda s: s["id"])[:n_samples]
+write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=world["train_images"]) for s in samples])
+print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: {sample_counts}")
+
+# %% [markdown]
+# ## 2 · Train (or load) the tiny VLM
+
+# %%
+t0 = time.time()
+if model_path:
+    model_dir = Path(model_path)
+    train_summary = {"path": str(model_dir), "trained_here": False}
+else:
+    model_dir = run / "model" / "tiny_vlm"
+    cfg = TinyVLMConfig(seed=seed, tower_steps=tower_steps, sft_steps=sft_steps)
+    train_summary = train_tiny_vlm(world, model_dir, cfg,
+                                   log=lambda r: print(r) if r["step"] % 300 == 0 else None)
+    train_summary["trained_here"] = True
+t_train = time.time() - t0
+print(f"model at {model_dir} ({t_train:.0f} s this run)")
+print({k: v for k, v in train_summary.items() if k != "config"})
+
+# %%
+if (model_dir / "train_log.jsonl").is_file():
+    log = read_jsonl(model_dir / "train_log.jsonl")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    for ax, phase, title in zip(axes, ("tower", "sft"), ("vision-tower pre-training", "instruction tuning")):
+        pts = [(r["step"], r["loss"]) for r in log if r["phase"] == phase]
+        ax.plot(*zip(*pts))
+        ax.set(title=title, xlabel="step", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(stage_dir / "training_loss.png", dpi=80)
+    plt.show()
+
+# %% [markdown]
+# ## 3 · Load it like a hub checkpoint
+#
+# `realign_lib.vlm.load_vlm` is `AutoProcessor.from_pretrained` + `AutoModelForImageTextToText.from_pretrained`
+# (safetensors only, `trust_remote_code` off): the same call loads `llava-hf/llava-1.5-7b-hf`.
+
+# %%
+model, processor = vlm.load_vlm(model_dir, device="cpu")
+print(type(model).__name__, type(processor).__name__,
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+q = pope.load_pope_questions(world["pope"]["adversarial"])[0]
+print(repr(vlm.chat_prompt(processor, q["text"])))
+print(q["text"], "→", vlm.generate(model, processor, [Path(world["test_images"]) / q["image"]], [q["text"]],
+                                    max_new_tokens=4)[0], f"(truth: {q['label']})")
+
+# %% [markdown]
+# ## 4 · What it says about held-out images
+#
+# Object names in **its** description that are absent from the image are hallucinations.
+
+# %%
+show = test_scenes[:max(n_show, 1)]
+desc_scenes = test_scenes[:min(len(test_scenes), 300)]
+t0 = time.time()
+descriptions = vlm.generate(model, processor, [Path(world["test_images"]) / f"{s.id}.png" for s in desc_scenes],
+                            [tw.DESCRIBE_PROMPT] * len(desc_scenes), max_new_tokens=60, batch_size=eval_batch_size)
+chair = tw.caption_hallucination(descriptions, desc_scenes)
+hallucinated_examples = []
+for s, d in zip(desc_scenes, descriptions):
+    bad = [o for o in tw.mentioned_objects(d) if o not in s.types]
+    if bad:
+        hallucinated_examples.append({"image": f"{s.id}.png", "truth": tw.describe(s), "model": d, "absent_named": bad})
+print(f"CHAIR_i {chair['chair_i']:.3f}  CHAIR_s {chair['chair_s']:.3f}  recall {chair['recall']:.3f}  "
+      f"partner share of hallucinations {chair['partner_share']:.2f}  ({time.time() - t0:.0f} s)")
+fig, axes = plt.subplots(2, (len(show) + 1) // 2, figsize=(2.6 * ((len(show) + 1) // 2), 7))
+for ax, s, d in zip(axes.flat, show, descriptions):
+    bad = [o for o in tw.mentioned_objects(d) if o not in s.types]
+    ax.imshow(Image.open(Path(world["test_images"]) / f"{s.id}.png"), interpolation="nearest")
+    ax.set_title(f"truth: {', '.join(s.types)}\nsaid: {', '.join(tw.mentioned_objects(d))}"
+                 + (f"\nABSENT: {', '.join(bad)}" if bad else ""), fontsize=7, color="red" if bad else "black")
+    ax.axis("off")
+fig.tight_layout()
+fig.savefig(stage_dir / "descriptions.png", dpi=80)
+plt.show()
+for ex in hallucinated_examples[:5]:
+    print(f"{ex['image']}\n  truth: {ex['truth']}\n  model: {ex['model']}\n  absent objects named: {ex['absent_named']}")
+
+# %% [markdown]
+# ## 5 · Base-line POPE on the tiny world
+#
+# Negatives are sampled as POPE does: *random* absent objects, the most *popular* ones, and the ones
+# that *co-occur* most with what is present (adversarial). A model that leans on priors loses
+# accuracy from random to adversarial and says "yes" to absent partners.
+
+# %%
+t0 = time.time()
+eval_dir = stage_dir / "eval_base"
+pope_metrics = pope.evaluate_pope(model, processor, world["pope"], world["test_images"], eval_dir,
+                                  batch_size=eval_batch_size, model_id=str(model_dir))
+partner = {}
+for split, qfile in world["pope"].items():
+    qs = pope.load_pope_questions(qfile)
+    pairs = pope.join_answers(qs, read_jsonl(eval_dir / f"pope_{split}_answers.jsonl"))
+    partner[split] = tw.partner_yes_rate(qs, [pope.parse_yes_no(t) for _, t in pairs], test_scenes)
+t_eval = time.time() - t0
+print(f"{'split':<12}{'acc':>7}{'prec':>7}{'rec':>7}{'F1':>7}{'yes%':>7}{'yes|absent partner':>20}{'yes|other absent':>18}")
+for split, m in pope_metrics.items():
+    print(f"{split:<12}{100 * m['accuracy']:7.1f}{100 * m['precision']:7.1f}{100 * m['recall']:7.1f}{100 * m['f1']:7.1f}"
+          f"{100 * m['yes_ratio']:7.1f}{100 * partner[split]['absent_partner_yes_rate']:20.1f}"
+          f"{100 * partner[split]['absent_other_yes_rate']:18.1f}")
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3))
+splits = list(pope_metrics)
+ax.bar(np.arange(len(splits)) - 0.2, [100 * pope_metrics[s]["accuracy"] for s in splits], 0.4, label="accuracy")
+ax.bar(np.arange(len(splits)) + 0.2, [100 * pope_metrics[s]["yes_ratio"] for s in splits], 0.4, label="yes-ratio")
+ax.set_xticks(range(len(splits)), splits)
+ax.set(ylim=(0, 100), ylabel="%", title="Base tiny VLM on tiny-world POPE")
+ax.legend()
+fig.tight_layout()
+fig.savefig(stage_dir / "pope_base.png", dpi=80)
+plt.show()
+
+# %% [markdown]
+# ## 6 · Metrics for the next stages and the tests
+
+# %%
+metrics = {
+    "stage": "00_tiny_world",
+    "seed": seed,
+    "small_run": small_run,
+    "model_path": str(model_dir),
+    "world": {"root": world["root"], "n_train": len(train_scenes), "n_test": len(test_scenes),
+              "mme_images_per_task": world["mme_images_per_task"], "pope": world["pope"],
+              "samples": str(run / "data" / "samples.jsonl"), "n_samples": len(samples)},
+    "model": {k: v for k, v in train_summary.items() if k != "config"},
+    "pope": pope_metrics,
+    "pope_partner": partner,
+    "chair": chair,
+    "hallucinated_examples": hallucinated_examples[:10],
+    "seconds": {"world": round(t_world, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),
+                "total": round(time.time() - t_start, 1)},
+    "versions": versions,
+}
+write_json(stage_dir / "metrics.json", metrics)
+print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['total']:.0f} s")

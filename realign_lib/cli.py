@@ -1,0 +1,93 @@
+"""``realign`` — run the numbered notebooks headlessly with papermill.
+
+    realign run --config configs/tiny_world.yaml            # every stage, resuming finished ones
+    realign run --config configs/tiny_world.yaml --stage 0  # one stage
+    realign run --config ... --set 00_tiny_world.small_run=true --set seed=1 --redo
+
+Each stage's executed notebook goes to ``<run_dir>/<stage>/<stage>.ipynb`` and a marker
+``<run_dir>/<stage>/.done.json`` (with the parameters it ran with) is written when it succeeds; a
+stage whose marker matches its parameters is skipped unless ``--redo``. The first failing stage
+stops the chain with the failing cell and error shown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import NOTEBOOK_DIR, load_config
+
+__all__ = ["main", "run_stage"]
+
+
+def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=print) -> str:
+    """Execute one notebook with papermill; returns ``"done"``, ``"skipped"`` or raises."""
+    import papermill as pm
+
+    from .io import read_json, write_json
+
+    nb = NOTEBOOK_DIR / f"{stage}.ipynb"
+    out_dir = run_dir / stage
+    marker = out_dir / ".done.json"
+    if not redo and marker.is_file() and read_json(marker).get("parameters") == params:
+        log(f"[{stage}] complete with the same parameters: skipped (use --redo to run it again)")
+        return "skipped"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[{stage}] running {nb.name} → {out_dir / nb.name}")
+    t0 = time.time()
+    pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, kernel_name="python3",
+                        language="python", cwd=str(Path.cwd()), progress_bar=False, log_output=False)
+    write_json(marker, {"parameters": params, "seconds": round(time.time() - t0, 1),
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    log(f"[{stage}] done in {time.time() - t0:.0f} s")
+    return "done"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="realign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the notebooks of a config in order")
+    r.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    r.add_argument("--stage", type=int, action="append", help="run only stage N (repeatable)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value: seed=1, run_dir=runs/x, 00_tiny_world.small_run=true")
+    r.add_argument("--redo", action="store_true", help="run stages even if they completed before")
+    args = ap.parse_args(argv)
+
+    import papermill as pm
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"realign: {err}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.run_dir)
+    stages = list(cfg.stages)
+    if args.stage:
+        wanted = {f"{n:02d}" for n in args.stage}
+        stages = [s for s in stages if s[:2] in wanted]
+        if not stages:
+            print(f"realign: no stage {sorted(wanted)} in {args.config}", file=sys.stderr)
+            return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
+                                                      "run_dir": cfg.run_dir, "seed": cfg.seed,
+                                                      "stages": cfg.stages}, indent=2))
+    t0 = time.time()
+    for i, stage in enumerate(stages, 1):
+        print(f"== stage {i}/{len(stages)}: {stage}", flush=True)
+        try:
+            run_stage(stage, cfg.parameters(stage), run_dir, redo=args.redo,
+                      log=lambda m: print(m, flush=True))
+        except pm.PapermillExecutionError as err:
+            print(f"realign: stage {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
+                  f"  executed notebook with the traceback: {run_dir / stage / (stage + '.ipynb')}", file=sys.stderr)
+            return 1
+    print(f"== all {len(stages)} stage(s) finished in {time.time() - t0:.0f} s; results in {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

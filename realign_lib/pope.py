@@ -1,0 +1,145 @@
+"""POPE: read the official question files, answer them, and score exactly as the official scorer.
+
+Question files (official format, one JSON object a line)::
+
+    {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?", "label": "yes"}
+
+Answer files (as LLaVA's ``model_vqa_loader`` writes them): one JSON object a line with
+``question_id`` and ``text`` (the model's raw answer), plus ``prompt`` and ``model_id``.
+
+Scoring follows POPE's ``evaluate.py``: keep the text before the first ``.``, drop commas, split
+on spaces; the answer is "no" if the words contain ``No``, ``not`` or ``no``, else "yes". "yes"
+is the positive class. Unlike the official script, answers are joined to questions by
+``question_id`` (not by line order), and a division by zero gives 0.0 instead of a crash.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .io import append_jsonl, iter_jsonl, read_jsonl
+
+__all__ = ["POPE_SPLITS", "load_pope_questions", "parse_yes_no", "score_pope", "join_answers",
+           "answer_pope", "evaluate_pope"]
+
+POPE_SPLITS = ("random", "popular", "adversarial")
+LMMS_EVAL_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def load_pope_questions(path: str | os.PathLike) -> list[dict]:
+    """Read a POPE question file; errors name the line of a bad record or duplicate id."""
+    path = Path(path)
+    out, seen = [], {}
+    for lineno, rec in enumerate(iter_jsonl(path), 1):
+        missing = [k for k in ("question_id", "image", "text", "label") if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {lineno} lacks {', '.join(missing)}; POPE lines need "
+                             f"question_id, image, text and label")
+        if rec["label"] not in ("yes", "no"):
+            raise ValueError(f"{path}: record {lineno} has label {rec['label']!r}; expected 'yes' or 'no'")
+        qid = rec["question_id"]
+        if qid in seen:
+            raise ValueError(f"{path}: duplicate question_id {qid!r} at records {seen[qid]} and {lineno}; "
+                             f"answers are joined by id, so ids must be unique")
+        seen[qid] = lineno
+        out.append(rec)
+    if not out:
+        raise ValueError(f"{path}: no questions")
+    return out
+
+
+def parse_yes_no(text: str) -> str:
+    """The official POPE rule: first sentence, commas dropped, "no" if it has the word No/not/no."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    text = text.replace(",", "")
+    words = text.split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def score_pope(labels: Sequence[str], predictions: Sequence[str]) -> dict:
+    """Accuracy, precision, recall, F1 (yes = positive) and yes-ratio of parsed predictions.
+
+    ``labels`` and ``predictions`` are "yes"/"no" strings of equal length. Figures are fractions
+    in [0, 1]; ``n`` is the number of questions.
+    """
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
+    if not labels:
+        raise ValueError("nothing to score")
+    tp = sum(lab == "yes" and p == "yes" for lab, p in zip(labels, predictions))
+    tn = sum(lab == "no" and p == "no" for lab, p in zip(labels, predictions))
+    fp = sum(lab == "no" and p == "yes" for lab, p in zip(labels, predictions))
+    fn = sum(lab == "yes" and p == "no" for lab, p in zip(labels, predictions))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(labels), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": sum(p == "yes" for p in predictions) / len(predictions),
+            "tp": tp, "tn": tn, "fp": fp, "fn": fn, "n": len(labels)}
+
+
+def join_answers(questions: list[dict], answers: list[dict], source: str = "answers") -> list[tuple[dict, str]]:
+    """Pair each question with its answer text by ``question_id``; every question must be answered."""
+    by_id: dict = {}
+    for i, a in enumerate(answers, 1):
+        if "question_id" not in a:
+            raise ValueError(f"{source}: record {i} has no question_id")
+        text = a.get("text", a.get("answer"))
+        if text is None:
+            raise ValueError(f"{source}: record {i} (question_id {a['question_id']!r}) has no 'text' or 'answer'")
+        by_id[a["question_id"]] = str(text)
+    missing = [q["question_id"] for q in questions if q["question_id"] not in by_id]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} of {len(questions)} questions have no answer "
+                         f"(first ids: {missing[:5]}); rerun answering to complete the file")
+    return [(q, by_id[q["question_id"]]) for q in questions]
+
+
+def _safe_image(image_root: Path, name: str) -> Path:
+    p = (image_root / name).resolve()
+    if image_root.resolve() not in p.parents:
+        raise ValueError(f"image path {name!r} escapes the image folder {image_root}")
+    return p
+
+
+def answer_pope(model, processor, questions: list[dict], image_root: str | os.PathLike, out_path: str | os.PathLike,
+                batch_size: int = 32, suffix: str = "", max_new_tokens: int = 8, model_id: str = "",
+                progress: bool = False) -> list[dict]:
+    """Answer POPE questions greedily, appending to ``out_path`` as JSON lines; resumes a partial file.
+
+    ``suffix`` is appended to each question (for example lmms-eval's
+    ``"Answer the question using a single word or phrase."``).
+    """
+    from .vlm import generate
+
+    out_path = Path(out_path)
+    root = Path(image_root)
+    done = {a["question_id"] for a in iter_jsonl(out_path)} if out_path.exists() else set()
+    todo = [q for q in questions if q["question_id"] not in done]
+    for s in range(0, len(todo), batch_size):
+        chunk = todo[s:s + batch_size]
+        prompts = [q["text"] + (f" {suffix}" if suffix else "") for q in chunk]
+        texts = generate(model, processor, [_safe_image(root, q["image"]) for q in chunk], prompts,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+        append_jsonl(out_path, [{"question_id": q["question_id"], "prompt": p, "text": t, "model_id": model_id}
+                                for q, p, t in zip(chunk, prompts, texts)])
+        if progress:
+            print(f"  {out_path.name}: {len(done) + s + len(chunk)}/{len(questions)} answered", flush=True)
+    return read_jsonl(out_path)
+
+
+def evaluate_pope(model, processor, question_files: dict[str, str], image_root: str | os.PathLike,
+                  out_dir: str | os.PathLike, batch_size: int = 32, suffix: str = "", model_id: str = "",
+                  progress: bool = False) -> dict[str, dict]:
+    """Answer and score every split in ``question_files`` (split → path); answers go to ``out_dir``."""
+    out_dir = Path(out_dir)
+    metrics = {}
+    for split, qfile in question_files.items():
+        qs = load_pope_questions(qfile)
+        ans = answer_pope(model, processor, qs, image_root, out_dir / f"pope_{split}_answers.jsonl",
+                          batch_size=batch_size, suffix=suffix, model_id=model_id, progress=progress)
+        pairs = join_answers(qs, ans, source=str(out_dir / f"pope_{split}_answers.jsonl"))
+        metrics[split] = score_pope([q["label"] for q, _ in pairs], [parse_yes_no(t) for _, t in pairs])
+    return metrics

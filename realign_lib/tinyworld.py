@@ -1,0 +1,647 @@
+"""The tiny world: seeded synthetic scenes that make the whole method run offline in minutes.
+
+A scene is a textured, noisy background (one of five *scenes*) with distractor blobs and one to
+three objects of twelve types, each with a colour, a position, a size and an opacity. The world
+has the two things that make real VLMs hallucinate:
+
+* **co-occurrence priors** — every scene has typical objects, and a second object is the first
+  one's *partner* most of the time (moon↔star, fish↔boat, car↔house, …);
+* **weak evidence** — objects are 3.5–10 px in radius at opacity 0.45–1 on a 64×64 image, and a
+  partner object is more often small and faint.
+
+Ground truth per image (:class:`Scene`) drives the detailed descriptions, yes/no questions, the
+LLaVA-Instruct-150K style training file, the POPE question files (random / popular / adversarial
+negatives sampled as POPE does) and the MME-style folders (existence, count, position, color).
+
+Everything here is a pure function of a seed; nothing runs at import.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .io import read_jsonl, write_json, write_jsonl
+
+__all__ = [
+    "OBJECTS", "SCENES", "COLOURS", "POSITIONS", "PARTNER", "TYPICAL", "USUAL_COLOUR",
+    "ObjectInstance", "Scene", "sample_scene", "sample_scenes", "render_scene", "describe",
+    "plural", "training_questions", "mentioned_objects", "caption_hallucination", "partner_yes_rate", "llava_record", "pope_questions", "mme_questions",
+    "WorldConfig", "build_world", "load_annotations", "world_vocabulary", "FIXED_PROMPTS",
+]
+
+IMAGE_SIZE = 64
+
+OBJECTS: tuple[str, ...] = (
+    "star", "moon", "fish", "boat", "car", "house", "tree", "flower", "ball", "kite", "bird", "cloud",
+)
+# each object's partner: a second object is the first one's partner most of the time
+PARTNER: dict[str, str] = {}
+for _a, _b in [("star", "moon"), ("fish", "boat"), ("car", "house"), ("tree", "flower"),
+               ("ball", "kite"), ("bird", "cloud")]:
+    PARTNER[_a], PARTNER[_b] = _b, _a
+
+SCENES: dict[str, tuple[int, int, int]] = {  # base background colour
+    "night": (22, 26, 62),
+    "sea": (38, 104, 164),
+    "field": (72, 136, 58),
+    "street": (108, 108, 112),
+    "beach": (214, 194, 138),
+}
+TYPICAL: dict[str, tuple[str, ...]] = {
+    "night": ("star", "moon", "cloud", "bird"),
+    "sea": ("fish", "boat", "bird", "cloud"),
+    "field": ("tree", "flower", "house", "kite"),
+    "street": ("car", "house", "tree", "ball"),
+    "beach": ("ball", "kite", "boat", "bird"),
+}
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (222, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (50, 90, 235),
+    "yellow": (245, 222, 40),
+    "white": (245, 245, 245),
+    "purple": (160, 60, 210),
+}
+USUAL_COLOUR: dict[str, str] = {
+    "star": "yellow", "moon": "white", "fish": "red", "boat": "white", "car": "blue", "house": "red",
+    "tree": "green", "flower": "purple", "ball": "red", "kite": "yellow", "bird": "blue", "cloud": "white",
+}
+POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) centre of each region
+    "left": (14.0, 32.0), "right": (50.0, 32.0), "top": (32.0, 13.0), "bottom": (32.0, 51.0),
+    "center": (32.0, 32.0),
+}
+POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top",
+                   "bottom": "at the bottom", "center": "in the center"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+PLURAL = {"fish": "fish"}
+
+# Prompts the later stages send to the tiny VLM; their words must be in its vocabulary.
+DESCRIBE_PROMPT = "Describe the image in detail."
+MME_SUFFIX = "Please answer yes or no."
+LMMS_EVAL_SUFFIX = "Answer the question using a single word or phrase."
+COMPLETION_PROMPT = ("Please complete the following sentence based on the input image by filling in "
+                     "the masked segments.")
+FIXED_PROMPTS = (DESCRIBE_PROMPT, MME_SUFFIX, LMMS_EVAL_SUFFIX, COMPLETION_PROMPT)
+
+
+def plural(obj: str) -> str:
+    return PLURAL.get(obj, obj + "s")
+
+
+@dataclass
+class ObjectInstance:
+    """One object in a scene. ``radius`` in pixels, ``opacity`` in [0, 1]."""
+
+    type: str
+    colour: str
+    position: str
+    radius: float
+    opacity: float
+    partner_of_first: bool = False
+
+    @property
+    def size_word(self) -> str:
+        return "small" if self.radius < 5.5 else ("big" if self.radius > 8.5 else "")
+
+
+@dataclass
+class Scene:
+    """Ground truth of one image."""
+
+    id: str
+    scene: str
+    objects: list[ObjectInstance]
+    seed: int
+    template: int = 0
+
+    @property
+    def types(self) -> list[str]:
+        """Distinct object types present, in order of first appearance."""
+        return list(dict.fromkeys(o.type for o in self.objects))
+
+    def count(self, obj: str) -> int:
+        return sum(o.type == obj for o in self.objects)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "scene": self.scene, "seed": self.seed, "template": self.template,
+                "objects": [asdict(o) for o in self.objects]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        return cls(id=d["id"], scene=d["scene"], seed=d["seed"], template=d.get("template", 0),
+                   objects=[ObjectInstance(**o) for o in d["objects"]])
+
+
+# --------------------------------------------------------------------------------------- sampling
+def sample_scene(rng: np.random.Generator, scene_id: str, seed: int = 0) -> Scene:
+    """Sample one scene with the world's priors (see module docstring)."""
+    scene = str(rng.choice(list(SCENES)))
+    n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
+    types: list[str] = []
+    partner_flags: list[bool] = []
+    for i in range(n):
+        is_partner = False
+        if i == 0:
+            t = str(rng.choice(TYPICAL[scene])) if rng.random() < 0.8 else str(rng.choice(OBJECTS))
+        elif i == 1 and rng.random() < 0.75:
+            t, is_partner = PARTNER[types[0]], True
+        elif rng.random() < 0.1:
+            t = types[0]  # a second instance of the same type (counting questions)
+        else:
+            pool = [o for o in (TYPICAL[scene] if rng.random() < 0.5 else OBJECTS) if o not in types]
+            t = str(rng.choice(pool or list(OBJECTS)))
+        types.append(t)
+        partner_flags.append(is_partner)
+    positions = rng.permutation(list(POSITIONS))[:n]
+    objects = []
+    for t, pos, is_partner in zip(types, positions, partner_flags):
+        if rng.random() < 0.6:
+            colour = USUAL_COLOUR[t]
+        else:
+            colour = str(rng.choice([c for c in COLOURS if c != USUAL_COLOUR[t]]))
+        if is_partner and rng.random() < 0.5:  # partners are more often weak evidence
+            radius, opacity = rng.uniform(3.5, 6.0), rng.uniform(0.45, 0.7)
+        else:
+            radius, opacity = rng.uniform(3.5, 10.0), rng.uniform(0.45, 1.0)
+        objects.append(ObjectInstance(t, colour, str(pos), round(float(radius), 2),
+                                      round(float(opacity), 2), is_partner))
+    return Scene(id=scene_id, scene=scene, objects=objects, seed=seed, template=int(rng.integers(3)))
+
+
+def sample_scenes(n: int, seed: int, prefix: str = "") -> list[Scene]:
+    """``n`` scenes; scene ``i`` depends only on ``(seed, i)`` so subsets are reproducible."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        out.append(sample_scene(rng, f"{prefix}{i:06d}", seed=seed))
+    return out
+
+
+# -------------------------------------------------------------------------------------- rendering
+def _star(cx, cy, r, points=5):
+    pts = []
+    for k in range(2 * points):
+        rr = r if k % 2 == 0 else r * 0.45
+        a = -math.pi / 2 + k * math.pi / points
+        pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+    return pts
+
+
+def _draw_shape(d: ImageDraw.ImageDraw, t: str, cx: float, cy: float, r: float) -> None:
+    """Draw object ``t`` as a filled 255 mask centred at (cx, cy) with radius ``r``."""
+    e = lambda x0, y0, x1, y1, fill=255: d.ellipse([x0, y0, x1, y1], fill=fill)  # noqa: E731
+    if t == "ball":
+        e(cx - r, cy - r, cx + r, cy + r)
+    elif t == "star":
+        d.polygon(_star(cx, cy, r), fill=255)
+    elif t == "moon":
+        e(cx - r, cy - r, cx + r, cy + r)
+        e(cx - r * 0.35, cy - r * 1.05, cx + r * 1.5, cy + r * 0.75, fill=0)
+    elif t == "fish":
+        e(cx - r, cy - r * 0.5, cx + r * 0.5, cy + r * 0.5)
+        d.polygon([(cx + r * 0.3, cy), (cx + r, cy - r * 0.6), (cx + r, cy + r * 0.6)], fill=255)
+    elif t == "boat":
+        d.polygon([(cx - r, cy + r * 0.1), (cx + r, cy + r * 0.1), (cx + r * 0.6, cy + r * 0.7),
+                   (cx - r * 0.6, cy + r * 0.7)], fill=255)
+        d.polygon([(cx - r * 0.05, cy - r), (cx - r * 0.05, cy), (cx - r * 0.7, cy)], fill=255)
+    elif t == "car":
+        d.rectangle([cx - r, cy - r * 0.1, cx + r, cy + r * 0.45], fill=255)
+        d.rectangle([cx - r * 0.5, cy - r * 0.55, cx + r * 0.4, cy - r * 0.1], fill=255)
+        e(cx - r * 0.8, cy + r * 0.3, cx - r * 0.3, cy + r * 0.8)
+        e(cx + r * 0.3, cy + r * 0.3, cx + r * 0.8, cy + r * 0.8)
+    elif t == "house":
+        d.rectangle([cx - r * 0.75, cy - r * 0.1, cx + r * 0.75, cy + r], fill=255)
+        d.polygon([(cx - r, cy - r * 0.1), (cx + r, cy - r * 0.1), (cx, cy - r)], fill=255)
+    elif t == "tree":
+        d.polygon([(cx, cy - r), (cx + r * 0.75, cy + r * 0.45), (cx - r * 0.75, cy + r * 0.45)], fill=255)
+        d.rectangle([cx - r * 0.15, cy + r * 0.45, cx + r * 0.15, cy + r], fill=255)
+    elif t == "flower":
+        for k in range(5):
+            a = k * 2 * math.pi / 5
+            px, py = cx + r * 0.55 * math.cos(a), cy + r * 0.55 * math.sin(a)
+            e(px - r * 0.42, py - r * 0.42, px + r * 0.42, py + r * 0.42)
+    elif t == "kite":
+        d.polygon([(cx, cy - r), (cx + r * 0.6, cy - r * 0.1), (cx, cy + r * 0.7), (cx - r * 0.6, cy - r * 0.1)],
+                  fill=255)
+        d.line([(cx, cy + r * 0.7), (cx + r * 0.3, cy + r)], fill=255, width=1)
+    elif t == "bird":
+        w = max(1, int(round(r * 0.3)))
+        d.line([(cx - r, cy - r * 0.5), (cx, cy + r * 0.3), (cx + r, cy - r * 0.5)], fill=255, width=w)
+    elif t == "cloud":
+        for dx, rr in [(-0.55, 0.45), (0.0, 0.6), (0.55, 0.45)]:
+            e(cx + dx * r - rr * r, cy - rr * r, cx + dx * r + rr * r, cy + rr * r)
+    else:
+        raise ValueError(f"unknown object type {t!r}; known: {', '.join(OBJECTS)}")
+
+
+def render_scene(s: Scene) -> np.ndarray:
+    """Render a scene to a ``(64, 64, 3)`` uint8 RGB array (deterministic given ``s``)."""
+    rng = np.random.default_rng([s.seed, 7919, int(s.id.split("_")[-1]) if s.id.split("_")[-1].isdigit() else 0])
+    base = np.array(SCENES[s.scene], dtype=np.float32)
+    # low-frequency texture: coarse noise upsampled, plus per-pixel noise
+    coarse = rng.normal(0, 14, size=(8, 8, 3)).astype(np.float32)
+    texture = np.kron(coarse, np.ones((8, 8, 1), dtype=np.float32))
+    img = base + texture + rng.normal(0, 8, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    # distractor blobs: soft ellipses in shifted background colours
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    d = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(2, 5))):
+        x, y = rng.uniform(0, IMAGE_SIZE, 2)
+        rx, ry = rng.uniform(2, 6, 2)
+        d.ellipse([x - rx, y - ry, x + rx, y + ry], fill=int(rng.integers(60, 160)))
+    blob = np.asarray(canvas, dtype=np.float32)[..., None] / 255.0
+    shift = rng.normal(0, 35, size=3).astype(np.float32)
+    img = img + blob * shift
+    for o in s.objects:
+        canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        cx, cy = POSITIONS[o.position]
+        cx += rng.uniform(-3, 3)
+        cy += rng.uniform(-3, 3)
+        _draw_shape(ImageDraw.Draw(canvas), o.type, cx, cy, o.radius)
+        alpha = np.asarray(canvas, dtype=np.float32)[..., None] / 255.0 * o.opacity
+        colour = np.array(COLOURS[o.colour], dtype=np.float32) + rng.normal(0, 10, size=3)
+        img = img * (1 - alpha) + colour * alpha
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------- text
+_INTROS = ("in this {scene} scene there is", "this picture shows a {scene} scene with",
+           "the image shows a {scene} background with")
+_REL = {("left", "right"): "to the left of", ("right", "left"): "to the right of",
+        ("top", "bottom"): "above", ("bottom", "top"): "below",
+        ("top", "center"): "above", ("center", "top"): "below",
+        ("bottom", "center"): "below", ("center", "bottom"): "above",
+        ("left", "center"): "to the left of", ("center", "left"): "to the right of",
+        ("right", "center"): "to the right of", ("center", "right"): "to the left of"}
+
+
+def _phrase(o: ObjectInstance) -> str:
+    words = ["a", o.size_word, o.colour, o.type, POSITION_PHRASE[o.position]]
+    return " ".join(w for w in words if w)
+
+
+def describe(s: Scene) -> str:
+    """A detailed description naming every object with size, colour, position, plus a relation.
+
+    Example: ``"in this night scene there is a big yellow star on the left and a small white moon
+    at the top . the star is to the left of the moon ."`` (lower case, punctuation spaced).
+    """
+    phrases = [_phrase(o) for o in s.objects]
+    body = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+    text = f"{_INTROS[s.template].format(scene=s.scene)} {body} ."
+    if len(s.objects) >= 2:
+        a, b = s.objects[0], s.objects[1]
+        rel = _REL.get((a.position, b.position))
+        if rel and a.type != b.type:
+            text += f" the {a.type} is {rel} the {b.type} ."
+    return text
+
+
+def _yn(q: str, yes: bool) -> dict:
+    return {"question": q, "answer": "yes" if yes else "no"}
+
+
+def existence_question(obj: str, suffix: str = "") -> str:
+    return f"Is there a {obj} in the image?" + (f" {suffix}" if suffix else "")
+
+
+def training_questions(s: Scene, rng: np.random.Generator, n: int = 4) -> list[dict]:
+    """Balanced yes/no questions of four kinds (existence, colour, count, position).
+
+    Negatives for existence are *uniformly random* absent objects, as in ordinary instruction data;
+    the world's priors, not the questions, are what later make partners hallucination-prone.
+    """
+    out: list[dict] = []
+    present = s.types
+    absent = [o for o in OBJECTS if o not in present]
+    for k in range(n):
+        yes = k % 2 == 0
+        kind = str(rng.choice(["existence", "existence", "colour", "count", "position"]))
+        obj = s.objects[int(rng.integers(len(s.objects)))]
+        if kind == "existence":
+            q = existence_question(obj.type if yes else str(rng.choice(absent)))
+        elif kind == "colour":
+            c = obj.colour if yes else str(rng.choice([c for c in COLOURS if c not in
+                                                       {o.colour for o in s.objects if o.type == obj.type}]))
+            q = f"Is there a {c} {obj.type} in the image?"
+        elif kind == "count":
+            true = s.count(obj.type)
+            num = true if yes else (true + 1 if true == 1 or rng.random() < 0.5 else true - 1)
+            q = f"Is there one {obj.type} in the image?" if num == 1 else \
+                f"Are there {NUMBER_WORDS[num]} {plural(obj.type)} in the image?"
+        else:
+            taken = {o.position for o in s.objects if o.type == obj.type}
+            pos = obj.position if yes else str(rng.choice([p for p in POSITIONS if p not in taken]))
+            q = f"Is the {obj.type} {POSITION_PHRASE[pos]} of the image?"
+            if pos == "center":
+                q = f"Is the {obj.type} in the center of the image?"
+        suffix = str(rng.choice(["", MME_SUFFIX, LMMS_EVAL_SUFFIX]))
+        out.append(_yn(q + (f" {suffix}" if suffix else ""), yes))
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def llava_record(s: Scene, image_file: str, rng: np.random.Generator, n_questions: int = 4) -> dict:
+    """One LLaVA-Instruct-150K record: a detailed description turn, then yes/no turns."""
+    conv = [{"from": "human", "value": f"<image>\n{DESCRIBE_PROMPT}"}, {"from": "gpt", "value": describe(s)}]
+    for qa in training_questions(s, rng, n_questions):
+        conv.append({"from": "human", "value": qa["question"]})
+        conv.append({"from": "gpt", "value": "Yes." if qa["answer"] == "yes" else "No."})
+    # present the question turns before the description half of the time, as LLaVA data mixes turns
+    if rng.random() < 0.5 and n_questions:
+        qa_turns = conv[2:]
+        first_q = dict(qa_turns[0])
+        first_q["value"] = "<image>\n" + first_q["value"]
+        desc = [{"from": "human", "value": DESCRIBE_PROMPT}, conv[1]]
+        conv = [first_q] + qa_turns[1:] + desc
+    return {"id": s.id, "image": image_file, "conversations": conv}
+
+
+# ----------------------------------------------------------------------------------------- POPE
+def object_statistics(scenes: Sequence[Scene]) -> tuple[Counter, dict[str, Counter]]:
+    """Object frequencies (images containing each type) and pairwise co-occurrence counts."""
+    freq: Counter = Counter()
+    co: dict[str, Counter] = {o: Counter() for o in OBJECTS}
+    for s in scenes:
+        ts = s.types
+        freq.update(ts)
+        for a in ts:
+            for b in ts:
+                if a != b:
+                    co[a][b] += 1
+    return freq, co
+
+
+def pope_questions(scenes: Sequence[Scene], image_files: Sequence[str], split: str,
+                   stats_scenes: Sequence[Scene], seed: int) -> list[dict]:
+    """POPE question records for one split, in the official format.
+
+    Each image gets its ground-truth object types as "yes" questions and as many absent types as
+    "no" questions, chosen as POPE does: ``random`` — uniformly among absent objects; ``popular`` —
+    the most frequent objects (over ``stats_scenes``) that are absent; ``adversarial`` — the absent
+    objects that co-occur most often with the present ones. Yes and no questions alternate, so the
+    file is exactly half "yes".
+    """
+    if split not in ("random", "popular", "adversarial"):
+        raise ValueError(f"unknown POPE split {split!r}: use random, popular or adversarial")
+    freq, co = object_statistics(stats_scenes)
+    rng = np.random.default_rng([seed, {"random": 1, "popular": 2, "adversarial": 3}[split]])
+    out, qid = [], 1
+    for s, img in zip(scenes, image_files):
+        present = s.types
+        absent = [o for o in OBJECTS if o not in present]
+        k = min(len(present), len(absent))
+        if split == "random":
+            negs = [str(x) for x in rng.choice(absent, size=k, replace=False)]
+        elif split == "popular":
+            negs = sorted(absent, key=lambda o: (-freq[o], OBJECTS.index(o)))[:k]
+        else:
+            score = Counter()
+            for p in present:
+                score.update(co[p])
+            negs = sorted(absent, key=lambda o: (-score[o], -freq[o], OBJECTS.index(o)))[:k]
+        for pos, neg in zip(present[:k], negs):
+            for obj, label in ((pos, "yes"), (neg, "no")):
+                out.append({"question_id": qid, "image": img, "text": existence_question(obj), "label": label})
+                qid += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MME
+MME_TASKS = ("existence", "count", "position", "color")
+
+
+def mme_questions(s: Scene, task: str, rng: np.random.Generator) -> list[tuple[str, str]] | None:
+    """The two MME questions (one yes, one no) of ``task`` for scene ``s``, or None if it does not fit."""
+    sfx = " " + MME_SUFFIX
+    present = s.types
+    if task == "existence":
+        obj = present[int(rng.integers(len(present)))]
+        neg = str(rng.choice([o for o in OBJECTS if o not in present]))
+        return [(f"Is there a {obj} in this image?{sfx}", "Yes"), (f"Is there a {neg} in this image?{sfx}", "No")]
+    if task == "count":
+        obj = present[int(rng.integers(len(present)))]
+        true = s.count(obj)
+        wrong = true + 1 if true == 1 or rng.random() < 0.5 else true - 1
+
+        def q(n):
+            return (f"Is there one {obj} in this image?{sfx}" if n == 1 else
+                    f"Are there {NUMBER_WORDS[n]} {plural(obj)} in this image?{sfx}")
+        return [(q(true), "Yes"), (q(wrong), "No")]
+    if task == "position":
+        singles = [o for o in s.objects if s.count(o.type) == 1]
+        if not singles:
+            return None
+        o = singles[int(rng.integers(len(singles)))]
+        other = str(rng.choice([p for p in POSITIONS if p != o.position]))
+        return [(f"Is the {o.type} {POSITION_PHRASE[o.position]} of the image?{sfx}", "Yes"),
+                (f"Is the {o.type} {POSITION_PHRASE[other]} of the image?{sfx}", "No")]
+    if task == "color":
+        singles = [o for o in s.objects if s.count(o.type) == 1]
+        if not singles:
+            return None
+        o = singles[int(rng.integers(len(singles)))]
+        other = str(rng.choice([c for c in COLOURS if c != o.colour]))
+        return [(f"Is there a {o.colour} {o.type} in this image?{sfx}", "Yes"),
+                (f"Is there a {other} {o.type} in this image?{sfx}", "No")]
+    raise ValueError(f"unknown MME task {task!r}; tiny world supports {', '.join(MME_TASKS)}")
+
+
+# ------------------------------------------------------------------------------------ the world
+@dataclass
+class WorldConfig:
+    """Sizes and seed of a tiny world."""
+
+    seed: int = 0                 # world seed; train, test and MME scenes use disjoint sub-seeds
+    n_train: int = 30000          # training images (LLaVA-Instruct layout)
+    n_test: int = 1000            # held-out images for POPE
+    n_mme: int = 30               # images per MME subtask (MME itself has 30-60)
+    questions_per_image: int = 2  # yes/no turns per training conversation
+
+    def __post_init__(self):
+        for name in ("n_train", "n_test", "n_mme"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"WorldConfig.{name} must be a positive integer, got {v!r}")
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
+def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), progress: bool = False) -> dict:
+    """Generate the tiny world into ``out_dir`` and return a summary with its file paths.
+
+    Layout (official formats where one exists)::
+
+        out_dir/train_images/train_000000.png ...     training images
+        out_dir/llava_instruct_tiny.json              LLaVA-Instruct-150K layout
+        out_dir/annotations_{train,test}.jsonl        ground truth (scene, objects)
+        out_dir/test_images/test_000000.png ...       POPE images
+        out_dir/pope/tiny_pope_{random,popular,adversarial}.json   official POPE question format
+        out_dir/MME/{existence,count,position,color}/<image>.png + <image>.txt
+
+    Files that already exist with the same content are reused, so a rerun is cheap; the summary
+    ``world.json`` is written last, so its presence marks a complete world.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    done = out / "world.json"
+    if done.is_file():
+        from .io import read_json
+        summary = read_json(done)
+        if summary.get("config") == asdict(cfg):
+            return summary
+    for sub in ("train_images", "test_images", "pope", "MME"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    train = sample_scenes(cfg.n_train, seed=cfg.seed * 1000 + 1, prefix="train_")
+    test = sample_scenes(cfg.n_test, seed=cfg.seed * 1000 + 2, prefix="test_")
+    rng = np.random.default_rng([cfg.seed, 99])
+    records = []
+    for s in tqdm(train, desc="train images", disable=not progress, mininterval=2):
+        name = f"{s.id}.png"
+        p = out / "train_images" / name
+        if not p.exists():
+            _save_png(render_scene(s), p)
+        records.append(llava_record(s, name, rng, cfg.questions_per_image))
+    write_json(out / "llava_instruct_tiny.json", records, indent=None)
+    write_jsonl(out / "annotations_train.jsonl", [s.to_dict() for s in train])
+    test_files = []
+    for s in tqdm(test, desc="test images", disable=not progress, mininterval=2):
+        name = f"{s.id}.png"
+        p = out / "test_images" / name
+        if not p.exists():
+            _save_png(render_scene(s), p)
+        test_files.append(name)
+    write_jsonl(out / "annotations_test.jsonl", [s.to_dict() for s in test])
+    pope_files = {}
+    for split in ("random", "popular", "adversarial"):
+        qs = pope_questions(test, test_files, split, stats_scenes=train, seed=cfg.seed)
+        pope_files[split] = str(write_jsonl(out / "pope" / f"tiny_pope_{split}.json", qs))
+    mme_counts = {}
+    for t_i, task in enumerate(MME_TASKS):
+        scenes = sample_scenes(cfg.n_mme * 3, seed=cfg.seed * 1000 + 10 + t_i, prefix=f"mme_{task}_")
+        trng = np.random.default_rng([cfg.seed, 500 + t_i])
+        folder = out / "MME" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        n = 0
+        mme_ann = []
+        for s in scenes:
+            qs = mme_questions(s, task, trng)
+            if qs is None:
+                continue
+            _save_png(render_scene(s), folder / f"{s.id}.png")
+            (folder / f"{s.id}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qs), encoding="utf-8")
+            mme_ann.append(s.to_dict())
+            n += 1
+            if n == cfg.n_mme:
+                break
+        write_jsonl(out / f"annotations_mme_{task}.jsonl", mme_ann)
+        mme_counts[task] = n
+    freq, co = object_statistics(train)
+    summary = {
+        "config": asdict(cfg),
+        "root": str(out),
+        "train_json": str(out / "llava_instruct_tiny.json"),
+        "train_images": str(out / "train_images"),
+        "test_images": str(out / "test_images"),
+        "annotations_train": str(out / "annotations_train.jsonl"),
+        "annotations_test": str(out / "annotations_test.jsonl"),
+        "pope": pope_files,
+        "mme_root": str(out / "MME"),
+        "mme_images_per_task": mme_counts,
+        "object_frequency": dict(freq.most_common()),
+        "partner_cooccurrence": {a: round(co[a][PARTNER[a]] / max(freq[a], 1), 3) for a in OBJECTS},
+    }
+    write_json(done, summary)
+    return summary
+
+
+def load_annotations(path: str | os.PathLike) -> list[Scene]:
+    return [Scene.from_dict(d) for d in read_jsonl(path)]
+
+
+def world_vocabulary() -> list[str]:
+    """Every word the world's texts and the kit's fixed prompts can contain (lower-cased)."""
+    import re
+
+    words: set[str] = set()
+    texts: list[str] = list(FIXED_PROMPTS)
+    texts += [i.format(scene=sc) for i in _INTROS for sc in SCENES]
+    texts += list(POSITION_PHRASE.values()) + list(_REL.values())
+    texts += list(OBJECTS) + [plural(o) for o in OBJECTS] + list(COLOURS) + list(NUMBER_WORDS.values())
+    texts += ["a the is there are in of image this and , . ? yes no small big not",
+              "Is there a in the image? Are there Is the of the image? Yes. No.",
+              "Is there one in this image?"]
+    for t in texts:
+        words.update(re.findall(r"\[MASK\]|\w+|[^\w\s]", t.lower()))
+    return sorted(words)
+
+
+# ------------------------------------------------------------------------- hallucination checks
+def mentioned_objects(text: str) -> list[str]:
+    """Object types a text names (singular or plural), in order of first mention."""
+    import re
+
+    names = {o: o for o in OBJECTS}
+    names.update({plural(o): o for o in OBJECTS})
+    seen = []
+    for w in re.findall(r"[a-z]+", text.lower()):
+        o = names.get(w)
+        if o and o not in seen:
+            seen.append(o)
+    return seen
+
+
+def caption_hallucination(texts: Sequence[str], scenes: Sequence[Scene]) -> dict:
+    """CHAIR-style figures for descriptions of ``scenes``.
+
+    ``chair_i``: share of mentioned objects that are absent; ``chair_s``: share of descriptions
+    with at least one absent object; ``recall``: share of present object types mentioned;
+    ``partner_share``: share of hallucinated mentions that are the partner of a present object.
+    """
+    if len(texts) != len(scenes):
+        raise ValueError(f"{len(texts)} texts but {len(scenes)} scenes")
+    mentioned = hallucinated = with_h = present_total = recalled = partner = 0
+    for t, s in zip(texts, scenes):
+        m = mentioned_objects(t)
+        present = set(s.types)
+        bad = [o for o in m if o not in present]
+        mentioned += len(m)
+        hallucinated += len(bad)
+        with_h += bool(bad)
+        partner += sum(PARTNER[o] in present for o in bad)
+        present_total += len(present)
+        recalled += len(present & set(m))
+    return {"chair_i": hallucinated / max(mentioned, 1), "chair_s": with_h / max(len(texts), 1),
+            "recall": recalled / max(present_total, 1), "partner_share": partner / max(hallucinated, 1),
+            "n": len(texts)}
+
+
+def partner_yes_rate(questions: Sequence[dict], predictions: Sequence[str], scenes: Sequence[Scene]) -> dict:
+    """Yes-rate on POPE "no" questions, split by whether the absent object is a present one's partner.
+
+    ``questions``: POPE records (``image`` = ``<scene id>.png``); ``predictions``: parsed yes/no.
+    """
+    by_image = {f"{s.id}.png": s for s in scenes}
+    counts = {"partner": [0, 0], "other": [0, 0]}
+    for q, p in zip(questions, predictions):
+        if q["label"] != "no":
+            continue
+        obj = mentioned_objects(q["text"])[0]
+        s = by_image[q["image"]]
+        key = "partner" if PARTNER[obj] in s.types else "other"
+        counts[key][0] += p == "yes"
+        counts[key][1] += 1
+    return {f"absent_{k}_yes_rate": (v[0] / v[1] if v[1] else float("nan")) for k, v in counts.items()} | \
+        {f"absent_{k}_n": v[1] for k, v in counts.items()}

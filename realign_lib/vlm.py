@@ -1,0 +1,273 @@
+"""One interface to any Hugging Face image-text-to-text model: the tiny VLM and a 7B alike.
+
+* :func:`load_vlm` — model + processor by hub id or local path (dtype, device, safetensors only,
+  ``trust_remote_code`` off unless asked);
+* :func:`chat_prompt` — a user turn with one image, rendered by the processor's chat template;
+* :func:`generate` — batched greedy decoding for (image, question) lists;
+* :func:`build_scoring_batch` + :func:`sequence_logprobs` — the summed log-probability of a given
+  response, over the response tokens only (prompt and image tokens masked); differentiable, so
+  the trainer uses the same two functions; :func:`response_logprobs` is the batched no-grad form;
+* :func:`image_embeddings` — pooled image features from the model's own vision tower.
+
+Nothing here knows which architecture it serves: tests run it on tiny random LLaVA-1.5,
+LLaVA-1.6, Qwen2-VL, Idefics3/SmolVLM and Janus models.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "load_vlm", "to_pil", "chat_prompt", "generate", "build_scoring_batch", "sequence_logprobs",
+    "response_logprobs", "image_embeddings", "model_inputs",
+]
+
+ImageLike = Any  # PIL image, path, or HxWx3 uint8 array
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids look like ``org/name``; anything starting with ``.``, ``/``, ``~`` or deeper is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | None = None,
+             trust_remote_code: bool = False, adapter: str | os.PathLike | None = None):
+    """Load ``(model, processor)`` from a hub id or a local folder.
+
+    ``dtype``: ``"auto"`` (bf16 on a GPU that supports it, fp32 on CPU), a ``torch.dtype`` or its
+    name. ``device``: ``"cuda"``, ``"cpu"``, …; default GPU if available. Weights load from
+    safetensors only. ``adapter``: optional PEFT adapter folder applied on top.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if _looks_like_path(name) and not path.exists():
+        raise FileNotFoundError(f"model path {name!r} does not exist; pass a folder made by save_pretrained "
+                                f"(for the tiny world: <run>/model/tiny_vlm) or a hub id")
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json here; is this the folder written by save_pretrained?")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as err:
+        raise OSError(f"could not load {name!r}: {err}\nOffline? Download the checkpoint on a machine with network "
+                      f"access and pass its local folder; weights must be safetensors.") from err
+    model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, processor
+
+
+def to_pil(image: ImageLike):
+    """A path, array or PIL image → RGB PIL image (clear error naming a missing or corrupt file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    p = Path(image)
+    if not p.is_file():
+        raise FileNotFoundError(f"image file {p} not found")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"image file {p} is not a readable image ({err})") from err
+
+
+def _tok(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def chat_prompt(processor, text: str, image: bool = True) -> str:
+    """One user turn (an image, then ``text``) with the assistant's turn opened."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def _images_arg(processor, images):
+    """Idefics3/SmolVLM processors want one list of images per sample."""
+    name = type(processor).__name__
+    if name.startswith(("Idefics", "SmolVLM")):
+        return [[im] for im in images]
+    return list(images)
+
+
+def model_inputs(processor, images: Sequence[ImageLike], texts: Sequence[str], padding_side: str):
+    """Run the processor on (image, text) pairs with the given padding side; returns a BatchFeature."""
+    tok = _tok(processor)
+    old = tok.padding_side
+    tok.padding_side = padding_side
+    try:
+        # also passed explicitly: some processors (Janus, InternVL, Llama 4, ...) default to left padding
+        # in their own text kwargs, which beats the tokenizer attribute unless the tokenizer was
+        # created with padding_side in its init kwargs
+        return processor(images=_images_arg(processor, [to_pil(i) for i in images]), text=list(texts),
+                         padding=True, padding_side=padding_side, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+
+
+def _to_device(batch, model) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(model.device)
+            if v.is_floating_point():
+                v = v.to(model.dtype)
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def generate(model, processor, images: Sequence[ImageLike], questions: Sequence[str], max_new_tokens: int = 64,
+             batch_size: int = 16, chat: bool = True, progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy answers (temperature 0) for each (image, question), batched with left padding."""
+    from tqdm.auto import tqdm
+
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    tok = _tok(processor)
+    answers: list[str] = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress, mininterval=5):
+        qs = questions[start:start + batch_size]
+        texts = [chat_prompt(processor, q) if chat else q for q in qs]
+        batch = _to_device(model_inputs(processor, images[start:start + batch_size], texts, "left"), model)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+    return answers
+
+
+def build_scoring_batch(processor, images: Sequence[ImageLike], prompts: Sequence[str], responses: Sequence[str],
+                        add_eos: bool = True, chat: bool = True) -> dict:
+    """Tensors to score ``responses`` given (image, prompt): the processor's inputs plus ``response_mask``.
+
+    The full text is the chat prompt followed by the response (and the tokenizer's EOS if
+    ``add_eos``), right-padded. ``response_mask`` ``(B, L)`` is 1 on the response's tokens and 0 on
+    padding, prompt and image tokens. Raises if a prompt's tokens are not a prefix of its full text.
+    """
+    if not (len(images) == len(prompts) == len(responses)):
+        raise ValueError(f"lengths differ: {len(images)} images, {len(prompts)} prompts, {len(responses)} responses")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            raise ValueError(f"response {i} is empty; every sample needs a non-empty response to score")
+    tok = _tok(processor)
+    texts = [chat_prompt(processor, p) if chat else p for p in prompts]
+    eos = tok.eos_token if add_eos and tok.eos_token else ""
+    full = [t + ("" if t.endswith((" ", "\n")) else " ") + r.strip() + eos for t, r in zip(texts, responses)]
+    enc_p = model_inputs(processor, images, texts, "right")
+    enc = model_inputs(processor, images, full, "right")
+    plen = enc_p["attention_mask"].sum(1)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    response_mask = torch.zeros_like(mask)
+    for row in range(ids.shape[0]):
+        n = int(plen[row])
+        if not torch.equal(ids[row, :n], enc_p["input_ids"][row, :n]):
+            raise ValueError(f"sample {row}: the prompt's tokens are not a prefix of prompt+response; "
+                             f"the tokenizer merges across the boundary (prompt ends {texts[row][-20:]!r})")
+        response_mask[row, n:] = mask[row, n:]
+    if int(response_mask.sum(1).min()) == 0:
+        raise ValueError("a response has no tokens after the prompt; check the chat template")
+    out = dict(enc)
+    out["response_mask"] = response_mask
+    return out
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the response tokens.
+
+    Args:
+        logits: ``(B, L, V)`` model outputs; position ``t`` predicts token ``t + 1``.
+        input_ids: ``(B, L)`` token ids.
+        response_mask: ``(B, L)`` 1 where the token belongs to the response, else 0.
+    Returns:
+        ``(B,)`` — ``sum_t mask[t] · log softmax(logits[t-1])[input_ids[t]]``, in float32.
+    """
+    logits = logits[:, :-1].float()
+    target = input_ids[:, 1:]
+    mask = response_mask[:, 1:].to(logits.dtype)
+    picked = torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    return (picked * mask).sum(-1)
+
+
+def forward_logprobs(model, batch: dict) -> torch.Tensor:
+    """``(B,)`` summed response log-probs for a batch from :func:`build_scoring_batch` (keeps grad)."""
+    inputs = {k: v for k, v in _to_device(batch, model).items() if k != "response_mask"}
+    logits = model(**inputs).logits
+    return sequence_logprobs(logits, inputs["input_ids"], batch["response_mask"].to(logits.device))
+
+
+@torch.no_grad()
+def response_logprobs(model, processor, images: Sequence[ImageLike], prompts: Sequence[str],
+                      responses: Sequence[str], batch_size: int = 8, add_eos: bool = True,
+                      chat: bool = True) -> torch.Tensor:
+    """``(N,)`` summed log p(response | image, prompt) over response tokens, batched, no grad."""
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        batch = build_scoring_batch(processor, images[s:s + batch_size], prompts[s:s + batch_size],
+                                    responses[s:s + batch_size], add_eos=add_eos, chat=chat)
+        out.append(forward_logprobs(model, batch).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _image_features_fn(model):
+    """``get_image_features`` of the model, or of its inner base model (Janus keeps it only there)."""
+    for m in (model, getattr(model, "model", None)):
+        fn = getattr(m, "get_image_features", None) if m is not None else None
+        if callable(fn):
+            return fn
+    raise AttributeError(f"{type(model).__name__} has no get_image_features (nor does its .model); "
+                         f"image_embeddings needs the model's own vision features")
+
+
+@torch.no_grad()
+def image_embeddings(model, processor, images: Sequence[ImageLike], batch_size: int = 64,
+                     normalize: bool = True, progress: bool = False) -> np.ndarray:
+    """``(N, D)`` float32 image embeddings: the model's image features, mean-pooled over tokens.
+
+    Uses ``model.get_image_features`` — the vision tower and projector, i.e. the image as the
+    language model sees it — so it works for every architecture; L2-normalised if ``normalize``.
+    """
+    from tqdm.auto import tqdm
+
+    ip = processor.image_processor
+    get_features = _image_features_fn(model)
+    params = set(inspect.signature(get_features).parameters)
+    chunks = []
+    for s in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress, mininterval=5):
+        pil = [to_pil(i) for i in images[s:s + batch_size]]
+        if type(processor).__name__.startswith(("Idefics", "SmolVLM")):
+            feats_in = ip([[im] for im in pil], return_tensors="pt")
+        else:
+            feats_in = ip(pil, return_tensors="pt")
+        kwargs = {k: v for k, v in _to_device(feats_in, model).items() if k in params}
+        out = get_features(**kwargs)
+        feats = getattr(out, "pooler_output", out)
+        if torch.is_tensor(feats):
+            feats = feats.reshape(len(pil), -1, feats.shape[-1]) if feats.dim() >= 2 else feats
+            pooled = feats.float().mean(1) if feats.dim() == 3 else feats.float()
+        else:  # list / tuple: one tensor of tokens per image
+            pooled = torch.stack([f.float().reshape(-1, f.shape[-1]).mean(0) for f in feats])
+        chunks.append(pooled.cpu())
+    emb = torch.cat(chunks).numpy().astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
+    if normalize and emb.size:
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+    return emb

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small tiny world built once per test session."""
+    from realign_lib.tinyworld import WorldConfig, build_world
+
+    out = tmp_path_factory.mktemp("world")
+    return build_world(out, WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8))

@@ -1,0 +1,93 @@
+"""The tiny VLM: tokenizer, processor, chat template, training signal, save/load like a hub model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from realign_lib import tinyvlm as tv
+from realign_lib import tinyworld as tw
+from realign_lib import vlm
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = tv.TinyVLMConfig(tower_steps=30, sft_steps=40, tower_batch=32, sft_batch=16, seed=1)
+    tok = tv.build_tokenizer(tw.world_vocabulary())
+    return cfg, tok, tv.build_processor(tok, cfg), tv.build_model(tok, cfg)
+
+
+def test_tokenizer_round_trips_world_text(parts):
+    _, tok, _, _ = parts
+    for s in tw.sample_scenes(50, seed=0):
+        text = tw.describe(s)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    for prompt in tw.FIXED_PROMPTS:
+        assert tok.unk_token_id not in tok(prompt, add_special_tokens=False)["input_ids"], prompt
+    assert tok.tokenize("a [MASK] star") == ["a", "[MASK]", "star"]
+
+
+def test_pixels_equal_the_processor(parts):
+    _, _, proc, _ = parts
+    imgs = np.stack([tw.render_scene(s) for s in tw.sample_scenes(4, seed=0)])
+    ref = proc.image_processor(list(imgs), return_tensors="pt")["pixel_values"]
+    assert torch.allclose(tv.images_to_pixels(imgs), ref, atol=1e-6)
+
+
+def test_encoding_matches_chat_template_and_masks_prompts(parts):
+    _, tok, _, _ = parts
+    rng = np.random.default_rng(0)
+    scenes = tw.sample_scenes(10, seed=0)
+    convs = [tw.llava_record(s, "x.png", rng, 2)["conversations"] for s in scenes]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for conv, (ids, labels) in zip(convs, tv.encode_conversations(convs, tok, 16)):
+        ref = tok(tok.apply_chat_template(tv._messages(conv), tokenize=False), add_special_tokens=False)["input_ids"]
+        expanded = [t for r in ref for t in ([image_id] * 16 if r == image_id else [r])]
+        assert ids == expanded
+        assert ids.count(image_id) == 16 and len(ids) == len(labels)
+        learnt = tok.decode([i for i in labels if i != -100])
+        answers = " ".join(t["value"].lower().replace(".", " .").replace("  ", " ").strip() + " </s>"
+                           for t in conv if t["from"] == "gpt")
+        assert sorted(learnt.split(" </s>")) == sorted(answers.split(" </s>"))  # only assistant replies are learnt
+
+
+def test_training_lowers_loss_and_saves_a_hub_style_checkpoint(small_world, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = tv.TinyVLMConfig(tower_steps=40, sft_steps=60, tower_batch=32, sft_batch=16, seed=2)
+    summary = tv.train_tiny_vlm(small_world, tmp_path / "m", cfg)
+    log = [json.loads(x) for x in open(tmp_path / "m" / "train_log.jsonl")]
+    for phase in ("tower", "sft"):
+        losses = [r["loss"] for r in log if r["phase"] == phase]
+        assert losses[-1] < 0.7 * losses[0], (phase, losses)
+    assert 0.5e6 < summary["parameters"] < 3e6
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
+    proc = AutoProcessor.from_pretrained(tmp_path / "m")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and type(proc).__name__ == "LlavaProcessor"
+    q = json.loads(open(small_world["pope"]["random"]).readline())
+    ans = vlm.generate(model, proc, [f"{small_world['test_images']}/{q['image']}"], [q["text"]], max_new_tokens=4)
+    assert ans[0].split()[0] in ("yes", "no"), ans  # already answers in the yes/no format after 60 steps
+    # the summary marks completion: a second call with the same config returns without training
+    again = tv.train_tiny_vlm(small_world, tmp_path / "m", cfg)
+    assert again == summary
+
+
+def test_logprob_of_tiny_model_equals_manual_sum(parts):
+    _, tok, proc, model = parts
+    imgs = [tw.render_scene(s) for s in tw.sample_scenes(2, seed=0)]
+    prompts, responses = ["Is there a star in the image?", "Describe the image in detail."], ["yes .", "a red ball ."]
+    got = vlm.response_logprobs(model, proc, imgs, prompts, responses)
+    for i in range(2):
+        p = vlm.chat_prompt(proc, prompts[i])
+        full = proc(images=[imgs[i]], text=[p + " " + responses[i] + "</s>"], return_tensors="pt")
+        n_prompt = proc(images=[imgs[i]], text=[p], return_tensors="pt")["input_ids"].shape[1]
+        with torch.no_grad():
+            logp = model(**full).logits[0].log_softmax(-1)
+        ids = full["input_ids"][0]
+        manual = sum(logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
+        assert got[i].item() == pytest.approx(manual, abs=1e-4)
+        assert len(ids) - n_prompt == len(responses[i].split()) + 1  # response words + </s>

@@ -1,0 +1,138 @@
+"""The tiny world: determinism, priors, and the official file layouts it writes."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realign_lib import tinyworld as tw
+from realign_lib.io import read_jsonl
+
+
+def test_scenes_and_pixels_are_deterministic_per_seed():
+    a, b, c = tw.sample_scenes(20, seed=5), tw.sample_scenes(20, seed=5), tw.sample_scenes(20, seed=6)
+    assert [s.to_dict() for s in a] == [s.to_dict() for s in b]
+    assert [s.to_dict() for s in a] != [s.to_dict() for s in c]
+    assert np.array_equal(tw.render_scene(a[0]), tw.render_scene(b[0]))
+    img = tw.render_scene(a[0])
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+
+
+def test_world_has_the_promised_variety_and_priors():
+    scenes = tw.sample_scenes(3000, seed=1)
+    assert len(tw.OBJECTS) >= 12 and len(tw.SCENES) >= 5
+    types = Counter(t for s in scenes for t in s.types)
+    assert set(types) == set(tw.OBJECTS)
+    multi = [s for s in scenes if len(s.objects) >= 2]
+    partner_rate = np.mean([s.objects[1].type == tw.PARTNER[s.objects[0].type] for s in multi])
+    assert 0.65 < partner_rate < 0.85  # second object is the first one's partner ~75 % of the time
+    typical = np.mean([s.objects[0].type in tw.TYPICAL[s.scene] for s in scenes])
+    assert typical > 0.75
+    radii = [o.radius for s in scenes for o in s.objects]
+    opac = [o.opacity for s in scenes for o in s.objects]
+    assert min(radii) >= 3.5 and max(radii) <= 10 and min(opac) >= 0.45
+    partners = [o for s in scenes for o in s.objects if o.partner_of_first]
+    others = [o for s in scenes for o in s.objects if not o.partner_of_first]
+    assert np.mean([o.opacity for o in partners]) < np.mean([o.opacity for o in others])  # weaker evidence
+    # objects are really drawn: the object's pixels differ from the same scene without it
+    s = next(x for x in scenes if x.objects[0].radius > 8 and x.objects[0].opacity > 0.8)
+    empty = tw.Scene(id=s.id, scene=s.scene, objects=[], seed=s.seed)
+    assert np.abs(tw.render_scene(s).astype(int) - tw.render_scene(empty).astype(int)).max() > 60
+
+
+def test_description_names_exactly_the_present_objects():
+    for s in tw.sample_scenes(300, seed=2):
+        text = tw.describe(s)
+        assert set(tw.mentioned_objects(text)) == set(s.types), text
+        for o in s.objects:
+            assert o.colour in text and tw.POSITION_PHRASE[o.position] in text
+
+
+def test_training_questions_are_balanced_and_true():
+    rng = np.random.default_rng(0)
+    answers = Counter()
+    for s in tw.sample_scenes(200, seed=4):
+        for qa in tw.training_questions(s, rng, 4):
+            answers[qa["answer"]] += 1
+            if qa["question"].startswith("Is there a ") and qa["question"].split()[3] in tw.OBJECTS:
+                obj = qa["question"].split()[3]
+                assert (obj in s.types) == (qa["answer"] == "yes"), (qa, s.types)
+    assert answers["yes"] == answers["no"]
+
+
+def test_llava_instruct_layout(small_world):
+    data = json.load(open(small_world["train_json"]))
+    assert isinstance(data, list) and len(data) == 400
+    for rec in data[:50]:
+        assert set(rec) == {"id", "image", "conversations"}
+        assert (Path(small_world["train_images"]) / rec["image"]).is_file()
+        conv = rec["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert sum("<image>" in t["value"] for t in conv) == 1
+
+
+def test_pope_files_official_format_and_sampling(small_world):
+    ann = {f"{s.id}.png": s for s in tw.load_annotations(small_world["annotations_test"])}
+    partner_share = {}
+    for split, path in small_world["pope"].items():
+        qs = read_jsonl(path)
+        assert all(set(q) == {"question_id", "image", "text", "label"} for q in qs)
+        assert len({q["question_id"] for q in qs}) == len(qs)
+        assert sum(q["label"] == "yes" for q in qs) * 2 == len(qs)
+        for q in qs:
+            obj = tw.mentioned_objects(q["text"])[0]
+            assert (obj in ann[q["image"]].types) == (q["label"] == "yes")
+        negs = [q for q in qs if q["label"] == "no"]
+        partner_share[split] = np.mean([tw.PARTNER[tw.mentioned_objects(q["text"])[0]] in ann[q["image"]].types
+                                        for q in negs])
+    # adversarial negatives are the co-occurring objects: far more partners than random negatives
+    assert partner_share["adversarial"] > partner_share["random"] + 0.3
+    freq = Counter(small_world["object_frequency"])
+    popular_negs = Counter(tw.mentioned_objects(q["text"])[0] for q in read_jsonl(small_world["pope"]["popular"])
+                           if q["label"] == "no")
+    top = [o for o, _ in freq.most_common(3)]
+    assert popular_negs.most_common(1)[0][0] in top
+
+
+def test_mme_folder_layout(small_world):
+    root = Path(small_world["mme_root"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(tw.MME_TASKS)
+    for task in tw.MME_TASKS:
+        txts = sorted((root / task).glob("*.txt"))
+        assert len(txts) == 8
+        for t in txts:
+            assert (root / task / (t.stem + ".png")).is_file()
+            lines = t.read_text().splitlines()
+            assert len(lines) == 2
+            (q1, a1), (q2, a2) = (line.split("\t") for line in lines)
+            assert (a1, a2) == ("Yes", "No") and q1.endswith("Please answer yes or no.")
+
+
+def test_mme_answers_are_true():
+    rng = np.random.default_rng(1)
+    for s in tw.sample_scenes(100, seed=9):
+        qs = tw.mme_questions(s, "color", rng)
+        if qs:
+            (yes_q, _), (no_q, _) = qs
+            colour, obj = yes_q.split()[3], yes_q.split()[4]
+            assert any(o.type == obj and o.colour == colour for o in s.objects)
+            c2 = no_q.split()[3]
+            assert not any(o.type == obj and o.colour == c2 for o in s.objects)
+
+
+def test_build_world_reuses_a_complete_world(small_world, tmp_path):
+    from realign_lib.tinyworld import WorldConfig, build_world
+    again = build_world(small_world["root"], WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8))
+    assert again == small_world
+    with pytest.raises(ValueError, match="n_train"):
+        WorldConfig(n_train=0)
+
+
+def test_caption_hallucination_counts():
+    s = tw.Scene(id="x_000001", scene="night", seed=0, objects=[
+        tw.ObjectInstance("star", "yellow", "left", 5, 1)])
+    m = tw.caption_hallucination(["a yellow star and a white moon .", "a star ."], [s, s])
+    assert m["chair_i"] == pytest.approx(1 / 3) and m["chair_s"] == 0.5 and m["recall"] == 1.0
+    assert m["partner_share"] == 1.0
