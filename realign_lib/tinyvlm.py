@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "TinyVLMConfig", "CHAT_TEMPLATE", "build_tokenizer", "build_processor", "build_model",
-    "images_to_pixels", "pretrain_vision_tower", "encode_conversations", "instruction_tune",
+    "images_to_pixels", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "instruction_tune",
     "train_tiny_vlm",
 ]
 
@@ -68,7 +68,7 @@ class TinyVLMConfig:
     sft_steps: int = 1200         # phase 2 steps (instruction tuning)
     sft_batch: int = 48
     sft_lr: float = 1e-3
-    max_length: int = 128         # tokens per training conversation (incl. 16 image tokens)
+    max_length: int = 96          # tokens per training exchange (incl. 16 image tokens)
     seed: int = 0
     threads: int = 0              # torch threads; 0 = leave as is
 
@@ -205,7 +205,10 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
         opt.step()
         sched.step()
         if step % 50 == 0 or step == cfg.tower_steps - 1:
-            rec = {"phase": "tower", "step": step, "loss": round(loss.item(), 4)}
+            with torch.no_grad():
+                hit = ((heads["present"](pooled) > 0).float() == labels["present"][idx]).all(1).float().mean()
+            rec = {"phase": "tower", "step": step, "loss": round(loss.item(), 4),
+                   "presence_exact": round(hit.item(), 3)}  # share of images with every object right
             hist.append(rec)
             if log:
                 log(rec)
@@ -268,14 +271,32 @@ def encode_conversations(conversations: list[list[dict]], tokenizer, n_image_tok
     return out
 
 
+def split_exchanges(conversations: list[dict]) -> list[list[dict]]:
+    """One LLaVA-Instruct conversation → its single exchanges (user turn + reply), each with the image.
+
+    Training the tiny model on exchanges rather than whole conversations gives the one-word yes/no
+    replies as much weight as the long descriptions, keeps sequences short (faster steps), and
+    makes every answer depend on the image rather than on an earlier description in the context.
+    """
+    out = []
+    for i in range(0, len(conversations) - 1, 2):
+        q, a = conversations[i], conversations[i + 1]
+        text = q["value"].replace("<image>\n", "").replace("<image>", "").strip()
+        out.append([{"from": "human", "value": "<image>\n" + text}, a])
+    return out
+
+
 def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict], cfg: TinyVLMConfig,
                      log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Phase 2: train projector + language model on conversations (vision tower frozen).
+    """Phase 2: train projector + language model on single exchanges (vision tower frozen).
 
-    ``pixels``: ``(N, 3, H, W)``, row ``i`` is the image of ``records[i]``. Returns the loss history.
+    ``pixels``: ``(N, 3, H, W)``, row ``i`` is the image of ``records[i]``; each step samples
+    ``sft_batch`` exchanges (see :func:`split_exchanges`). Returns the loss history.
     """
     n_img = model.config.image_seq_length
-    enc = encode_conversations([r["conversations"] for r in records], tokenizer, n_img)
+    exchanges = [(i, ex) for i, r in enumerate(records) for ex in split_exchanges(r["conversations"])]
+    image_of = torch.tensor([i for i, _ in exchanges])
+    enc = encode_conversations([ex for _, ex in exchanges], tokenizer, n_img)
     pad = tokenizer.pad_token_id
     tower = model.model.vision_tower
     for p in tower.parameters():
@@ -299,7 +320,7 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             labels[row, :len(lab)] = torch.tensor(lab)
             attn[row, :len(ids)] = 1
-        out = model(input_ids=input_ids, attention_mask=attn, pixel_values=pixels[idx], labels=labels)
+        out = model(input_ids=input_ids, attention_mask=attn, pixel_values=pixels[image_of[idx]], labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

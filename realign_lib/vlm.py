@@ -59,6 +59,11 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
         dtype = getattr(torch, dtype)
     try:
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if getattr(processor, "image_processor", None) is None:
+            # AutoProcessor falls back to a bare tokenizer when it cannot resolve the recorded processor class
+            raise ValueError(f"{name!r}: AutoProcessor loaded a {type(processor).__name__}, not an image-text "
+                             f"processor; is its processor class (processor_config.json) unknown to this "
+                             f"transformers? Custom classes must first be registered with AutoProcessor.register")
         model = AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as err:
