@@ -36,12 +36,12 @@
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # world and training seed
 small_run = False  # a ~1-minute smoke setting (CI): tiny sizes, few steps
-n_train = 30000  # training images
+n_train = 20000  # training images
 n_test = 1000  # held-out POPE images
 n_mme = 30  # images per MME-style subtask
 n_samples = 6000  # description samples handed to stages 1-3
-tower_steps = 600  # vision-tower pre-training steps
-sft_steps = 1200  # instruction-tuning steps (batch 48)
+tower_steps = 1000  # vision-tower pre-training steps (batch 128)
+sft_steps = 1100  # instruction-tuning steps (batch 48 exchanges)
 model_path = ""  # an existing model folder to evaluate instead of training the tiny VLM
 eval_batch_size = 64  # POPE answering batch size
 n_show = 12  # held-out images described in the notebook

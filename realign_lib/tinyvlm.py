@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "TinyVLMConfig", "CHAT_TEMPLATE", "build_tokenizer", "build_processor", "build_model",
-    "images_to_pixels", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "instruction_tune",
+    "images_to_pixels", "region_weights", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "exchange_loss", "instruction_tune",
     "train_tiny_vlm",
 ]
 
@@ -62,10 +62,10 @@ class TinyVLMConfig:
     text_layers: int = 3
     heads: int = 4
     max_positions: int = 256
-    tower_steps: int = 600        # phase 1 steps (vision tower pre-training)
+    tower_steps: int = 1000       # phase 1 steps (vision tower pre-training)
     tower_batch: int = 128
     tower_lr: float = 2e-3
-    sft_steps: int = 1200         # phase 2 steps (instruction tuning)
+    sft_steps: int = 1100         # phase 2 steps (instruction tuning, one exchange per row)
     sft_batch: int = 48
     sft_lr: float = 1e-3
     max_length: int = 96          # tokens per training exchange (incl. 16 image tokens)
@@ -166,22 +166,44 @@ def _tower_labels(scenes) -> dict[str, torch.Tensor]:
     return {"scene": scene, "present": present, "pos_obj": pos_obj, "pos_col": pos_col}
 
 
+def region_weights(image_size: int, patch_size: int) -> torch.Tensor:
+    """``(5, P)`` weights averaging the patch tokens that cover each of the world's five positions.
+
+    A patch belongs to a region if its centre is within 1.2 patches of the region's centre (both
+    axes); rows are normalised to sum to one. P = (image_size / patch_size)².
+    """
+    from .tinyworld import IMAGE_SIZE, POSITIONS
+    g = image_size // patch_size
+    centres = (torch.arange(g, dtype=torch.float32) + 0.5) * patch_size
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    w = torch.zeros(len(POSITIONS), g * g)
+    for k, (x, y) in enumerate(POSITIONS.values()):
+        x, y = x * image_size / IMAGE_SIZE, y * image_size / IMAGE_SIZE
+        near = ((cx - x).abs() <= 1.2 * patch_size) & ((cy - y).abs() <= 1.2 * patch_size)
+        w[k] = near.flatten().float()
+    return w / w.sum(1, keepdim=True)
+
+
 def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfig,
                           log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Phase 1: train ``model``'s CLIP tower with linear heads on the world's labels.
+    """Phase 1: train ``model``'s CLIP tower with small heads on the world's labels.
 
-    ``pixels``: ``(N, 3, H, W)`` normalised images; ``scenes``: their ground truth. The heads are
-    thrown away afterwards; only the tower keeps what it learnt. Returns the loss history.
+    ``pixels``: ``(N, 3, H, W)`` normalised images; ``scenes``: their ground truth. Scene and
+    object presence are read from the mean of the patch tokens; the object type and colour at each
+    of the five positions from the patch tokens covering that position (:func:`region_weights`),
+    with heads shared across positions, so that every patch token — which is what the language
+    model attends to — carries what is drawn there. The heads are thrown away afterwards.
+    Returns the loss history.
     """
-    from .tinyworld import COLOURS, OBJECTS, POSITIONS, SCENES
+    from .tinyworld import COLOURS, OBJECTS, SCENES
     tower = model.model.vision_tower
     h = tower.config.hidden_size
-    n_pos = len(POSITIONS)
+    regions = region_weights(cfg.image_size, cfg.patch_size)          # (5, P)
     heads = torch.nn.ModuleDict({
         "scene": torch.nn.Linear(h, len(SCENES)),
         "present": torch.nn.Linear(h, len(OBJECTS)),
-        "pos_obj": torch.nn.Linear(h, n_pos * (len(OBJECTS) + 1)),
-        "pos_col": torch.nn.Linear(h, n_pos * (len(COLOURS) + 1)),
+        "pos_obj": torch.nn.Linear(h, len(OBJECTS) + 1),               # + "nothing here"
+        "pos_col": torch.nn.Linear(h, len(COLOURS) + 1),
     })
     labels = _tower_labels(scenes)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -192,13 +214,14 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
     hist = []
     for step in range(cfg.tower_steps):
         idx = torch.randint(0, pixels.shape[0], (cfg.tower_batch,), generator=g)
-        out = tower(pixel_values=pixels[idx])
-        hs = out.last_hidden_state                      # (B, 1 + P, h)
-        pooled = hs[:, 1:].mean(1)                      # mean over patches
+        patches = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]   # (B, P, h), CLS dropped
+        pooled = patches.mean(1)                                             # (B, h)
+        local = torch.einsum("rp,bph->brh", regions, patches)                # (B, 5, h)
+        present_logits = heads["present"](pooled)
         loss = (F.cross_entropy(heads["scene"](pooled), labels["scene"][idx])
-                + F.binary_cross_entropy_with_logits(heads["present"](pooled), labels["present"][idx])
-                + F.cross_entropy(heads["pos_obj"](pooled).view(-1, len(OBJECTS) + 1), labels["pos_obj"][idx].view(-1))
-                + F.cross_entropy(heads["pos_col"](pooled).view(-1, len(COLOURS) + 1), labels["pos_col"][idx].view(-1)))
+                + F.binary_cross_entropy_with_logits(present_logits, labels["present"][idx])
+                + F.cross_entropy(heads["pos_obj"](local).flatten(0, 1), labels["pos_obj"][idx].flatten())
+                + F.cross_entropy(heads["pos_col"](local).flatten(0, 1), labels["pos_col"][idx].flatten()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,9 +229,11 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
         sched.step()
         if step % 50 == 0 or step == cfg.tower_steps - 1:
             with torch.no_grad():
-                hit = ((heads["present"](pooled) > 0).float() == labels["present"][idx]).all(1).float().mean()
+                hit = ((present_logits > 0).float() == labels["present"][idx]).all(1).float().mean()
+                pos_acc = (heads["pos_obj"](local).argmax(-1) == labels["pos_obj"][idx]).float().mean()
             rec = {"phase": "tower", "step": step, "loss": round(loss.item(), 4),
-                   "presence_exact": round(hit.item(), 3)}  # share of images with every object right
+                   "presence_exact": round(hit.item(), 3),      # images with every object's presence right
+                   "position_object_acc": round(pos_acc.item(), 3)}
             hist.append(rec)
             if log:
                 log(rec)
@@ -286,6 +311,20 @@ def split_exchanges(conversations: list[dict]) -> list[list[dict]]:
     return out
 
 
+def exchange_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged per exchange, then over the batch.
+
+    ``logits``: ``(B, L, V)``; ``labels``: ``(B, L)`` with ``-100`` where nothing is learnt.
+    Averaging per exchange first gives a one-word "yes ." reply the same weight as a 30-word
+    description; a token-level mean would let descriptions drown the yes/no answers.
+    """
+    target = labels[:, 1:]
+    mask = (target != -100).float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, L-1)
+    per_seq = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return per_seq.mean()
+
+
 def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict], cfg: TinyVLMConfig,
                      log: Callable[[dict], None] | None = None) -> list[dict]:
     """Phase 2: train projector + language model on single exchanges (vision tower frozen).
@@ -308,8 +347,17 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
     model.train()
     tower.eval()
     hist = []
+    # length buckets (short yes/no exchanges vs long descriptions): each step draws a bucket with
+    # probability proportional to its size, then a batch from it, so sampling stays uniform over
+    # exchanges in expectation while short batches are not padded to description length
+    lengths = torch.tensor([len(ids) for ids, _ in enc])
+    cut = float(lengths.float().median()) + 8
+    buckets = [torch.nonzero(lengths <= cut).flatten(), torch.nonzero(lengths > cut).flatten()]
+    buckets = [b for b in buckets if len(b)]
+    bucket_p = torch.tensor([float(len(b)) for b in buckets])
     for step in range(cfg.sft_steps):
-        idx = torch.randint(0, len(enc), (cfg.sft_batch,), generator=g).tolist()
+        bucket = buckets[int(torch.multinomial(bucket_p, 1, generator=g))]
+        idx = bucket[torch.randint(0, len(bucket), (cfg.sft_batch,), generator=g)].tolist()
         L = min(cfg.max_length, max(len(enc[i][0]) for i in idx))
         input_ids = torch.full((len(idx), L), pad, dtype=torch.long)
         labels = torch.full((len(idx), L), -100, dtype=torch.long)
@@ -320,14 +368,15 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             labels[row, :len(lab)] = torch.tensor(lab)
             attn[row, :len(ids)] = 1
-        out = model(input_ids=input_ids, attention_mask=attn, pixel_values=pixels[image_of[idx]], labels=labels)
+        logits = model(input_ids=input_ids, attention_mask=attn, pixel_values=pixels[image_of[idx]]).logits
+        loss = exchange_loss(logits, labels)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == cfg.sft_steps - 1:
-            rec = {"phase": "sft", "step": step, "loss": round(out.loss.item(), 4), "lr": sched.get_last_lr()[0]}
+            rec = {"phase": "sft", "step": step, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0]}
             hist.append(rec)
             if log:
                 log(rec)

@@ -460,7 +460,7 @@ class WorldConfig:
     """Sizes and seed of a tiny world."""
 
     seed: int = 0                 # world seed; train, test and MME scenes use disjoint sub-seeds
-    n_train: int = 30000          # training images (LLaVA-Instruct layout)
+    n_train: int = 20000          # training images (LLaVA-Instruct layout)
     n_test: int = 1000            # held-out images for POPE
     n_mme: int = 30               # images per MME subtask (MME itself has 30-60)
     questions_per_image: int = 2  # yes/no turns per training conversation
