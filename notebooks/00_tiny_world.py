@@ -48,7 +48,9 @@ n_show = 12  # held-out images described in the notebook
 
 # %%
 import json
+import os
 import platform
+import textwrap
 import time
 from pathlib import Path
 
@@ -100,7 +102,7 @@ print("partner co-occurrence P(partner | object):", world["partner_cooccurrence"
 fig, axes = plt.subplots(3, 4, figsize=(13, 10.5))
 for ax, s in zip(axes.flat, train_scenes[:12]):
     ax.imshow(Image.open(Path(world["train_images"]) / f"{s.id}.png"), interpolation="nearest")
-    ax.set_title("\n".join(tw.describe(s)[i:i + 42] for i in range(0, len(tw.describe(s)), 42)), fontsize=7)
+    ax.set_title(textwrap.fill(tw.describe(s), 44), fontsize=7)
     ax.axis("off")
 fig.suptitle("Tiny-world training scenes and their ground-truth descriptions")
 fig.tight_layout()
@@ -132,7 +134,9 @@ if len(samples) < n_samples:  # records that open with yes/no turns put the desc
             samples.append({"id": rec["id"], "image": rec["image"], "prompt": tw.DESCRIBE_PROMPT,
                             "chosen": tw.describe(by_id[rec["id"]])})
 samples = sorted(samples, key=lambda s: s["id"])[:n_samples]
-write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=world["train_images"]) for s in samples])
+# image_root is relative to the run folder (absolute for data that lives elsewhere, e.g. COCO)
+image_root = os.path.relpath(world["train_images"], run)
+write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=image_root) for s in samples])
 print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: {sample_counts}")
 
 # %% [markdown]

@@ -5,8 +5,8 @@
     realign run --config ... --set 00_tiny_world.small_run=true --set seed=1 --redo
 
 Each stage's executed notebook goes to ``<run_dir>/<stage>/<stage>.ipynb`` and a marker
-``<run_dir>/<stage>/.done.json`` (with the parameters it ran with) is written when it succeeds; a
-stage whose marker matches its parameters is skipped unless ``--redo``. The first failing stage
+``<run_dir>/<stage>/.done.json`` (with the parameters and the notebook's hash) is written when it
+succeeds; a stage whose marker matches both is skipped unless ``--redo``. The first failing stage
 stops the chain with the failing cell and error shown.
 """
 from __future__ import annotations
@@ -31,15 +31,19 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
     nb = NOTEBOOK_DIR / f"{stage}.ipynb"
     out_dir = run_dir / stage
     marker = out_dir / ".done.json"
-    if not redo and marker.is_file() and read_json(marker).get("parameters") == params:
-        log(f"[{stage}] complete with the same parameters: skipped (use --redo to run it again)")
-        return "skipped"
+    import hashlib
+    nb_hash = hashlib.sha256(nb.read_bytes()).hexdigest()[:16]
+    if not redo and marker.is_file():
+        done = read_json(marker)
+        if done.get("parameters") == params and done.get("notebook_sha256") == nb_hash:
+            log(f"[{stage}] complete with the same parameters and notebook: skipped (use --redo to run it again)")
+            return "skipped"
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"[{stage}] running {nb.name} → {out_dir / nb.name}")
     t0 = time.time()
     pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, kernel_name="python3",
                         language="python", cwd=str(Path.cwd()), progress_bar=False, log_output=False)
-    write_json(marker, {"parameters": params, "seconds": round(time.time() - t0, 1),
+    write_json(marker, {"parameters": params, "notebook_sha256": nb_hash, "seconds": round(time.time() - t0, 1),
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log(f"[{stage}] done in {time.time() - t0:.0f} s")
     return "done"

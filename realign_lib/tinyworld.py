@@ -478,7 +478,34 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), progress: bool = False) -> dict:
+def _render_chunk(args) -> int:
+    scenes, folder = args
+    for s in scenes:
+        p = Path(folder) / f"{s.id}.png"
+        if not p.exists():
+            _save_png(render_scene(s), p)
+    return len(scenes)
+
+
+def _render_all(scenes: Sequence[Scene], folder: Path, progress: bool, workers: int) -> None:
+    """Render and save every scene not already on disk, in ``workers`` processes (same pixels)."""
+    from tqdm.auto import tqdm
+
+    chunks = [(list(scenes[i:i + 500]), str(folder)) for i in range(0, len(scenes), 500)]
+    bar = tqdm(total=len(scenes), desc=folder.name, disable=not progress, mininterval=2)
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            for n in pool.imap_unordered(_render_chunk, chunks):
+                bar.update(n)
+    else:
+        for c in chunks:
+            bar.update(_render_chunk(c))
+    bar.close()
+
+
+def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), progress: bool = False,
+                workers: int | None = None) -> dict:
     """Generate the tiny world into ``out_dir`` and return a summary with its file paths.
 
     Layout (official formats where one exists)::
@@ -490,10 +517,11 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
         out_dir/pope/tiny_pope_{random,popular,adversarial}.json   official POPE question format
         out_dir/MME/{existence,count,position,color}/<image>.png + <image>.txt
 
-    Files that already exist with the same content are reused, so a rerun is cheap; the summary
-    ``world.json`` is written last, so its presence marks a complete world.
+    Images already on disk are reused, so a rerun is cheap; the summary ``world.json`` is written
+    last, so its presence marks a complete world. ``workers``: rendering processes (default: the
+    CPU count); the pixels do not depend on it.
     """
-    from tqdm.auto import tqdm
+    workers = workers if workers is not None else (os.cpu_count() or 1)
 
     out = Path(out_dir)
     done = out / "world.json"
@@ -508,21 +536,13 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     test = sample_scenes(cfg.n_test, seed=cfg.seed * 1000 + 2, prefix="test_")
     rng = np.random.default_rng([cfg.seed, 99])
     records = []
-    for s in tqdm(train, desc="train images", disable=not progress, mininterval=2):
-        name = f"{s.id}.png"
-        p = out / "train_images" / name
-        if not p.exists():
-            _save_png(render_scene(s), p)
-        records.append(llava_record(s, name, rng, cfg.questions_per_image))
+    _render_all(train, out / "train_images", progress, workers)
+    for s in train:
+        records.append(llava_record(s, f"{s.id}.png", rng, cfg.questions_per_image))
     write_json(out / "llava_instruct_tiny.json", records, indent=None)
     write_jsonl(out / "annotations_train.jsonl", [s.to_dict() for s in train])
-    test_files = []
-    for s in tqdm(test, desc="test images", disable=not progress, mininterval=2):
-        name = f"{s.id}.png"
-        p = out / "test_images" / name
-        if not p.exists():
-            _save_png(render_scene(s), p)
-        test_files.append(name)
+    _render_all(test, out / "test_images", progress, workers)
+    test_files = [f"{s.id}.png" for s in test]
     write_jsonl(out / "annotations_test.jsonl", [s.to_dict() for s in test])
     pope_files = {}
     for split in ("random", "popular", "adversarial"):

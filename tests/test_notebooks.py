@@ -57,6 +57,16 @@ def test_chain_runs_headless_and_resumes(root, tmp_path):
     samples = [json.loads(x) for x in open(run_dir / "data" / "samples.jsonl")]
     assert len(samples) == metrics["world"]["n_samples"] and set(samples[0]) >= {"id", "image", "prompt", "chosen"}
 
+    # stage 01: top-k *other* images for every sample, index and embeddings on disk
+    nb = [json.loads(x) for x in open(run_dir / "01_retrieval" / "neighbours.jsonl")]
+    m1 = json.loads((run_dir / "01_retrieval" / "metrics.json").read_text())
+    assert len(nb) == m1["n_images"] > 0
+    assert all(len(r["neighbours"]) == m1["top_k"] and r["id"] not in {n["id"] for n in r["neighbours"]} for r in nb)
+    assert all(r["neighbours"][0]["score"] >= r["neighbours"][-1]["score"] for r in nb)
+    assert (run_dir / "01_retrieval" / "index.faiss").stat().st_size > 0
+    # neighbours share the scene far more often than random pairs do
+    assert m1["tiny_world"]["same_scene_not_all_objects"] > m1["tiny_world"]["random_pair_same_scene"]
+
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from realign_lib import vlm
     model_dir = metrics["model_path"]
@@ -68,7 +78,7 @@ def test_chain_runs_headless_and_resumes(root, tmp_path):
     assert answer.split()[0] in ("yes", "no"), answer
 
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "skipped" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and again.stdout.count("skipped") == 2, again.stdout + again.stderr
 
 
 def test_cli_refuses_a_bad_config_clearly(root, tmp_path):
