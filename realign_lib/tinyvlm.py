@@ -222,11 +222,7 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
                 + F.binary_cross_entropy_with_logits(present_logits, labels["present"][idx])
                 + F.cross_entropy(heads["pos_obj"](local).flatten(0, 1), labels["pos_obj"][idx].flatten())
                 + F.cross_entropy(heads["pos_col"](local).flatten(0, 1), labels["pos_col"][idx].flatten()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, params)
         if step % 50 == 0 or step == cfg.tower_steps - 1:
             with torch.no_grad():
                 hit = ((present_logits > 0).float() == labels["present"][idx]).all(1).float().mean()
@@ -239,6 +235,15 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
                 log(rec)
     tower.eval()
     return hist
+
+
+def _optimizer_step(loss: torch.Tensor, opt, sched, params) -> None:
+    """Backward, clip the gradient norm to 1, step the optimiser and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def _cosine(opt, total: int, warmup: int):
@@ -370,11 +375,7 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
             attn[row, :len(ids)] = 1
         logits = model(input_ids=input_ids, attention_mask=attn, pixel_values=pixels[image_of[idx]]).logits
         loss = exchange_loss(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, params)
         if step % 50 == 0 or step == cfg.sft_steps - 1:
             rec = {"phase": "sft", "step": step, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0]}
             hist.append(rec)
