@@ -1,0 +1,601 @@
+"""rDPO training on the Hugging Face stack (stage 4; design notes §2 step 5, §5).
+
+* :class:`PreferenceConfig` — the loss (``dpo`` / ``rdpo`` / ``mdpo`` / ``rdpo_released``) and the
+  paper's hyper-parameters, turned into ``transformers.TrainingArguments`` and a ``peft.LoraConfig``;
+* :class:`PreferenceDataset` — ``preferences.jsonl`` records (paths relative to a root folder);
+* :class:`PreferenceCollator` — one scoring batch of ``3B`` rows per batch of ``B`` pairs
+  (``(v, y_w)``, ``(v, y_l)``, then ``(v_l, y_w)`` for rDPO or ``(crop(v), y_w)`` for mDPO; ``2B``
+  rows for DPO), built with :func:`realign_lib.vlm.build_scoring_batch`, so the policy scores every
+  sequence in one forward pass;
+* :func:`score_pairs` / :func:`compute_preference_loss` — summed response log-probs per row kind
+  and the loss of :mod:`realign_lib.losses` with its metrics;
+* :func:`precompute_reference_logps` — the frozen reference's log-probs, once, cached as JSON lines
+  keyed by sample id (resumable);
+* :class:`PreferenceTrainer` — a ``transformers.Trainer`` overriding the documented
+  ``compute_loss``, ``log`` and ``create_optimizer`` extension points; nothing of TRL or
+  transformers is patched.
+
+Importing this module imports neither transformers nor peft.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import losses, vlm
+from .io import append_jsonl, iter_jsonl, read_jsonl
+
+__all__ = [
+    "LOSSES", "PreferenceConfig", "PreferenceDataset", "PreferenceCollator", "random_crop",
+    "language_model_linear_names", "score_pairs", "reference_keys", "reference_logps_for_batch",
+    "compute_preference_loss", "precompute_reference_logps",
+    "PreferenceTrainer",
+]
+
+LOSSES = ("dpo", "rdpo", "mdpo", "rdpo_released")
+
+
+# ----------------------------------------------------------------------------------------- config
+@dataclass
+class PreferenceConfig:
+    """Preference-training settings; defaults are the paper's (Re-Align §4.1, design notes §2 step 6)."""
+
+    loss: str = field(default="rdpo", metadata={"help": "one of dpo, rdpo (paper), mdpo, rdpo_released "
+                                                        "(the authors' released 'noisy' variant, for comparison)"})
+    beta: float = field(default=0.1, metadata={"help": "β of the sigmoid preference losses"})
+    epochs: float = field(default=1.0, metadata={"help": "training epochs"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW)"})
+    projector_learning_rate: float = field(default=2e-5, metadata={
+        "help": "learning rate of the multi-modal projector, used only when the projector is trained"})
+    train_projector: bool = field(default=False, metadata={"help": "also train the multi-modal projector"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps for linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    per_device_batch_size: int = field(default=1, metadata={"help": "preference pairs per device and step"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimiser step"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; None = on if a bf16-capable GPU is present, else fp32"})
+    sft_weight: float = field(default=0.0, metadata={
+        "help": "weight of an added NLL term on the chosen response (per-token mean); 0 = off"})
+    use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    precompute_ref: bool = field(default=True, metadata={
+        "help": "compute the reference log-probs once before training (cached); False = on the fly"})
+    seed: int = field(default=42, metadata={"help": "seed of training and of mDPO's random crops"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
+    logging_steps: int = field(default=1, metadata={"help": "log every this many optimiser steps"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every this many optimiser steps"})
+    crop_min_area: float = field(default=0.01, metadata={"help": "mDPO: least fraction of the image kept"})
+    crop_max_area: float = field(default=0.2, metadata={"help": "mDPO: largest fraction of the image kept"})
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"PreferenceConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.loss not in LOSSES:
+            bad("loss", f"must be one of {', '.join(LOSSES)}")
+        for name in ("beta", "learning_rate", "projector_learning_rate", "epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(name, "must be a positive number")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
+                     "save_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            bad("lora_alpha", "must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "must be in [0, 1)")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if self.sft_weight < 0 or not math.isfinite(self.sft_weight):
+            bad("sft_weight", "must be >= 0")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            bad("max_steps", "must be a positive integer or None")
+        if not 0 < self.crop_min_area <= self.crop_max_area <= 1:
+            bad("crop_min_area", f"need 0 < crop_min_area <= crop_max_area ({self.crop_max_area}) <= 1")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            bad("bf16", "must be True, False or None")
+
+    @property
+    def third_kind(self) -> str | None:
+        """Name of the third row kind: ``retrieved`` (rDPO), ``cropped`` (mDPO) or None (DPO)."""
+        return {"dpo": None, "mdpo": "cropped"}.get(self.loss, "retrieved")
+
+    def use_bf16(self) -> bool:
+        if self.bf16 is not None:
+            return self.bf16
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+    def training_arguments(self, output_dir: str | os.PathLike, **overrides):
+        """``transformers.TrainingArguments`` with these settings (``remove_unused_columns=False``)."""
+        from transformers import TrainingArguments
+
+        kw: dict[str, Any] = dict(
+            output_dir=str(output_dir), num_train_epochs=self.epochs, learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler_type,
+            # transformers 5 dropped warmup_ratio: a float in [0, 1) as warmup_steps is the ratio
+            warmup_steps=float(self.warmup_ratio),
+            weight_decay=self.weight_decay, per_device_train_batch_size=self.per_device_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, bf16=self.use_bf16(),
+            seed=self.seed, logging_steps=self.logging_steps, save_steps=self.save_steps,
+            remove_unused_columns=False, report_to="none", optim="adamw_torch", use_cpu=not torch.cuda.is_available())
+        if self.max_steps is not None:
+            kw["max_steps"] = self.max_steps
+        kw.update(overrides)
+        kw["remove_unused_columns"] = False  # the collator needs the raw records
+        return TrainingArguments(**kw)
+
+    def lora_config(self, model):
+        """``peft.LoraConfig`` on every linear layer of the language model (not the vision tower / head)."""
+        from peft import LoraConfig
+
+        extra = {}
+        if self.train_projector:  # trained fully and saved with the adapter (so checkpoints resume it)
+            projector = [n for n, _ in model.named_modules() if n.split(".")[-1] in _PROJECTOR_NAMES]
+            if not projector:
+                raise ValueError(f"PreferenceConfig.train_projector=True but {type(model).__name__} has no module "
+                                 f"named one of {_PROJECTOR_NAMES}")
+            extra["modules_to_save"] = projector
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=language_model_linear_names(model), bias="none", **extra)
+
+
+_PROJECTOR_NAMES = ("multi_modal_projector", "aligner", "connector")
+
+
+def language_model_linear_names(model) -> list[str]:
+    """Full names of the ``nn.Linear`` modules inside the language model (``lm_head`` excluded).
+
+    The language model is the sub-module named ``language_model`` (LLaVA, Qwen2-VL, Idefics3, Janus
+    in transformers 5); a text-only model has none, and then every linear layer but the head counts.
+    """
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    inside = [n for n, _ in linear if "language_model" in n.split(".")]
+    names = inside or [n for n, _ in linear if not n.split(".")[-1] in ("lm_head", "output")]
+    if not names:
+        raise ValueError(f"{type(model).__name__}: no linear layers found for LoRA")
+    return names
+
+
+# ------------------------------------------------------------------------------------------ data
+class PreferenceDataset(torch.utils.data.Dataset):
+    """``preferences.jsonl`` records ``{"id", "prompt", "images": [path], "retrieved_image", "chosen",
+    "rejected", ...}``; image paths are relative to ``root`` (default: the file's folder).
+
+    Each item is the record with absolute ``image`` / ``retrieved_image`` paths and, once
+    :meth:`attach_reference` was called, the sample's reference log-probs under ``"ref"``.
+    """
+
+    def __init__(self, path_or_records: str | os.PathLike | Sequence[dict], root: str | os.PathLike | None = None,
+                 need_retrieved: bool = True):
+        if isinstance(path_or_records, (str, os.PathLike)):
+            path = Path(path_or_records)
+            records = read_jsonl(path)
+            root = Path(root) if root is not None else path.parent
+            where = str(path)
+        else:
+            records = [dict(r) for r in path_or_records]
+            root = Path(root) if root is not None else Path(".")
+            where = "records"
+        self.root = root
+        self.records: list[dict] = []
+        seen = set()
+        for i, r in enumerate(records):
+            for key in ("id", "prompt", "chosen", "rejected"):
+                if key not in r:
+                    raise ValueError(f"{where}: record {i} lacks {key!r}")
+            images = r.get("images") or ([r["image"]] if r.get("image") else [])
+            if len(images) != 1:
+                raise ValueError(f"{where}: record {i} (id {r['id']}) needs exactly one image in 'images'")
+            if need_retrieved and not r.get("retrieved_image"):
+                raise ValueError(f"{where}: record {i} (id {r['id']}) lacks 'retrieved_image'")
+            sid = str(r["id"])
+            if sid in seen:
+                raise ValueError(f"{where}: duplicate id {sid!r}")
+            seen.add(sid)
+            item = dict(r, id=sid, image=str(root / images[0]))
+            if r.get("retrieved_image"):
+                item["retrieved_image"] = str(root / r["retrieved_image"])
+            self.records.append(item)
+        self.ref: dict[str, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        return dict(r, ref=self.ref[r["id"]]) if r["id"] in self.ref else dict(r)
+
+    def attach_reference(self, ref: dict[str, dict]) -> None:
+        """Attach reference log-probs (``id → {kind: float}``) so the collator batches them."""
+        missing = [r["id"] for r in self.records if r["id"] not in ref]
+        if missing:
+            raise ValueError(f"reference log-probs missing for {len(missing)} samples, e.g. {missing[:3]}")
+        self.ref = {r["id"]: ref[r["id"]] for r in self.records}
+
+
+def random_crop(image, seed: int, min_area: float = 0.01, max_area: float = 0.2):
+    """mDPO's corrupted image: a random crop keeping ``min_area``–``max_area`` of the area (seeded)."""
+    im = vlm.to_pil(image)
+    rng = random.Random(seed)
+    w, h = im.size
+    area = rng.uniform(min_area, max_area) * w * h
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = max(1, min(w, round(math.sqrt(area * aspect))))
+    ch = max(1, min(h, round(math.sqrt(area / aspect))))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return im.crop((x, y, x + cw, y + ch))
+
+
+class PreferenceCollator:
+    """Batch of ``B`` records → one scoring batch of ``3B`` rows (``2B`` for DPO).
+
+    Rows ``[0, B)``: (v, y_w); ``[B, 2B)``: (v, y_l); ``[2B, 3B)``: (v_l, y_w) for rDPO, or a seeded
+    random crop of v with y_w for mDPO. The output holds the processor's tensors plus
+    ``response_mask`` (see :func:`realign_lib.vlm.build_scoring_batch`), ``ids`` and, when every
+    item carries reference log-probs, ``ref_<kind>`` ``(B,)`` tensors.
+    """
+
+    def __init__(self, processor, cfg: PreferenceConfig, chat: bool = True):
+        self.processor, self.cfg, self.chat = processor, cfg, chat
+
+    def crop_seed(self, sample_id: str) -> int:
+        return zlib.crc32(f"{self.cfg.seed}:{sample_id}".encode())
+
+    def rows(self, items: Sequence[dict]) -> tuple[list, list, list]:
+        """The (image, prompt, response) lists of the scoring batch, in row order."""
+        images = [it["image"] for it in items] * 2
+        prompts = [it["prompt"] for it in items] * 2
+        responses = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        kind = self.cfg.third_kind
+        if kind == "retrieved":
+            images += [it["retrieved_image"] for it in items]
+        elif kind == "cropped":
+            images += [random_crop(it["image"], self.crop_seed(it["id"]), self.cfg.crop_min_area,
+                                   self.cfg.crop_max_area) for it in items]
+        if kind is not None:
+            prompts += [it["prompt"] for it in items]
+            responses += [it["chosen"] for it in items]
+        return images, prompts, responses
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        batch = vlm.build_scoring_batch(self.processor, *self.rows(items), chat=self.chat)
+        batch["ids"] = [it["id"] for it in items]
+        if items and all("ref" in it for it in items):
+            for key in items[0]["ref"]:
+                batch[f"ref_{key}"] = torch.tensor([float(it["ref"][key]) for it in items], dtype=torch.float32)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------- loss
+_NOT_MODEL_INPUTS = ("response_mask", "ids")
+
+
+def _model_inputs(model, batch: dict) -> dict:
+    """The model's inputs of a scoring batch on its device, floats (pixels) in its dtype.
+
+    Device and dtype come from the first floating parameter, so a DDP / accelerate-wrapped
+    model (which has no ``.device``) works too.
+    """
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    out = {}
+    for k, v in batch.items():
+        if k in _NOT_MODEL_INPUTS or k.startswith("ref_"):
+            continue
+        if torch.is_tensor(v) and param is not None:
+            v = v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
+        out[k] = v
+    return out
+
+
+def score_pairs(model, batch: dict, cfg: PreferenceConfig) -> dict[str, torch.Tensor]:
+    """One forward pass over the scoring batch → ``(B,)`` summed response log-probs per row kind:
+    ``chosen``, ``rejected`` and ``retrieved`` / ``cropped``; for ``rdpo_released`` also
+    ``rejected_noisy`` and ``retrieved_noisy`` (:func:`realign_lib.losses.released_noisy_logprobs`
+    from the same logits). Keeps the graph; wrap in ``torch.no_grad()`` for the reference.
+    """
+    inputs = _model_inputs(model, batch)
+    logits = model(**inputs).logits
+    mask = batch["response_mask"].to(logits.device)
+    logps = vlm.sequence_logprobs(logits, inputs["input_ids"], mask)
+    n = len(batch["ids"]) if "ids" in batch else logps.shape[0] // (2 if cfg.third_kind is None else 3)
+    out = {"chosen": logps[:n], "rejected": logps[n:2 * n]}
+    if cfg.third_kind is not None:
+        out[cfg.third_kind] = logps[2 * n:3 * n]
+    if cfg.loss == "rdpo_released":
+        noisy = losses.released_noisy_logprobs(logits[n:3 * n], mask[n:3 * n])
+        out["rejected_noisy"], out["retrieved_noisy"] = noisy[:n], noisy[n:]
+    out["chosen_tokens"] = mask[:n, 1:].sum(-1).float()
+    return out
+
+
+def _loss_terms(policy: dict, ref: dict, cfg: PreferenceConfig) -> dict:
+    c, r = policy["chosen"], ref["chosen"]
+    if cfg.loss == "dpo":
+        return losses.dpo(c, policy["rejected"], r, ref["rejected"], cfg.beta)
+    if cfg.loss == "rdpo":
+        return losses.rdpo(c, policy["rejected"], policy["retrieved"], r, ref["rejected"], ref["retrieved"], cfg.beta)
+    if cfg.loss == "mdpo":
+        return losses.mdpo(c, policy["rejected"], policy["cropped"], r, ref["rejected"], ref["cropped"], cfg.beta)
+    return losses.rdpo_released(c, policy["rejected_noisy"], policy["retrieved_noisy"], r, ref["rejected_noisy"],
+                                ref["retrieved_noisy"], cfg.beta)
+
+
+def reference_keys(cfg: PreferenceConfig) -> tuple[str, ...]:
+    """The reference log-probs a loss needs."""
+    return {"dpo": ("chosen", "rejected"), "rdpo": ("chosen", "rejected", "retrieved"),
+            "mdpo": ("chosen", "rejected", "cropped"),
+            "rdpo_released": ("chosen", "rejected_noisy", "retrieved_noisy")}[cfg.loss]
+
+
+def compute_preference_loss(model, batch: dict, ref_logps: dict | None, cfg: PreferenceConfig,
+                            policy_logps: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(loss, metrics)`` for one scoring batch from :class:`PreferenceCollator`.
+
+    ``ref_logps``: ``{kind: (B,) tensor}`` with the keys of :func:`reference_keys`; None takes the
+    ``ref_<kind>`` tensors of the batch. ``policy_logps``: already computed :func:`score_pairs`
+    output (else one forward pass of ``model``). The loss is the batch mean of the
+    :mod:`realign_lib.losses` function of ``cfg.loss`` plus ``cfg.sft_weight`` × the per-token NLL
+    of the chosen response. Metrics (floats, batch means): ``loss`` and each term, rewards,
+    the textual margin/accuracy (chosen vs rejected) and, for rDPO/mDPO, the visual ones
+    (chosen under v vs under v_l / the crop), and the policy log-probs.
+    """
+    policy = policy_logps if policy_logps is not None else score_pairs(model, batch, cfg)
+    device = policy["chosen"].device
+    if ref_logps is None:
+        ref_logps = {k[4:]: v for k, v in batch.items() if k.startswith("ref_")}
+    missing = [k for k in reference_keys(cfg) if k not in ref_logps]
+    if missing:
+        raise KeyError(f"reference log-probs {missing} missing for loss {cfg.loss!r}")
+    ref = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in ref_logps.items()}
+    out = _loss_terms(policy, ref, cfg)
+    loss = out["loss"].mean()
+    metrics: dict[str, float] = {}
+    for k, v in out.items():
+        if k.startswith("loss_"):
+            metrics[k] = float(v.float().mean())
+    if cfg.sft_weight > 0:
+        nll = (-policy["chosen"] / policy["chosen_tokens"].clamp(min=1)).mean()
+        loss = loss + cfg.sft_weight * nll
+        metrics["loss_sft"] = float(nll.detach())
+    metrics["loss"] = float(loss.detach())
+    rc, rr = out["reward_chosen"], out["reward_rejected"]
+    metrics["rewards/chosen"] = float(rc.mean())
+    metrics["rewards/rejected"] = float(rr.mean())
+    metrics["rewards/margins"] = float((rc - rr).mean())
+    metrics["rewards/accuracies"] = float((rc > rr).float().mean())
+    third = {"retrieved": "reward_retrieved", "cropped": "reward_cropped"}.get(cfg.third_kind or "")
+    if third:
+        rv = out[third]
+        metrics[f"rewards/{cfg.third_kind}"] = float(rv.mean())
+        metrics["rewards/visual_margins"] = float((rc - rv).mean())
+        metrics["rewards/visual_accuracies"] = float((rc > rv).float().mean())
+    for k in ("chosen", "rejected", "retrieved", "cropped"):
+        if k in policy:
+            metrics[f"logps/{k}"] = float(policy[k].detach().float().mean())
+    return loss, metrics
+
+
+# -------------------------------------------------------------------------------------- reference
+class _Reference:
+    """Context: the reference model — ``ref_model`` if given, else ``model`` with adapters disabled."""
+
+    def __init__(self, model, ref_model=None):
+        self.model, self.ref_model, self._ctx = model, ref_model, None
+
+    def __enter__(self):
+        if self.ref_model is not None:
+            return self.ref_model
+        if hasattr(self.model, "disable_adapter"):  # peft PeftModel
+            self._ctx = self.model.disable_adapter()
+            self._ctx.__enter__()
+            return self.model
+        raise ValueError("no reference: pass ref_model (a frozen copy) or a peft model whose adapters can be "
+                         "disabled")
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+
+@torch.no_grad()
+def reference_logps_for_batch(model, batch: dict, cfg: PreferenceConfig, ref_model=None) -> dict[str, torch.Tensor]:
+    """Reference log-probs (keys of :func:`reference_keys`) for one scoring batch, in eval mode."""
+    with _Reference(model, ref_model) as ref:
+        was_training = ref.training
+        ref.eval()
+        try:
+            out = score_pairs(ref, batch, cfg)
+        finally:
+            ref.train(was_training)
+    return {k: out[k].detach().float() for k in reference_keys(cfg)}
+
+
+def _cache_tag(cfg: PreferenceConfig) -> str:
+    """What a cached reference value depends on besides the reference model and the sample."""
+    if cfg.loss == "mdpo":  # the crops depend on the seed and the area range
+        return f"mdpo:seed={cfg.seed}:area={cfg.crop_min_area}-{cfg.crop_max_area}"
+    return cfg.loss
+
+
+def precompute_reference_logps(model, dataset: PreferenceDataset, collator: PreferenceCollator,
+                               cfg: PreferenceConfig, cache_path: str | os.PathLike | None = None,
+                               ref_model=None, batch_size: int = 8, attach: bool = True,
+                               progress: bool = False) -> dict[str, dict]:
+    """Reference log-probs of every sample, ``id → {kind: float}``, computed once.
+
+    The reference is ``ref_model`` (a frozen copy) or ``model`` with its LoRA adapters disabled
+    (peft ``disable_adapter()``). With ``cache_path`` the values are appended to that JSON-lines
+    file (``{"id", "loss", "tag", <kind>: float}``) as they are computed, and samples already
+    cached for this loss (and, for mDPO, crop seed and area range) are reused, so an interrupted
+    run resumes. Delete the file after changing the reference model. ``attach``: also
+    :meth:`PreferenceDataset.attach_reference`.
+    """
+    from tqdm.auto import tqdm
+
+    keys = reference_keys(cfg)
+    cache: dict[str, dict] = {}
+    if cache_path is not None and Path(cache_path).is_file():
+        for rec in iter_jsonl(cache_path):
+            if rec.get("tag", rec.get("loss")) == _cache_tag(cfg) and all(k in rec for k in keys):
+                cache[str(rec["id"])] = {k: float(rec[k]) for k in keys}
+    todo = [r for r in dataset.records if r["id"] not in cache]
+    for s in tqdm(range(0, len(todo), batch_size), desc="reference", disable=not progress, mininterval=5):
+        items = todo[s:s + batch_size]
+        batch = collator(items)
+        ref = reference_logps_for_batch(model, batch, cfg, ref_model)
+        recs = [{"id": it["id"], "loss": cfg.loss, "tag": _cache_tag(cfg), **{k: float(ref[k][i]) for k in keys}}
+                for i, it in enumerate(items)]
+        if cache_path is not None:
+            append_jsonl(cache_path, recs)
+        for rec in recs:
+            cache[rec["id"]] = {k: rec[k] for k in keys}
+    result = {r["id"]: cache[r["id"]] for r in dataset.records}
+    if attach:
+        dataset.attach_reference(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- trainer
+def _projector_param(name: str) -> bool:
+    return any(part in _PROJECTOR_NAMES for part in name.split("."))
+
+
+def _make_trainer_class():
+    from transformers import Trainer
+
+    class PreferenceTrainer(Trainer):
+        """``transformers.Trainer`` for DPO / rDPO / mDPO on an image-text-to-text model.
+
+        ``PreferenceTrainer(model, cfg, train_dataset, processor, args=None, ref_model=None,
+        ref_cache=None)``: ``model`` is the policy (a peft model when ``cfg.use_lora``: pass the
+        base model and the adapters of :meth:`PreferenceConfig.lora_config` are added here);
+        ``args`` defaults to ``cfg.training_arguments(output_dir)`` — pass ``output_dir=`` then.
+        With ``cfg.precompute_ref`` the reference log-probs are computed in ``__init__`` and
+        cached in ``ref_cache`` (default ``<output_dir>/reference_logps.jsonl``); otherwise each
+        step runs the reference too. Without LoRA and without ``ref_model`` a frozen copy of the
+        model is the reference. Logs every term, reward, margin and accuracy (batch means since
+        the last log) besides the Trainer's loss and learning rate.
+        """
+
+        # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, model, cfg: PreferenceConfig, train_dataset: PreferenceDataset, processor,
+                     args=None, ref_model=None, ref_cache: str | os.PathLike | None = None,
+                     output_dir: str | os.PathLike | None = None, **kwargs):
+            if args is None:
+                if output_dir is None:
+                    raise ValueError("pass args (TrainingArguments) or output_dir")
+                args = cfg.training_arguments(output_dir)
+            if args.remove_unused_columns:
+                raise ValueError("TrainingArguments.remove_unused_columns must be False: the collator needs "
+                                 "the raw preference records")
+            if cfg.use_lora and not hasattr(model, "disable_adapter"):
+                from peft import get_peft_model
+
+                model = get_peft_model(model, cfg.lora_config(model))
+            if cfg.train_projector and not cfg.use_lora:
+                for n, p in model.named_parameters():
+                    if _projector_param(n):
+                        p.requires_grad_(True)
+            if ref_model is None and not hasattr(model, "disable_adapter"):
+                ref_model = copy.deepcopy(model)
+            if ref_model is not None:
+                ref_model.eval().requires_grad_(False)
+            self.cfg, self.ref_model = cfg, ref_model
+            self._metrics: dict[str, list[float]] = {}
+            self._eval_metrics: dict[str, list[float]] = {}
+            collator = PreferenceCollator(processor, cfg)
+            super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                             processing_class=processor, **kwargs)
+            if self.ref_model is not None:
+                self.ref_model.to(self.args.device)
+            if cfg.precompute_ref:
+                cache = ref_cache if ref_cache is not None else Path(args.output_dir) / "reference_logps.jsonl"
+                precompute_reference_logps(self.model, train_dataset, collator, cfg, cache,
+                                           ref_model=self.ref_model,
+                                           batch_size=max(1, args.per_device_train_batch_size))
+
+        def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+            ref = None
+            if not any(k.startswith("ref_") for k in inputs):
+                ref = reference_logps_for_batch(self.accelerator.unwrap_model(model), inputs, self.cfg,
+                                                self.ref_model)
+            loss, metrics = compute_preference_loss(model, inputs, ref, self.cfg)
+            if model.training:
+                for k, v in metrics.items():
+                    self._metrics.setdefault(k, []).append(v)
+            return (loss, metrics) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            """Evaluation: the preference loss only (no logits); its metrics are logged as ``eval_*``."""
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss, metrics = self.compute_loss(model, inputs, return_outputs=True)
+            for k, v in metrics.items():
+                self._eval_metrics.setdefault(k, []).append(v)
+            return loss.detach(), None, None
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if self._metrics and "loss" in logs:  # a training log: add the averaged metrics
+                for k, vals in self._metrics.items():
+                    logs["pref/" + k if k == "loss" else k] = sum(vals) / len(vals)
+                self._metrics = {}
+            if self._eval_metrics and "eval_loss" in logs:
+                for k, vals in self._eval_metrics.items():
+                    if k != "loss":
+                        logs[f"eval_{k}"] = sum(vals) / len(vals)
+                self._eval_metrics = {}
+            super().log(logs, start_time)
+
+        def create_optimizer(self, model=None):
+            """AdamW as the Trainer builds it, with the projector at ``cfg.projector_learning_rate``."""
+            opt_model = self.model if model is None else model
+            if self.optimizer is None and self.cfg.train_projector and self.optimizer_cls_and_kwargs is None:
+                decay = set(self.get_decay_parameter_names(opt_model))
+                groups: dict[tuple, list] = {}
+                for n, p in opt_model.named_parameters():
+                    if p.requires_grad:
+                        lr = self.cfg.projector_learning_rate if _projector_param(n) else self.args.learning_rate
+                        wd = self.args.weight_decay if n in decay else 0.0
+                        groups.setdefault((lr, wd), []).append(p)
+                from transformers import Trainer as _T
+
+                cls, kw = _T.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                kw = {k: v for k, v in kw.items() if k != "lr"}
+                self.optimizer = cls([{"params": ps, "lr": lr, "weight_decay": wd}
+                                      for (lr, wd), ps in groups.items()], lr=self.args.learning_rate, **kw)
+                return self.optimizer
+            return super().create_optimizer(model)
+
+    return PreferenceTrainer
+
+
+_TRAINER_CLASS = None
+
+
+def __getattr__(name: str):
+    global _TRAINER_CLASS
+    if name == "PreferenceTrainer":
+        if _TRAINER_CLASS is None:
+            _TRAINER_CLASS = _make_trainer_class()
+            _TRAINER_CLASS.__module__ = __name__
+            _TRAINER_CLASS.__qualname__ = "PreferenceTrainer"
+        return _TRAINER_CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
