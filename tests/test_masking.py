@@ -1,0 +1,476 @@
+"""Stage 2 strategic masking: one validity check for every backend, the three backends, resumable driver.
+
+The API backend is tested against a real HTTP server speaking the chat-completions protocol (the real
+``openai`` client talks to it over a socket), not against a patched client.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from realign_lib import masking as M
+from realign_lib.masking import MASK, InvalidMasking, check_masking, validate_masking
+
+ORIG = "in this field scene there is a red house at the bottom , a green tree on the left ."
+
+
+# ------------------------------------------------------------------------------ validity check
+@pytest.mark.parametrize("masked, spans", [
+    ("in this [MASK] scene there is a [MASK] at the [MASK] , a [MASK] on the [MASK] .",
+     ["field", "red house", "bottom", "green tree", "left"]),
+    ("in this field scene there is a red house at the bottom , a green tree on the [MASK] .", ["left"]),
+    ("[MASK] this field scene there is a red house at the bottom , a green tree on the left .", ["in"]),
+    ("in this field scene there is a [MASK] [MASK] at the bottom , a green tree on the left .", ["red", "house"]),
+    # tolerated: whitespace next to a mask and at the two ends
+    ("  in this [MASK]scene there is a[MASK] at the bottom , a green tree on the left .\n", ["field", "red house"]),
+    ("in this [MASK][MASK] scene there is a red house at the bottom , a green tree on the left .", ["field"]),
+])
+def test_check_accepts_real_maskings(masked, spans):
+    got = check_masking(ORIG, masked)
+    assert [s.text for s in got] == spans
+    assert all(ORIG[s.start:s.end] == s.text for s in got)
+    canonical = M.apply_spans(ORIG, got)
+    assert check_masking(ORIG, canonical) == got  # the canonical text is itself valid, same spans
+    assert validate_masking(ORIG, masked).masked == canonical
+
+
+@pytest.mark.parametrize("masked, reason", [
+    ("in this [MASK] scene there is a blue house at the bottom , a green tree on the left .", "text_changed"),
+    ("In this [MASK] scene there is a red house at the bottom , a green tree on the left .", "text_changed"),
+    ("in this [MASK] scene there is a red house at the bottom ; a green tree on the left .", "text_changed"),
+    ("in this [MASK] scene there is a red house at the bottom , a green tree on the left", "text_changed"),
+    ("in this [MASK] scene there is a red house at the bottom .", "text_changed"),
+    ("Sure! in this [MASK] scene there is a red house at the bottom , a green tree on the left .", "text_changed"),
+    ("in this [MASK] scene there is a red house at the bottom , a green tree on the left . [MASK]", "text_changed"),
+    ("in this [MASK] scene there is a red house at the bottom , a green tree on the left . The end.", "text_changed"),
+    ("in this [mask] scene there is a red house at the bottom , a green tree on the left .", "text_changed"),
+    ("in this  field scene there is a red house at the bottom , a green tree on the left .", "text_changed"),
+    (ORIG, "no_mask"),
+    ("  " + ORIG + "\n", "no_mask"),
+    ("[MASK] .", "all_masked"),
+    ("[MASK]", "all_masked"),
+    ("in this fi[MASK] scene there is a red house at the bottom , a green tree on the left .", "partial_word"),
+    ("", "empty_output"),
+    ("   ", "empty_output"),
+])
+def test_check_rejects_everything_else(masked, reason):
+    with pytest.raises(InvalidMasking) as err:
+        check_masking(ORIG, masked)
+    assert err.value.reason == reason, err.value
+    assert reason in M.REASONS
+    chk = validate_masking(ORIG, masked)
+    assert not chk.ok and chk.reason == reason and chk.masked is None
+
+
+def test_check_refuses_an_original_that_holds_a_mask_and_counts_words():
+    assert validate_masking("a [MASK] here", "a [MASK] [MASK]").reason == "original_has_mask"
+    assert M.word_count("a red-house , two cars .") == 5
+    with pytest.raises(ValueError, match="overlap"):
+        M.apply_spans("abcdef", [(0, 3), (2, 4)])
+
+
+def test_extract_reply_strips_only_wrapping():
+    o = "a red car ."
+    assert M.extract_reply('  "a [MASK] car ."\n', o) == "a [MASK] car ."
+    assert M.extract_reply("```\na [MASK] car .\n```", o) == "a [MASK] car ."
+    assert M.extract_reply("Here it is: a [MASK] car .", o) == "Here it is: a [MASK] car ."
+    assert M.extract_reply('"quoted" text', '"quoted" text') == '"quoted" text'
+
+
+def test_viable_prefix_is_necessary_for_validity():
+    masked = "in this [MASK] scene there is a [MASK] at the [MASK] , a [MASK] on the [MASK] ."
+    for i in range(len(masked) + 1):  # every prefix of a valid masking stays viable
+        assert M.is_viable_prefix(ORIG, masked[:i]), masked[:i]
+    assert M.is_viable_prefix(ORIG, '```\n"in this [MA')
+    assert not M.is_viable_prefix(ORIG, "The")
+    assert not M.is_viable_prefix(ORIG, "in this [MASK] scene there is a [MASK] hoose")
+
+
+def test_one_shot_and_free_form_constants():
+    assert M.MASK_PROMPT == ("Please mask any words of the segments related to the objects, attributes, and logical "
+                             "relationships of the input image in the following description by replacing them with "
+                             "[MASK].")
+    check_masking(*M.ONE_SHOT_EXAMPLE)
+    assert len(M.FREE_FORM_EXAMPLES) >= 20 and all(MASK not in t for t in M.FREE_FORM_EXAMPLES)
+
+
+# ------------------------------------------------------------------------------ rule backend
+@pytest.fixture(scope="module")
+def rule():
+    return M.RuleMasker()
+
+
+def _masked_words(text, spans):
+    return {w for s in spans for w in re.findall(r"\w+", s.text)}
+
+
+def test_rule_masks_objects_attributes_relations_on_tiny_world(rule):
+    from realign_lib.tinyworld import describe, sample_scenes
+
+    scenes = sample_scenes(60, seed=5)
+    texts = [describe(s) for s in scenes]
+    results = M.mask_texts(texts, rule)
+    assert all(r.ok for r in results), [(r.text, r.reason) for r in results if not r.ok]
+    for s, r in zip(scenes, results):
+        assert check_masking(r.text, r.masked) == r.spans
+        masked = _masked_words(r.text, r.spans)
+        kept = re.findall(r"\w+", r.masked.replace(MASK, " "))
+        for o in s.objects:
+            assert {o.type, o.colour, o.position} <= masked, (r.text, r.masked)  # object, colour, position
+            if o.size_word:
+                assert o.size_word in masked
+        assert s.scene in masked  # the kind of scene ("field", "night") is an attribute of the image
+        for rel in ("above", "below"):
+            if f" is {rel} " in r.text:
+                assert rel in masked
+        assert {"there", "is", "a", "the"} & set(kept) or "shows" in kept  # the scaffold stays
+        assert not {"the", "a", "and", "is", "with", "on", "at", "in"} & masked
+    stats = M.summarize_results(results)
+    assert stats["validity_rate"] == 1.0 and 0.25 < stats["mask_rate"] < 0.6
+    assert set(rule.category_counts) == {"object", "attribute", "relation"}
+
+
+def test_rule_masks_free_form_text(rule):
+    text = ("Two giraffes are standing next to a tall acacia tree on a dry savanna. The larger giraffe is eating "
+            "leaves from the upper branches, while a small white bird sits above it.")
+    r = M.mask_texts([text], rule)[0]
+    assert r.ok, r.reason
+    masked = _masked_words(text, r.spans)
+    assert {"Two", "giraffes", "tall", "acacia", "tree", "dry", "savanna", "larger", "giraffe", "leaves", "upper",
+            "branches", "small", "white", "bird", "above", "next", "to"} <= masked
+    assert not {"are", "standing", "is", "eating", "while", "sits", "The", "a", "from", "it"} & masked
+    assert "next to" in [s.text for s in r.spans]  # a relation is its own segment
+    word = M.RuleMasker(nlp=rule.nlp, granularity="word").mask_batch([text])[0]
+    assert word.count(MASK) > r.masked.count(MASK)
+    stats = M.summarize_results(M.mask_texts(list(M.FREE_FORM_EXAMPLES), rule))
+    assert stats["validity_rate"] == 1.0 and 0.25 < stats["mask_rate"] < 0.7
+
+
+def test_rule_does_not_mask_verbs_like_left(rule):
+    r = M.mask_texts(["The man left the room through a wooden door on the left ."], rule)[0]
+    assert r.masked == "The [MASK] left the [MASK] through a [MASK] on the [MASK] ."
+
+
+# ------------------------------------------------------------------------------ HF backend
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        M.default_smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(f"SmolLM2 GGUF file not found ({err})")
+    return M.HFMasker(batch_size=4)
+
+
+def test_hf_masker_runs_smollm2_and_passes_on_only_valid_output(smollm2, tmp_path):
+    assert smollm2.name == "hf:SmolLM2-135M-Instruct.Q4_1.gguf"
+    prompt = smollm2.prompt("a red car .", attempt=1)
+    assert M.MASK_PROMPT in prompt and M.ONE_SHOT_EXAMPLE[1] in prompt and prompt.rstrip().endswith("assistant")
+    samples = [{"id": "t1", "chosen": ORIG},
+               {"id": "t2", "chosen": "the image shows a sea background with a white boat on the left ."},
+               {"id": "t3", "chosen": "A black cat sits on a wooden fence."}]
+    counts = M.run_masking(samples, smollm2, tmp_path / "masked.jsonl", batch_size=3)
+    assert counts["tried"] == 3 and counts["valid"] + counts["invalid"] == 3
+    assert counts["retried"] == counts["invalid"] + counts["recovered_by_retry"]  # every invalid one had a 2nd try
+    recs = [json.loads(x) for x in open(tmp_path / "masked.jsonl")]
+    fails = [json.loads(x) for x in open(tmp_path / "masking_failures.jsonl")] if counts["invalid"] else []
+    assert len(recs) == counts["valid"] and len(fails) == counts["invalid"]
+    for rec in recs:  # whatever SmolLM2 says, only valid maskings get through
+        spans = check_masking(rec["chosen"], rec["masked"])
+        assert [s.to_dict() for s in spans] == rec["spans"]
+    for f in fails:
+        assert f["attempts"] == 2 and f["kind"] == "invalid" and not validate_masking(f["chosen"], f["output"]).ok
+
+
+# ------------------------------------------------------------------------------ API backend
+KEY = "sk-test-0123456789-secret"
+
+
+class ChatServer:
+    """A chat-completions server on 127.0.0.1 whose replies per input text follow a script."""
+
+    def __init__(self, script=None, default=None):
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.default = default or (lambda text: ("ok", text))
+        self.requests = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code, body, ctype="application/json", headers=()):
+                data = body.encode() if isinstance(body, str) else body
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                auth = self.headers.get("Authorization")
+                user = body["messages"][-1]["content"]
+                text = user.split("\n\n", 1)[1]
+                with outer.lock:
+                    outer.requests.append({"path": self.path, "auth": auth, "body": body, "text": text})
+                    queue = outer.script.get(text)
+                    action = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else None
+                if action is None:
+                    action = outer.default(text)
+                if auth != f"Bearer {KEY}":
+                    return self._send(401, json.dumps({"error": {"message": "bad key", "type": "auth"}}))
+                if self.path != "/v1/chat/completions" or not user.startswith(M.MASK_PROMPT):
+                    return self._send(400, json.dumps({"error": {"message": "unexpected request"}}))
+                kind = action[0]
+                if kind == "sleep":
+                    time.sleep(action[1])
+                    action = ("ok", action[2])
+                    kind = "ok"
+                if kind == "status":
+                    return self._send(action[1], json.dumps({"error": {"message": f"status {action[1]}"}}),
+                                      headers=[("Retry-After", "0")])
+                if kind == "garbage":
+                    return self._send(200, '{"id": "x", "choices": [ {"message": ')
+                if kind == "body":  # a well-formed reply of the wrong shape
+                    return self._send(200, action[1], ctype=action[2])
+                reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": action[1]}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                return self._send(200, json.dumps(reply))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def count(self, text):
+        return sum(r["text"] == text for r in self.requests)
+
+
+def _api_masker(url, **kw):
+    kw = {"api_key_env": "REALIGN_TEST_KEY", "max_retries": 3, "backoff_base": 0.01, "backoff_max": 0.05,
+          "timeout": 5.0, "max_concurrency": 3, **kw}
+    return M.OpenAIMasker("test-model", base_url=url, **kw)
+
+
+TEXTS = {
+    "good": "a big red car is parked next to a small tree .",
+    "wrong": "two dogs are running on the grass .",
+    "limited": "a white boat floats below a yellow moon .",
+    "broken": "the kitchen has a blue table and three chairs .",
+    "garbage": "a black cat sits on a wooden fence .",
+    "slow": "a green kite flies above the beach .",
+    "down": "three birds sit on a power line .",
+}
+GOOD = {
+    TEXTS["good"]: "a [MASK] is parked [MASK] a [MASK] .",
+    TEXTS["wrong"]: "[MASK] are running on the [MASK] .",
+    TEXTS["limited"]: "a [MASK] floats [MASK] a [MASK] .",
+    TEXTS["broken"]: "the [MASK] has a [MASK] and [MASK] .",
+    TEXTS["garbage"]: "a [MASK] sits on a [MASK] .",
+    TEXTS["slow"]: "a [MASK] flies [MASK] the [MASK] .",
+}
+
+
+def test_openai_masker_against_a_real_http_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("REALIGN_TEST_KEY", KEY)
+    script = {
+        TEXTS["good"]: [("ok", GOOD[TEXTS["good"]])],
+        TEXTS["wrong"]: [("ok", "Sure! Here is the masked description: [MASK] are running."),
+                         ("ok", "two cats are running on the grass .")],  # never a masking of the input
+        TEXTS["limited"]: [("status", 429), ("ok", GOOD[TEXTS["limited"]])],
+        TEXTS["broken"]: [("status", 500), ("status", 503), ("ok", GOOD[TEXTS["broken"]])],
+        TEXTS["garbage"]: [("garbage",), ("ok", "```\n" + GOOD[TEXTS["garbage"]] + "\n```")],
+        TEXTS["slow"]: [("sleep", 1.5, GOOD[TEXTS["slow"]]), ("ok", GOOD[TEXTS["slow"]])],
+        TEXTS["down"]: [("status", 502)],  # fails every time
+    }
+    samples = [{"id": k, "chosen": v} for k, v in TEXTS.items()]
+    out = tmp_path / "02_masking" / "masked.jsonl"
+    with ChatServer(script) as srv:
+        masker = _api_masker(srv.url, timeout=0.5)
+        assert KEY not in repr(masker)
+        counts = M.run_masking(samples, masker, out, batch_size=7)
+        stats = dict(masker.stats)
+        masker.close()
+        assert {r["auth"] for r in srv.requests} == {f"Bearer {KEY}"}  # key from the environment, as Bearer
+        assert all(r["body"]["temperature"] == 0 and r["body"]["model"] == "test-model" for r in srv.requests)
+        assert srv.count(TEXTS["good"]) == 1
+        assert srv.count(TEXTS["wrong"]) == 2  # invalid -> retried once with the one-shot example -> skipped
+        second = [r for r in srv.requests if r["text"] == TEXTS["wrong"]][1]["body"]["messages"]
+        assert len(second) == 3 and second[1]["content"] == M.ONE_SHOT_EXAMPLE[1]
+        assert srv.count(TEXTS["limited"]) == 2 and srv.count(TEXTS["broken"]) == 3
+        assert srv.count(TEXTS["garbage"]) == 2 and srv.count(TEXTS["slow"]) == 2
+        assert srv.count(TEXTS["down"]) == 4  # 1 + max_retries, then given up
+    recs = {r["id"]: r for r in map(json.loads, open(out))}
+    assert set(recs) == {"good", "limited", "broken", "garbage", "slow"}
+    for r in recs.values():
+        assert r["masked"] == GOOD[r["chosen"]] and r["backend"] == "openai:test-model"
+        assert check_masking(r["chosen"], r["masked"])
+    fails = {r["id"]: r for r in map(json.loads, open(out.parent / "masking_failures.jsonl"))}
+    assert fails["wrong"]["reason"] == "text_changed" and fails["wrong"]["kind"] == "invalid"
+    assert fails["wrong"]["attempts"] == 2 and fails["wrong"]["output"] == "two cats are running on the grass ."
+    assert fails["down"]["reason"] == "api_error" and fails["down"]["kind"] == "backend_error"
+    assert counts["tried"] == 7 and counts["valid"] == 5 and counts["retried"] == 1
+    assert counts["invalid_by_reason"] == {"text_changed": 1, "api_error": 1}
+    assert stats["http_429"] == 1 and stats["http_500"] == 1 and stats["http_503"] == 1 and stats["http_502"] == 4
+    assert stats["timeout"] == 1 and stats["bad_response"] == 1 and stats["retries"] == 1 + 2 + 1 + 1 + 3
+    for f in tmp_path.rglob("*"):  # the key is never written anywhere
+        if f.is_file():
+            assert KEY not in f.read_text(errors="replace"), f
+
+    # rerun: valid ids and invalid ones are skipped; the backend error is tried again (server is up now)
+    with ChatServer(default=lambda text: ("ok", "three [MASK] sit on a [MASK] .")) as srv:
+        masker = _api_masker(srv.url)
+        again = M.run_masking(samples, masker, out)
+        masker.close()
+        assert [r["text"] for r in srv.requests] == [TEXTS["down"]]
+    assert again["tried"] == 1 and again["valid"] == 1 and again["skipped_done"] == 5 and again["skipped_failed"] == 1
+    summary = M.summarize_files(out)
+    assert summary["valid"] == 6 and summary["failed"] == 1 and summary["failures_by_reason"] == {"text_changed": 1}
+
+
+def test_openai_masker_key_only_from_environment_and_bad_key_aborts(monkeypatch):
+    monkeypatch.delenv("REALIGN_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="REALIGN_TEST_KEY"):
+        _api_masker("http://127.0.0.1:9/v1")
+    monkeypatch.setenv("REALIGN_TEST_KEY", "sk-wrong")
+    with ChatServer() as srv:
+        masker = _api_masker(srv.url)
+        with pytest.raises(RuntimeError, match="AuthenticationError") as err:
+            masker.mask_batch(["a red car ."])
+        assert "sk-wrong" not in str(err.value)
+        masker.close()
+
+
+@pytest.mark.parametrize("body, ctype", [('{"unexpected": true}', "application/json"),
+                                         ('{"choices": []}', "application/json"),
+                                         ("internal proxy page", "text/html")])
+def test_openai_masker_gives_up_on_replies_of_the_wrong_shape(monkeypatch, body, ctype):
+    monkeypatch.setenv("REALIGN_TEST_KEY", KEY)
+    with ChatServer(default=lambda text: ("body", body, ctype)) as srv:
+        masker = _api_masker(srv.url, max_retries=1)
+        out = masker.mask_batch(["a red car ."])
+        masker.close()
+    assert isinstance(out[0], M.BackendFailure) and out[0].reason == "api_error"
+    assert "unreadable reply" in out[0].detail and masker.stats["bad_response"] == 2 and len(srv.requests) == 2
+
+
+def test_openai_masker_bounds_concurrency(monkeypatch):
+    monkeypatch.setenv("REALIGN_TEST_KEY", KEY)
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def slow_echo(text):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.15)
+        with lock:
+            live[0] -= 1
+        return ("ok", text.replace("car", "[MASK]"))
+
+    with ChatServer(default=slow_echo) as srv:
+        masker = _api_masker(srv.url, max_concurrency=2)
+        outs = masker.mask_batch([f"a red car number {i} ." for i in range(6)])
+        masker.close()
+    assert outs == [f"a red [MASK] number {i} ." for i in range(6)]
+    assert peak[0] == 2
+
+
+# ------------------------------------------------------------------------------ resumability
+class FirstWordMasker(M.Masker):
+    """Masks everything after the first word (deterministic, no model)."""
+
+    name = "first-word"
+
+    def mask_batch(self, texts, attempt=0):
+        return [t.split(" ", 1)[0] + " [MASK]" if " " in t else t for t in texts]
+
+
+def _samples(n):
+    return [{"id": f"s{i:02d}", "chosen": f"word{i} and a red car number {i} ."} for i in range(n)]
+
+
+def test_run_masking_resumes_after_an_interruption(tmp_path, rule):
+    samples = _samples(10) + [{"id": "one", "chosen": "apples"}]  # "apples" -> all masked -> failure
+    full = tmp_path / "full" / "masked.jsonl"
+    first = M.run_masking(samples, rule, full, batch_size=3)
+    assert first["valid"] == 10 and first["invalid_by_reason"] == {"all_masked": 1} and first["retried"] == 0
+
+    part = tmp_path / "part" / "masked.jsonl"
+    M.run_masking(samples, rule, part, batch_size=3)
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])  # 4 records + a half-written line
+    again = M.run_masking(samples, rule, part, batch_size=3)
+    assert again["repaired_bytes"] > 0 and again["skipped_done"] == 4 and again["tried"] == 6
+    recs = [json.loads(x) for x in part.read_text().splitlines()]
+    assert len(recs) == len({r["id"] for r in recs}) == 10
+    assert part.read_text() == full.read_text()  # identical to the uninterrupted run
+
+    third = M.run_masking(samples, rule, part)  # nothing left to do
+    assert third["tried"] == 0 and third["skipped_done"] == 10 and third["skipped_failed"] == 1
+    with pytest.raises(ValueError, match="another backend"):
+        M.run_masking(samples, FirstWordMasker(), part)
+    with pytest.raises(ValueError, match="duplicate"):
+        M.run_masking(samples + samples[:1], rule, tmp_path / "x.jsonl")
+
+
+def test_run_masking_survives_sigkill(tmp_path, root):
+    out = tmp_path / "masked.jsonl"
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys, time\n"
+        "from realign_lib import masking as M\n"
+        "class Slow(M.Masker):\n"
+        "    name = 'first-word'\n"
+        "    def mask_batch(self, texts, attempt=0):\n"
+        "        time.sleep(0.1)\n"
+        "        return [t.split(' ', 1)[0] + ' [MASK]' for t in texts]\n"
+        "samples = [{'id': f's{i:02d}', 'chosen': f'word{i} and a red car number {i} .'} for i in range(40)]\n"
+        "M.run_masking(samples, Slow(), sys.argv[1], batch_size=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=root, env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = out.read_text().count("\n")
+    assert 6 <= n_before < 40, "the job finished before it could be killed"
+    counts = M.run_masking(_samples(40), FirstWordMasker(), out, batch_size=7)
+    assert counts["skipped_done"] == n_before and counts["tried"] == 40 - n_before
+    ref = tmp_path / "ref.jsonl"
+    M.run_masking(_samples(40), FirstWordMasker(), ref, batch_size=5)
+    assert out.read_text() == ref.read_text()
+
+
+def test_make_masker_names_backends(monkeypatch):
+    with pytest.raises(ValueError, match="rule, hf or openai"):
+        M.make_masker("gpt")
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR"):
+        M.make_masker("openai", api_model="m", api_key_env="NO_SUCH_KEY_VAR")
+    with pytest.raises(ValueError, match="model name"):
+        M.make_masker("openai", api_model="")
