@@ -33,7 +33,7 @@ model_path = ""  # VLM whose vision tower embeds the images; default: the tiny V
 top_k = 5  # neighbours kept per image
 index_kind = "flat"  # flat (exact) | ivf | hnsw
 batch_size = 64  # images per embedding batch
-max_samples = 0  # 0 = every sample of stage 00
+max_samples = 0  # use the first N samples; 0 means all of stage 00
 n_show = 4  # query rows in the figure
 
 # %%
