@@ -49,9 +49,9 @@ sentence_model = ""  # sentence-transformers id or path; default: offline all-Mi
 tau = 0.95  # accept a candidate when cos(chosen, candidate) < tau
 top_k = 5  # retrieved images tried per sample, in rank order
 batch_size = 64  # samples per batched fill
-max_samples = 0  # 0 = every sample
+max_samples = 0  # 0: every sample
 max_span_tokens = 6  # slot mode: longest fill per [MASK]
-stop_margin = 5.0  # slot mode: end a span when the next scaffold token is within this many nats of the best (0 = argmax only)
+stop_margin = 5.0  # slot mode: end a span once the next scaffold token is within this many nats of the best (0: argmax)
 corruption = "crop"  # comparison: crop (keep 1-20 % of the area, as mDPO) | noise (Gaussian)
 comparisons = True  # also build the random-swap and corrupted-image comparison sets
 n_show = 6  # example pairs in the figure
@@ -141,21 +141,21 @@ assert {"prompt", "chosen", "rejected", "images"} <= set(ds.column_names)
 # ## 3 · Examples: original image, retrieved image, chosen and rejected (changed words in red)
 
 # %%
-def draw_words(ax, y, words, size=8.5, line=0.085):
+def draw_words(ax, y, words, size=8.5, line=0.085, gap=0.006):
     """Write (word, changed) pairs from the left edge down, wrapping at the axis width."""
     renderer = ax.figure.canvas.get_renderer()
     x = 0.0
     for w, changed in words:
         kw = dict(fontsize=size, transform=ax.transAxes, va="top", color="crimson" if changed else "black",
                   fontweight="bold" if changed else "normal")
-        t = ax.text(x, y, w + " ", **kw)
+        t = ax.text(x, y, w, **kw)
         box = t.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
         if box.x1 > 1.0 and x > 0:
             t.remove()
             x, y = 0.0, y - line
-            t = ax.text(x, y, w + " ", **kw)
+            t = ax.text(x, y, w, **kw)
             box = t.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
-        x = box.x1
+        x = box.x1 + gap
     return y - line
 
 
@@ -238,7 +238,8 @@ if comparisons:
     corrupt_items = induction.corrupted_candidates(items, run, folder, kind=corruption, attempts=top_k, seed=seed)
     csum = induction.induce(corrupt_items, filler, encoder, tau, stage_dir / "comparison_corrupted_image.jsonl",
                             stage_dir / "comparison_corrupted_image_skipped.jsonl",
-                            signature={"generator": "corrupted_image", "corruption": corruption, "seed": seed, **settings},
+                            signature={"generator": "corrupted_image", "corruption": corruption, "seed": seed,
+                                       **settings},
                             chunk_size=1024, on_change="restart")
     t_corrupt = time.time() - t0
     results["corrupted_image"] = read_jsonl(stage_dir / "comparison_corrupted_image.jsonl")
@@ -279,7 +280,8 @@ if ann_path.is_file():
 
 # %%
 def _round(d):
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+    """Floats to 4 decimals, NaN to null (strict JSON)."""
+    return {k: (None if v != v else round(v, 4)) if isinstance(v, float) else v for k, v in d.items()}
 
 
 metrics = {
@@ -299,5 +301,5 @@ metrics = {
     "computed_this_run": summary["computed"],
 }
 write_json(stage_dir / "metrics.json", metrics)
-print(json.dumps({k: metrics[k] for k in ("samples_tried", "pairs", "pair_rate", "mean_similarity_accepted", "seconds")},
-                 indent=1))
+shown = ("samples_tried", "pairs", "pair_rate", "mean_similarity_accepted", "seconds")
+print(json.dumps({k: metrics[k] for k in shown}, indent=1))

@@ -69,7 +69,8 @@ from .tinyworld import COMPLETION_PROMPT
 
 __all__ = [
     "COMPLETION_PROMPT", "MASK", "FILL_MODES", "split_masked", "join_filled", "spans_from_masked",
-    "slot_texts", "changed_words", "cosine_rows", "MaskFiller", "slot_fill", "instruction_fill", "default_sentence_model",
+    "slot_texts", "changed_words", "cosine_rows", "MaskFiller", "slot_fill", "instruction_fill",
+    "default_sentence_model",
     "SentenceEncoder", "Candidate", "Item", "build_items", "induce", "read_records", "stable_seed",
     "span_kind", "random_swap", "random_swap_records", "corrupt_image", "corrupted_candidates",
     "acceptance_by_rank", "similarity_histogram", "absent_object_stats",
@@ -446,7 +447,7 @@ class SentenceEncoder:
         rows = texts + [texts[-1]] * (self.batch_size - len(texts))
         feats = tok(rows, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         feats = {k: v.to(self.model.device) for k, v in feats.items()}
-        with torch.no_grad():
+        with torch.inference_mode():
             emb = self.model(feats)["sentence_embedding"].float()
         emb = torch.nn.functional.normalize(emb, dim=-1)
         return emb[:len(texts)].cpu().numpy()
@@ -568,7 +569,8 @@ def read_records(path, repair: bool = True) -> list[dict]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}); delete the file to start over") from err
+            raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}); "
+                             f"delete the file to start over") from err
     return out
 
 
@@ -585,8 +587,9 @@ def _check_signature(sig_path: Path, signature: dict, files: Sequence[Path], on_
         if old != signature:
             diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
             if on_change != "restart":
-                raise ValueError(f"{sig_path.parent}: earlier results were made with other settings ({', '.join(diff)}); "
-                                 f"delete {', '.join(p.name for p in files)} or pass on_change='restart'")
+                raise ValueError(f"{sig_path.parent}: earlier results were made with other settings "
+                                 f"({', '.join(diff)}); delete {', '.join(p.name for p in files)} "
+                                 f"or pass on_change='restart'")
             log(f"settings changed ({', '.join(diff)}): earlier {', '.join(p.name for p in files)} discarded")
             for p in files:
                 if p.exists():
@@ -689,9 +692,15 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
         if progress:
             el = time.time() - t0
             log(f"{n_done}/{todo_total} samples, {el:.0f} s ({n_done / max(el, 1e-9):.0f} samples/s)")
-    # canonical form: item order, one record per id, only the current items
-    acc = {r["id"]: r for r in reversed(read_records(out_path)) if r["id"] in order}
-    skp = {r["id"]: r for r in reversed(read_records(skipped_path)) if r["id"] in order and r["id"] not in acc}
+    # canonical form: item order, one record per id (the first written), only the current items
+    acc: dict[str, dict] = {}
+    skp: dict[str, dict] = {}
+    for r in read_records(out_path):
+        if r["id"] in order:
+            acc.setdefault(r["id"], r)
+    for r in read_records(skipped_path):
+        if r["id"] in order and r["id"] not in acc:
+            skp.setdefault(r["id"], r)
     write_jsonl(out_path, sorted(acc.values(), key=lambda r: order[r["id"]]))
     write_jsonl(skipped_path, sorted(skp.values(), key=lambda r: order[r["id"]]))
     return {"n_items": len(items), "pairs": len(acc), "skipped": len(skp), "computed": n_done,
@@ -727,18 +736,23 @@ def span_kind(text: str, lexicon: dict[str, str] | None = None) -> str:
     return "+".join(lex.get(w, "word") for w in content) or "empty"
 
 
-def random_swap(chosen: str, spans: Sequence[dict], pool: dict[str, list[str]], rng: np.random.Generator,
+def random_swap(chosen: str, spans: Sequence[dict], pool: dict[str, dict[str, int]], rng: np.random.Generator,
                 kind: Callable[[str], str] = span_kind) -> str | None:
     """``chosen`` with each span's text replaced by a random *other* span text of the same kind.
 
-    ``pool``: kind → span texts (occurrences, so frequent ones are drawn more often). Spans with no
-    alternative keep their text; None if no span could be changed. Only span characters change.
+    ``pool``: kind → {span text: occurrences}; a text is drawn with probability proportional to
+    its occurrences among the texts that differ from the span's own (ignoring case). Spans with
+    no alternative keep their text; None if no span could be changed. Only span characters change.
     """
     out, pos, changed = [], 0, False
     for sp in sorted(spans, key=lambda s: s["start"]):
         text = chosen[sp["start"]:sp["end"]]
-        options = [t for t in pool.get(kind(text), []) if t.lower() != text.lower()]
-        new = options[int(rng.integers(len(options)))] if options else text
+        counts = pool.get(kind(text), {})
+        options = [t for t in counts if t.lower() != text.lower()]
+        new = text
+        if options:
+            w = np.array([counts[t] for t in options], dtype=np.float64)
+            new = options[int(rng.choice(len(options), p=w / w.sum()))]
         changed |= new != text
         out += [chosen[pos:sp["start"]], new]
         pos = sp["end"]
@@ -754,23 +768,25 @@ def _spans(rec: dict, chosen: str) -> list[dict] | None:
 
 
 def random_swap_records(items: Sequence[Item], masked_records: Sequence[dict], encoder, seed: int = 0,
-                        kind: Callable[[str], str] = span_kind, tau: float | None = None) -> tuple[list[dict], list[dict]]:
+                        kind: Callable[[str], str] = span_kind,
+                        tau: float | None = None) -> tuple[list[dict], list[dict]]:
     """Comparison pairs whose rejected response swaps the masked words at random (no VLM).
 
     The pool is every masked span of ``masked_records`` (pass them all, not only the items'),
-    grouped by :func:`span_kind`; each
-    sample draws from ``default_rng(stable_seed(seed, id))``, so results do not depend on order.
+    grouped by :func:`span_kind`; each sample draws from ``default_rng(stable_seed(seed, id))``,
+    so results do not depend on order or on which other samples are processed.
     ``retrieved_image`` / ``rank`` are the rank-1 neighbour's (the text does not depend on it; it
     keeps the rDPO image term defined). ``similarity`` is recorded; with ``tau`` set, pairs at or
     above it are skipped as in Re-Align. Returns ``(records, skipped)`` in item order.
     """
-    pool: dict[str, list[str]] = {}
+    pool: dict[str, dict[str, int]] = {}
     m_by = {m["id"]: m for m in masked_records}
     chosen_of = {it.id: it.chosen for it in items}
     for m in masked_records:
         chosen = m.get("chosen") or chosen_of.get(m["id"])
         for sp in (_spans(m, chosen) if chosen else None) or []:
-            pool.setdefault(kind(sp["text"]), []).append(sp["text"])
+            texts = pool.setdefault(kind(sp["text"]), {})
+            texts[sp["text"]] = texts.get(sp["text"], 0) + 1
     recs, skipped, pairs = [], [], []
     for it in items:
         spans = _spans(m_by[it.id], it.chosen) if it.id in m_by else None

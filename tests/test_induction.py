@@ -99,12 +99,14 @@ def test_split_join_and_spans():
     assert [s["text"] for s in spans] == ["big red star", "top"]
     assert all(chosen[s["start"]:s["end"]] == s["text"] for s in spans)
     assert ind.spans_from_masked("something else", "a [MASK] at the [MASK] .") is None
-    assert ind.changed_words("a red cat .", "a blue cat .") == [("a", False), ("blue", True), ("cat", False), (".", False)]
+    assert ind.changed_words("a red cat .", "a blue cat .") == [("a", False), ("blue", True), ("cat", False),
+                                                               (".", False)]
     m = "the [MASK] is [MASK] the ball ."
     assert ind.slot_texts("the kite is below the ball .", m) == ["kite", "below"]
     assert ind.slot_texts("a kite .", m) is None
     flags = ind.changed_words("the kite is below the ball .", "the tree is above the ball .", m)
-    assert [w for w, c in flags if c] == ["tree", "above"] and " ".join(w for w, _ in flags) == "the tree is above the ball ."
+    assert [w for w, c in flags if c] == ["tree", "above"]
+    assert " ".join(w for w, _ in flags) == "the tree is above the ball ."
     assert ind.span_kind("big yellow star") == "size+colour+object" and ind.span_kind("on the left") == "position"
     assert np.allclose(ind.cosine_rows(np.array([[1.0, 0], [1, 1]]), np.array([[2.0, 0], [1, -1]])), [1, 0])
 
@@ -115,7 +117,8 @@ def test_build_items_joins_the_stages_by_id(tmp_path):
     masked = [{"id": s["id"], "chosen": s["chosen"], "masked": "a [MASK] cat .", "spans": []} for s in samples[:3]]
     nbrs = [{"id": s["id"], "image": s["image"], "image_root": "imgs",
              "neighbours": [{"rank": 2, "id": "s3", "image": "s3.png", "score": 0.9},
-                            {"rank": 1, "id": "s2", "image": "s2.png", "score": 0.95}]} for s in samples if s["id"] != "s1"]
+                            {"rank": 1, "id": "s2", "image": "s2.png", "score": 0.95}]}
+            for s in samples if s["id"] != "s1"]
     items, missing = ind.build_items(samples, masked, nbrs, tmp_path, top_k=5)
     assert [it.id for it in items] == ["s0", "s2"] and missing == {"no_masked_record": 1, "no_neighbours": 1}
     assert [(c.rank, c.image) for c in items[0].candidates] == [(1, "imgs/s2.png"), (2, "imgs/s3.png")]
@@ -293,7 +296,8 @@ def test_preferences_load_with_datasets_and_have_trl_columns(filler, encoder, ru
     from datasets import load_dataset
 
     items = [make_item(run_dir, f"d{i}", i, [(i + 1) % 4, (i + 2) % 4]) for i in range(4)]
-    ind.induce(items, filler, encoder, 0.9999, tmp_path / "preferences.jsonl", tmp_path / "skipped.jsonl", progress=False)
+    ind.induce(items, filler, encoder, 0.9999, tmp_path / "preferences.jsonl", tmp_path / "skipped.jsonl",
+               progress=False)
     ds = load_dataset("json", data_files=str(tmp_path / "preferences.jsonl"), split="train",
                       cache_dir=str(tmp_path / "hf_cache"))
     assert {"prompt", "chosen", "rejected", "images"} <= set(ds.column_names)
@@ -312,6 +316,9 @@ def test_random_swap_changes_only_masked_spans(encoder, run_dir):
     recs, skipped = ind.random_swap_records(items, masked_records, encoder, seed=0)
     again, _ = ind.random_swap_records(items[::-1], masked_records, encoder, seed=0)
     assert sorted(map(json.dumps, recs)) == sorted(map(json.dumps, again))  # seeded per sample, order-free
+    one = ind.random_swap("a red cat .", [{"start": 2, "end": 5, "text": "red"}],
+                          {"colour+word": {}, "colour": {"red": 5, "Red": 1, "blue": 1}}, np.random.default_rng(0))
+    assert one == "a blue cat ."  # the span's own text (any case) is never drawn
     pool = {}
     for m in masked_records:
         for sp in m["spans"]:
