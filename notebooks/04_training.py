@@ -55,7 +55,7 @@ seed = 0  # training seed (data order, LoRA init, mDPO crops)
 small_run = False  # smoke setting: at most 10 steps on at most 32 pairs
 model_path = ""  # starting policy and reference; default: the tiny VLM of stage 00
 loss = "rdpo"  # dpo | rdpo | mdpo | rdpo_released
-preferences = ""  # default: <run_dir>/03_induction/preferences.jsonl
+preferences = ""  # default: <run_dir>/03_induction/preferences.jsonl; a bare file name is looked up there
 max_steps = 300  # optimiser steps (tiny world; the paper: one epoch)
 per_device_batch = 8  # preference pairs per device and step (paper 1)
 grad_accum = 1  # micro-batches per step (paper 8)
@@ -96,6 +96,8 @@ out_dir = stage_dir / output_name
 out_dir.mkdir(parents=True, exist_ok=True)
 model_dir = Path(model_path) if model_path else run / "model" / "tiny_vlm"
 pref_path = Path(preferences) if preferences else run / "03_induction" / "preferences.jsonl"
+if preferences and pref_path.name == preferences and not pref_path.is_file():
+    pref_path = run / "03_induction" / preferences  # e.g. comparison_random_swap.jsonl
 records = read_jsonl(pref_path)
 if small_run:
     max_steps = min(max_steps, 10)

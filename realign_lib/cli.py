@@ -8,6 +8,10 @@ Each stage's executed notebook goes to ``<run_dir>/<stage>/<stage>.ipynb`` and a
 ``<run_dir>/<stage>/.done.json`` (with the parameters and the notebook's hash) is written when it
 succeeds; a stage whose marker matches both is skipped unless ``--redo``. The first failing stage
 stops the chain with the failing cell and error shown.
+
+A stage may run several times in one config under *variant* keys ``"<stage>/<name>"`` (for
+example ``"04_training/dpo_seed1"`` with ``loss: dpo, seed: 1``): the same notebook, its own
+parameters, its executed notebook and marker in ``<run_dir>/<stage>/<name>/``.
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
 
     from .io import read_json, write_json
 
-    nb = NOTEBOOK_DIR / f"{stage}.ipynb"
-    out_dir = run_dir / stage
+    base = stage.split("/", 1)[0]
+    nb = NOTEBOOK_DIR / f"{base}.ipynb"
+    out_dir = run_dir / stage  # <run_dir>/<stage> or, for a variant, <run_dir>/<stage>/<name>
     marker = out_dir / ".done.json"
     import hashlib
     nb_hash = hashlib.sha256(nb.read_bytes()).hexdigest()[:16]
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                       log=lambda m: print(m, flush=True))
         except pm.PapermillExecutionError as err:
             print(f"realign: stage {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
-                  f"  executed notebook with the traceback: {run_dir / stage / (stage + '.ipynb')}", file=sys.stderr)
+                  f"  executed notebook with the traceback: {run_dir / stage / (stage.split('/')[0] + '.ipynb')}",
+                  file=sys.stderr)
             return 1
     print(f"== all {len(stages)} stage(s) finished in {time.time() - t0:.0f} s; results in {run_dir}", flush=True)
     return 0

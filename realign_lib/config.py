@@ -16,6 +16,7 @@ source of truth (read with ``papermill.inspect_notebook``), so a config cannot d
 from __future__ import annotations
 
 import ast
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,17 +58,21 @@ class RunConfig:
             raise TypeError(f"{self.source}: 'seed' must be an integer, got {self.seed!r}")
         available = {p.stem: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
         for stage, params in self.stages.items():
-            if stage not in available:
+            base, _, variant = str(stage).partition("/")
+            if base not in available:
                 raise ValueError(f"{self.source}: unknown stage {stage!r}; stages are the notebooks "
-                                 f"{', '.join(available) or '(none found)'}")
+                                 f"{', '.join(available) or '(none found)'} (a variant: '<stage>/<name>')")
+            if "/" in str(stage) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", variant):
+                raise ValueError(f"{self.source}: stage variant {stage!r}: the name after '/' must be letters, "
+                                 f"digits, '_' or '-' (it becomes a folder name)")
             if params is None:
                 self.stages[stage] = params = {}
             if not isinstance(params, dict):
                 raise TypeError(f"{self.source}: stages.{stage} must be a mapping of parameter: value")
-            allowed = notebook_parameters(available[stage])
+            allowed = notebook_parameters(available[base])
             for key, value in params.items():
-                if key in ("run_dir", "seed"):
-                    raise ValueError(f"{self.source}: stages.{stage}.{key}: set {key} once at the top level")
+                if key == "run_dir":
+                    raise ValueError(f"{self.source}: stages.{stage}.run_dir: set run_dir once at the top level")
                 if key not in allowed:
                     raise ValueError(f"{self.source}: stages.{stage}: unknown parameter {key!r}; "
                                      f"{stage} takes: {', '.join(sorted(allowed))}")
@@ -78,7 +83,8 @@ class RunConfig:
                                     f"(default {allowed[key]['default']!r}), got {value!r}")
 
     def parameters(self, stage: str) -> dict[str, Any]:
-        """The papermill parameters for ``stage``: run_dir and seed plus the stage's own."""
+        """The papermill parameters for ``stage``: run_dir and seed plus the stage's own (a stage's
+        ``seed`` overrides the top-level one, for variants such as ``"04_training/rdpo_seed1"``)."""
         return {"run_dir": self.run_dir, "seed": self.seed, **self.stages.get(stage, {})}
 
 

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["atomic_write_text", "write_json", "read_json", "write_jsonl", "read_jsonl", "append_jsonl"]
+__all__ = ["atomic_write_text", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl", "append_jsonl"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -33,9 +33,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN / ±inf floats as ``None`` and numpy scalars / arrays as Python values (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy scalar or array
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """Atomically write ``obj`` as JSON."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """Atomically write ``obj`` as strict JSON (NaN and infinities become ``null``)."""
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+                             + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

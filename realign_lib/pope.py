@@ -20,11 +20,31 @@ from typing import Sequence
 
 from .io import append_jsonl, iter_jsonl, read_jsonl
 
-__all__ = ["POPE_SPLITS", "load_pope_questions", "parse_yes_no", "score_pope", "join_answers",
+__all__ = ["POPE_SPLITS", "find_pope_files", "load_pope_questions", "parse_yes_no", "score_pope", "join_answers",
            "answer_pope", "evaluate_pope"]
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 LMMS_EVAL_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def find_pope_files(folder: str | os.PathLike) -> dict[str, str]:
+    """``split → path`` for the question files in ``folder`` named ``*_<split>.json`` (official names
+    ``coco_pope_random.json`` …; the tiny world's ``tiny_pope_random.json`` …), in POPE's split order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"POPE folder {folder} not found")
+    out = {}
+    for split in POPE_SPLITS:
+        hits = sorted(folder.glob(f"*_{split}.json")) + sorted(folder.glob(f"*_{split}.jsonl"))
+        if len(hits) > 1:
+            raise ValueError(f"{folder}: several {split} question files ({', '.join(h.name for h in hits)}); "
+                             f"keep one per split")
+        if hits:
+            out[split] = str(hits[0])
+    if not out:
+        raise FileNotFoundError(f"{folder}: no POPE question files named *_random.json, *_popular.json or "
+                                f"*_adversarial.json")
+    return out
 
 
 def load_pope_questions(path: str | os.PathLike) -> list[dict]:
