@@ -56,7 +56,7 @@ small_run = False  # smoke setting: at most 10 steps on at most 32 pairs
 model_path = ""  # starting policy and reference; default: the tiny VLM of stage 00
 loss = "rdpo"  # dpo | rdpo | mdpo | rdpo_released
 preferences = ""  # default: <run_dir>/03_induction/preferences.jsonl; a bare file name is looked up there
-max_steps = 300  # optimiser steps (tiny world; the paper: one epoch)
+max_steps = 300  # optimiser steps (tiny world); 0: one epoch over all pairs (the paper)
 per_device_batch = 8  # preference pairs per device and step (paper 1)
 grad_accum = 1  # micro-batches per step (paper 8)
 learning_rate = 5e-4  # tiny world (paper 1e-5), see above
@@ -100,15 +100,15 @@ if preferences and pref_path.name == preferences and not pref_path.is_file():
     pref_path = run / "03_induction" / preferences  # e.g. comparison_random_swap.jsonl
 records = read_jsonl(pref_path)
 if small_run:
-    max_steps = min(max_steps, 10)
+    max_steps = min(max_steps or 10, 10)
     max_records = min(max_records or 32, 32)
 global_batch = per_device_batch * grad_accum
-max_records = min(max_records or max_steps * global_batch, len(records))
-cfg = training.PreferenceConfig(
-    loss=loss, beta=beta, learning_rate=learning_rate, per_device_batch_size=per_device_batch,
-    gradient_accumulation_steps=grad_accum, sft_weight=sft_weight, use_lora=use_lora, lora_r=lora_r,
-    lora_alpha=2 * lora_r, seed=seed, max_steps=max_steps)
-print(f"{len(records)} pairs in {pref_path}; training {loss} on {max_records} of them, {max_steps} steps × "
+max_records = min(max_records or (max_steps * global_batch if max_steps else len(records)), len(records))
+cfg = train_cli.config_from_notebook(dict(
+    loss=loss, beta=beta, learning_rate=learning_rate, per_device_batch=per_device_batch, grad_accum=grad_accum,
+    sft_weight=sft_weight, use_lora=use_lora, lora_r=lora_r, seed=seed, max_steps=max_steps))
+print(f"{len(records)} pairs in {pref_path}; training {loss} on {max_records} of them, "
+      f"{f'{max_steps} steps' if max_steps else 'one epoch'} × "
       f"{global_batch} pairs; lr {learning_rate}, β {beta}, sft_weight {sft_weight}, LoRA r {lora_r if use_lora else '-'}")
 print(f"model {model_dir} → {out_dir}")
 
@@ -135,9 +135,11 @@ def describe_all(model, processor):
                         batch_size=32)
 
 
-base, processor = vlm.load_vlm(model_dir, device="cpu")
-before = describe_all(base, processor)
-del base
+before, processor = [], None
+if eval_images:  # (a real checkpoint without the tiny world's test set skips this; stage 05 evaluates)
+    base, processor = vlm.load_vlm(model_dir, device="cpu")
+    before = describe_all(base, processor)
+    del base
 
 # %% [markdown]
 # ## 2 · Train

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 __all__ = [
     "TINY_VOCAB", "TINY_SEED", "tiny_llava", "tiny_llava_next", "tiny_qwen2_vl", "tiny_idefics3", "tiny_janus",
     "register_qwen2_vl_image_only_processor", "TINY_BUILDERS", "TINY_CLASSES", "unavailable_reason", "build_tiny",
-    "save_tiny",
+    "save_tiny", "arch_of",
 ]
 
 TINY_SEED = 0
@@ -469,3 +469,30 @@ def save_tiny(name: str, path: str | os.PathLike, **kwargs) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+# hub-id patterns of the backbones the kit ships configs for → the tiny architecture of the same class
+_ARCH_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"llava-v1\.6|llava-next|llava_next", "llava_next"),
+    (r"llava-1\.5|llava-v1\.5|llava", "llava"),
+    (r"janus", "janus"),
+    (r"smolvlm|idefics3", "idefics3"),
+    (r"qwen2-vl|qwen2_vl", "qwen2_vl"),
+)
+
+
+def arch_of(model_id: str) -> str:
+    """The tiny architecture name (:data:`TINY_BUILDERS`) of the same model class as ``model_id``.
+
+    ``"llava-hf/llava-1.5-7b-hf"`` → ``"llava"``, ``"llava-hf/llava-v1.6-mistral-7b-hf"`` →
+    ``"llava_next"``, ``"deepseek-community/Janus-Pro-7B"`` → ``"janus"``,
+    ``"HuggingFaceTB/SmolVLM-256M-Instruct"`` → ``"idefics3"``. Used by the tests that keep each
+    backbone config runnable; ``ValueError`` for an id it does not know.
+    """
+    import re
+
+    for pattern, name in _ARCH_PATTERNS:
+        if re.search(pattern, model_id.lower()):
+            return name
+    raise ValueError(f"no tiny architecture known for {model_id!r}; known patterns: "
+                     f"{', '.join(p for p, _ in _ARCH_PATTERNS)}")

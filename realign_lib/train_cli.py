@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_overrides", "make_config", "select_records", "train", "main"]
+__all__ = ["parse_overrides", "make_config", "config_from_notebook", "select_records", "train", "main"]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -61,6 +61,19 @@ def make_config(overrides: dict[str, Any]):
         if isinstance(kw.get(k), int) and not isinstance(kw.get(k), bool):
             kw[k] = float(kw[k])
     return PreferenceConfig(**kw)
+
+
+def config_from_notebook(params: dict[str, Any]):
+    """The :class:`PreferenceConfig` notebook 04 trains with, from its parameters (a run config's
+    ``04_training`` stage): loss, beta, learning_rate, per_device_batch, grad_accum, sft_weight,
+    use_lora, lora_r (α = 2r, as in the paper), seed, max_steps (0: one epoch)."""
+    p = dict(params)
+    return make_config({
+        "loss": p.get("loss", "rdpo"), "beta": p.get("beta", 0.1), "learning_rate": p.get("learning_rate", 5e-4),
+        "per_device_batch_size": p.get("per_device_batch", 8), "gradient_accumulation_steps": p.get("grad_accum", 1),
+        "sft_weight": p.get("sft_weight", 1.0), "use_lora": p.get("use_lora", True), "lora_r": p.get("lora_r", 16),
+        "lora_alpha": 2 * p.get("lora_r", 16), "seed": p.get("seed", 0), "max_steps": p.get("max_steps") or None,
+        "epochs": 1.0})
 
 
 def select_records(records: list[dict], max_records: int | None, seed: int) -> list[dict]:

@@ -45,3 +45,23 @@ def test_overrides(root):
     assert parse_override("a.b=true") == ("a.b", True)
     with pytest.raises(ValueError, match="key=value"):
         parse_override("seed")
+
+
+def test_stage_variants_run_one_notebook_several_times(root):
+    cfg = RunConfig(run_dir="r", seed=7, stages={"04_training/dpo_seed1": {"loss": "dpo", "seed": 1},
+                                                 "04_training/rdpo_seed0": {"loss": "rdpo"}})
+    assert cfg.parameters("04_training/dpo_seed1") == {"run_dir": "r", "seed": 1, "loss": "dpo"}
+    assert cfg.parameters("04_training/rdpo_seed0")["seed"] == 7  # the top-level seed unless a stage sets one
+    with pytest.raises(ValueError, match="unknown parameter 'los'"):
+        RunConfig(run_dir="r", stages={"04_training/x": {"los": "dpo"}})
+    for bad in ("04_training/", "04_training/a b", "04_training/../x", "04_training/a.b"):
+        with pytest.raises(ValueError, match="variant"):
+            RunConfig(run_dir="r", stages={bad: {}})
+    with pytest.raises(ValueError, match="set run_dir once"):
+        RunConfig(run_dir="r", stages={"04_training/x": {"run_dir": "elsewhere"}})
+    cmp = load_config(root / "configs" / "tiny_world_comparison.yaml")
+    runs = [s.split("/", 1)[1] for s in cmp.stages if s.startswith("04_training/")]
+    # every condition over the same three seeds, with the same steps and learning rate
+    assert sorted({r.rsplit("_seed", 1)[1] for r in runs}) == ["0", "1", "2"] and len(runs) == 15
+    assert len({(cmp.stages[f"04_training/{r}"]["max_steps"], cmp.stages[f"04_training/{r}"]["learning_rate"])
+                for r in runs}) == 1

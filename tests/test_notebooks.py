@@ -36,7 +36,8 @@ def test_notebooks_are_stripped_paired_and_parameterised(root):
 
 @pytest.mark.slow
 def test_chain_runs_headless_and_resumes(root, tmp_path):
-    """`realign run` on the smoke config: executed notebook, a tiny model loadable by path, metrics."""
+    """`realign run` on the smoke config (stages 00-05, two stage-04 variants): every stage's outputs, a
+    tiny model loadable by path, and a rerun that skips every finished stage."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "realign_lib.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
            "--set", f"run_dir={run_dir}"]
@@ -77,8 +78,41 @@ def test_chain_runs_headless_and_resumes(root, tmp_path):
                           max_new_tokens=4)[0]
     assert answer.split()[0] in ("yes", "no"), answer
 
+    # stage 02: every masked text is its chosen response with spans replaced by [MASK]
+    masked = [json.loads(x) for x in open(run_dir / "02_masking" / "masked.jsonl")]
+    by_id = {s["id"]: s for s in samples}
+    assert masked and all(by_id[m["id"]]["chosen"][sp["start"]:sp["end"]] == sp["text"]
+                          for m in masked for sp in m["spans"])
+    # stage 03: TRL columns, loadable by datasets, rejected differs from chosen, rank within top-k
+    from datasets import load_dataset
+    prefs = load_dataset("json", data_files=str(run_dir / "03_induction" / "preferences.jsonl"), split="train",
+                         cache_dir=str(tmp_path / "hf"))
+    assert len(prefs) > 10 and {"prompt", "chosen", "rejected", "images", "retrieved_image"} <= set(prefs.column_names)
+    m3 = json.loads((run_dir / "03_induction" / "metrics.json").read_text())
+    assert all(r["chosen"] != r["rejected"] and 1 <= r["rank"] <= m3["top_k"] and r["similarity"] < m3["tau"]
+               for r in prefs)
+    # stage 04: two variants of one notebook, each with its adapter, log and executed notebook
+    for name, loss in (("rdpo_seed0", "rdpo"), ("dpo_seed0", "dpo")):
+        out = run_dir / "04_training" / name
+        assert (out / "adapter_model.safetensors").is_file() and (out / "04_training.ipynb").is_file()
+        log = [json.loads(x) for x in open(out / "train_log.jsonl")]
+        assert len(log) == 10 and all("loss_dpo" in r and "learning_rate" in r for r in log)
+        assert ("loss_vdpo" in log[0]) == (loss == "rdpo")
+    # stage 05: every model answered every question; MME result files in the official layout
+    m5 = json.loads((run_dir / "05_evaluation" / "metrics.json").read_text())
+    assert m5["models"] == ["base", "dpo_seed0", "rdpo_seed0"]
+    for name in m5["models"]:
+        r = m5["per_model"][name]
+        assert set(r["pope"]) == {"random", "popular", "adversarial"} and r["pope"]["random"]["n"] == 40
+        assert set(r["mme"]["tasks"]) == {"existence", "count", "position", "color"}
+        for task in r["mme"]["tasks"]:
+            lines = (run_dir / "05_evaluation" / name / "mme" / f"{task}.txt").read_text().splitlines()
+            assert len(lines) == 8 and all(len(x.split("\t")) == 4 for x in lines)
+        assert 0 <= r["chair"]["chair_i"] <= 1
+    assert "rdpo - dpo" in m5["paired_differences"] and (run_dir / "05_evaluation" / "comparison.md").is_file()
+
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("skipped") == 2, again.stdout + again.stderr
+    assert again.returncode == 0 and again.stdout.count("skipped") == 7, again.stdout + again.stderr
 
 
 def test_cli_refuses_a_bad_config_clearly(root, tmp_path):
@@ -87,3 +121,25 @@ def test_cli_refuses_a_bad_config_clearly(root, tmp_path):
     res = subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", "--config", str(bad)], cwd=root,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "n_train must be int" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
+    """00_real_data on a LLaVA-Instruct-150K-layout file: samples.jsonl in the shape stages 01-03 read."""
+    import papermill as pm
+
+    run = tmp_path / "run"
+    pm.execute_notebook(str(root / "notebooks" / "00_real_data.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters={"run_dir": str(run), "llava_json": small_world["train_json"],
+                                    "image_folder": small_world["train_images"], "max_samples": 25},
+                        kernel_name="python3", language="python", cwd=str(root), progress_bar=False)
+    samples = [json.loads(x) for x in open(run / "data" / "samples.jsonl")]
+    assert len(samples) == 25 and len({s["id"] for s in samples}) == 25
+    from pathlib import Path
+    assert all((Path(s["image_root"]) / s["image"]).is_file() and s["chosen"] and "<image>" not in s["prompt"]
+               for s in samples)
+    m = json.loads((run / "00_real_data" / "metrics.json").read_text())
+    assert m["n_samples"] == 25 and m["loader_counts"]["kept"] >= 25
+    with pytest.raises(pm.PapermillExecutionError, match="set llava_json"):
+        pm.execute_notebook(str(root / "notebooks" / "00_real_data.ipynb"), str(tmp_path / "out2.ipynb"),
+                            parameters={"run_dir": str(run)}, kernel_name="python3", language="python",
+                            cwd=str(root), progress_bar=False)

@@ -1,0 +1,81 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Real data: LLaVA-Instruct-150K samples for a real checkpoint
+#
+# The real-data counterpart of `00_tiny_world`: instead of building a world and training a tiny
+# VLM, it reads **LLaVA-Instruct-150K** (`llava_instruct_150k.json`: a list of `{"id", "image",
+# "conversations"}`) and its **COCO** image folder, and writes the same `data/samples.jsonl`
+# (`id`, `image`, `prompt`, `chosen`, `image_root`) that stages 01–03 read. The paper used about
+# 11k images. Each sample is the first human → gpt exchange of a record whose image exists;
+# records without one are counted, never silently dropped.
+#
+# The model itself is not touched here: stages 01–05 take it by `model_path` (a hub id such as
+# `llava-hf/llava-1.5-7b-hf` or a local folder). See `configs/backbones/` for the paper's models.
+
+# %% tags=["parameters"]
+run_dir = "runs/real"  # run folder shared by all stages
+seed = 0  # seed of the random subset
+small_run = False  # smoke setting: at most 20 samples
+llava_json = ""  # LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json
+image_folder = ""  # its images (COCO train2017 files such as 000000033471.jpg)
+max_samples = 11000  # samples kept (the paper: ~11k); 0: all
+prompt_contains = ""  # keep only records whose first question contains this text (e.g. Describe); empty: all
+shuffle = True  # a seeded random subset; False: the file's first records
+n_show = 4  # samples shown
+
+# %%
+import json
+import random
+import time
+from pathlib import Path
+
+from realign_lib.data import samples_from_llava
+from realign_lib.io import write_json, write_jsonl
+
+t0 = time.time()
+run = Path(run_dir)
+if not llava_json or not image_folder:
+    raise ValueError("set llava_json (the LLaVA-Instruct-150K JSON) and image_folder (its COCO images); "
+                     "for the offline tiny world use notebook 00_tiny_world instead")
+for p, what in ((Path(llava_json), "llava_json"), (Path(image_folder), "image_folder")):
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {p} does not exist")
+if small_run:
+    max_samples = min(max_samples or 20, 20)
+# read all usable records, then take a seeded subset, so the subset does not depend on file order
+samples, counts = samples_from_llava(llava_json, image_folder, limit=None if shuffle else (max_samples or None),
+                                     prompt_contains=prompt_contains or None)
+if shuffle and max_samples and len(samples) > max_samples:
+    samples = sorted(random.Random(seed).sample(samples, max_samples), key=lambda s: s["id"])
+if not samples:
+    raise ValueError(f"no usable samples in {llava_json} with images under {image_folder}: {counts}")
+image_root = str(Path(image_folder).resolve())
+write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=image_root) for s in samples])
+print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: {counts}")
+
+# %%
+for s in samples[:n_show]:
+    print(f"[{s['id']}] {s['image']}\n  Q: {s['prompt'][:200]}\n  A: {s['chosen'][:300]}\n")
+
+# %%
+lengths = sorted(len(s["chosen"].split()) for s in samples)
+metrics = {"stage": "00_real_data", "small_run": small_run, "llava_json": str(llava_json), "image_root": image_root,
+           "n_samples": len(samples), "loader_counts": counts, "shuffle": shuffle, "seed": seed,
+           "chosen_words_median": lengths[len(lengths) // 2], "seconds": round(time.time() - t0, 1)}
+(run / "00_real_data").mkdir(parents=True, exist_ok=True)
+write_json(run / "00_real_data" / "metrics.json", metrics)
+print(json.dumps(metrics, indent=1))

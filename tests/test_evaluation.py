@@ -1,0 +1,198 @@
+"""MME in its official layout and scoring rule, answer-format compliance, POPE file discovery, and
+the seed-paired comparison maths."""
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realign_lib import evaluation as ev
+from realign_lib import pope
+
+PREDICTIONS = ["Yes", "No", "yes.", "no .", "Yes, there is.", "No, there is not.", "Not sure", "nothing",
+               "There is a dog.", "", "I think yes", "Nope", "YES!", "n", "yeah", "no\tway"]
+
+
+def oracle_label(raw_line_prediction: str) -> str:
+    """MME's rule applied as its calculation.py applies it: to the 4th field of a line read with
+    ``readlines()`` (so it still ends in a newline), lower-cased, exact yes/no, else the first 4 chars."""
+    p = raw_line_prediction.lower()
+    if p in ("yes", "no"):
+        return p
+    if "yes" in p[:4]:
+        return "yes"
+    if "no" in p[:4]:
+        return "no"
+    return "other"
+
+
+def oracle_scores(path):
+    """acc·100 + acc+·100 computed the official way: readlines(), pairs of lines, split on tabs."""
+    lines = open(path).readlines()
+    correct = both = 0
+    for i in range(0, len(lines), 2):
+        ok = 0
+        for ln in lines[i:i + 2]:
+            _, _, gt, pred = ln.split("\t")
+            ok += oracle_label(pred) == gt.lower()
+        correct += ok
+        both += ok == 2
+    return 100 * correct / len(lines) + 100 * both / (len(lines) / 2)
+
+
+def test_answer_parsing_matches_the_official_rule_on_raw_lines():
+    for p in PREDICTIONS:
+        clean = ev.clean_prediction(p)
+        assert ev.parse_mme_answer(clean) == oracle_label(clean + "\n"), p
+    assert [ev.parse_mme_answer(p) for p in ("Not sure", "nothing", "", "n", "yeah", "I think yes")] == \
+        ["no", "no", "other", "other", "other", "other"]
+
+
+def test_compliance_counts_bare_yes_no_only():
+    assert [ev.is_compliant(p) for p in ("Yes", "no.", "yes .", " No ", "Yes, there is.", "yeah", "")] == \
+        [True, True, True, True, False, False, False]
+
+
+def _image(path):
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path)
+
+
+@pytest.fixture
+def mme_side_by_side(tmp_path):
+    """MME's first layout: <task>/<img>.png + <img>.txt (as the tiny world and e.g. MME/existence)."""
+    root = tmp_path / "MME"
+    for task in ("existence", "count"):
+        (root / task).mkdir(parents=True)
+        for k in range(3):
+            _image(root / task / f"{task}_{k}.png")
+            (root / task / f"{task}_{k}.txt").write_text(
+                f"Is there a cat in this image? Please answer yes or no.\tYes\n"
+                f"Is there a dog in this image? Please answer yes or no.\tNo\n")
+    return root
+
+
+def test_load_mme_reads_both_official_layouts(mme_side_by_side, tmp_path):
+    recs = ev.load_mme(mme_side_by_side)
+    assert list(recs) == ["existence", "count"]  # MME's order, not alphabetical
+    assert len(recs["existence"]) == 6 and [r["answer"] for r in recs["existence"][:2]] == ["Yes", "No"]
+    assert recs["count"][0]["image"] == "count_0.png" and recs["count"][0]["image"] == recs["count"][1]["image"]
+    # the second layout: <task>/images/ + <task>/questions_answer_YN/
+    root = tmp_path / "MME2" / "artwork"
+    (root / "images").mkdir(parents=True)
+    (root / "questions_answer_YN").mkdir()
+    _image(root / "images" / "10002.jpg")
+    (root / "questions_answer_YN" / "10002.txt").write_text("Is this artwork by X?\tNo\nIs this artwork by Y?\tYes\n")
+    recs2 = ev.load_mme(tmp_path / "MME2")
+    assert recs2["artwork"][0]["image_path"].endswith("images/10002.jpg") and len(recs2["artwork"]) == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ("Is there a cat?\tYes\nIs there a dog?\n", "expected 'question<TAB>answer'"),
+    ("Is there a cat?\tYes\nIs there a dog?\tMaybe\n", "must be Yes or No"),
+    ("Is there a cat?\tYes\nIs there a dog?\tYes\n", "one Yes and one No"),
+])
+def test_load_mme_refuses_bad_question_files(tmp_path, content, message):
+    (tmp_path / "MME" / "existence").mkdir(parents=True)
+    _image(tmp_path / "MME" / "existence" / "a.png")
+    (tmp_path / "MME" / "existence" / "a.txt").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        ev.load_mme(tmp_path / "MME")
+
+
+def test_load_mme_refuses_a_question_file_without_image_and_a_missing_folder(tmp_path):
+    (tmp_path / "MME" / "existence").mkdir(parents=True)
+    (tmp_path / "MME" / "existence" / "a.txt").write_text("q1\tYes\nq2\tNo\n")
+    with pytest.raises(ValueError, match="no image a"):
+        ev.load_mme(tmp_path / "MME")
+    with pytest.raises(FileNotFoundError, match="MME folder"):
+        ev.load_mme(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="subtask folder"):
+        ev.load_mme(tmp_path / "MME", tasks=["OCR"])
+
+
+def test_result_files_have_the_official_layout_and_score_as_the_official_tool(mme_side_by_side, tmp_path):
+    recs = ev.load_mme(mme_side_by_side)
+    rng = np.random.default_rng(0)
+    answered = {t: [dict(r, prediction=str(rng.choice(PREDICTIONS))) for r in rs] for t, rs in recs.items()}
+    answered["existence"][0]["prediction"] = "Yes\nthere is\ta cat"  # line breaks and tabs must not break the file
+    paths = ev.write_mme_results(answered, tmp_path / "results")
+    assert [p.name for p in paths] == ["existence.txt", "count.txt"]
+    for p in paths:
+        lines = p.read_text().splitlines()
+        assert len(lines) == 6 and all(len(ln.split("\t")) == 4 for ln in lines)
+        assert all(lines[i].split("\t")[0] == lines[i + 1].split("\t")[0] for i in range(0, 6, 2))
+        assert {ln.split("\t")[2] for ln in lines} == {"Yes", "No"}
+        assert ev.score_mme_file(p)["score"] == pytest.approx(oracle_scores(p))
+    s = ev.score_mme_results(tmp_path / "results")
+    assert s["perception"] == pytest.approx(sum(oracle_scores(p) for p in paths)) and s["cognition"] == 0
+    assert s["questions"] == 12 and 0 <= s["compliance"] <= 1
+
+
+def test_mme_scores_by_hand(tmp_path):
+    p = tmp_path / "color.txt"
+    p.write_text("a.png\tq1\tYes\tyes\na.png\tq2\tNo\tno\n"       # both right
+                 "b.png\tq1\tYes\tYes, it is\nb.png\tq2\tNo\tsure\n"  # one right, one "other"
+                 "c.png\tq1\tNo\tyes\nc.png\tq2\tYes\tno\n")         # both wrong
+    r = ev.score_mme_file(p)
+    assert r["acc"] == pytest.approx(3 / 6) and r["acc_plus"] == pytest.approx(1 / 3)
+    assert r["score"] == pytest.approx(50 + 100 / 3) and r["other"] == 1
+    assert r["compliance"] == pytest.approx(4 / 6)
+    p.write_text("a.png\tq1\tYes\tyes\nb.png\tq2\tNo\tno\n")
+    with pytest.raises(ValueError, match="not the two questions of one image"):
+        ev.score_mme_file(p)
+
+
+def test_answer_mme_with_a_real_model_resumes(mme_side_by_side, tmp_path):
+    from realign_lib.tiny_configs import tiny_llava
+
+    model, proc = tiny_llava()
+    recs = ev.load_mme(mme_side_by_side)
+    cache = tmp_path / "mme_answers.jsonl"
+    first = ev.answer_mme(model, proc, {"existence": recs["existence"]}, cache, batch_size=4, max_new_tokens=3)
+    assert len(cache.read_text().splitlines()) == 6
+    both = ev.answer_mme(model, proc, recs, cache, batch_size=4, max_new_tokens=3)
+    assert len(cache.read_text().splitlines()) == 12  # only the new subtask was answered
+    assert [r["prediction"] for r in both["existence"]] == [r["prediction"] for r in first["existence"]]
+    paths = ev.write_mme_results(both, tmp_path / "out")
+    assert all(len(p.read_text().splitlines()) == 6 for p in paths)
+
+
+def test_find_pope_files_on_the_real_question_files(root, tmp_path):
+    files = pope.find_pope_files(root.parent / "shared" / "data" / "pope") if (
+        root.parent / "shared" / "data" / "pope").is_dir() else None
+    if files is not None:
+        assert list(files) == ["random", "popular", "adversarial"]
+        assert all(len(pope.load_pope_questions(p)) > 100 for p in files.values())
+    with pytest.raises(FileNotFoundError, match="no POPE question files"):
+        pope.find_pope_files(tmp_path)
+    (tmp_path / "a_random.json").write_text("")
+    (tmp_path / "b_random.json").write_text("")
+    with pytest.raises(ValueError, match="several random"):
+        pope.find_pope_files(tmp_path)
+
+
+def test_paired_differences_and_summary_by_hand():
+    rows = [{"condition": "base", "seed": None, "metrics": {"acc": 80.0}}]
+    rows += [{"condition": "rdpo", "seed": s, "metrics": {"acc": v}} for s, v in enumerate([81.0, 82.0, 81.5])]
+    rows += [{"condition": "dpo", "seed": s, "metrics": {"acc": v}} for s, v in enumerate([81.0, 80.0, 82.5])]
+    summ = ev.summarize_conditions(rows)
+    assert summ["rdpo"]["acc"]["mean"] == pytest.approx(81.5) and summ["rdpo"]["acc"]["sd"] == pytest.approx(0.5)
+    assert summ["base"]["acc"]["n"] == 1 and math.isnan(summ["base"]["acc"]["sd"])
+    d = ev.paired_differences(rows, "rdpo", "base")["acc"]  # the one base evaluation pairs with every seed
+    assert d["diffs"] == [1.0, 2.0, 1.5] and d["same_sign"] == 3 and d["clear"]  # mean 1.5 > 2·0.5/√3
+    d2 = ev.paired_differences(rows, "rdpo", "dpo")["acc"]  # paired by seed: 0, +2, -1
+    assert d2["diffs"] == [0.0, 2.0, -1.0] and d2["mean"] == pytest.approx(1 / 3) and not d2["clear"]
+    table = ev.format_table(summ, ["acc"], ["base", "rdpo", "dpo"])
+    assert "| rdpo | 81.5 ± 0.5 |" in table and "| base | 80.0 |" in table
+    assert ev.condition_of("dpo_swap_seed12") == ("dpo_swap", 12) and ev.condition_of("base") == ("base", None)
+
+
+def test_flat_metrics_picks_percentages():
+    m = {"pope": {"adversarial": {"accuracy": 0.75, "f1": 0.7, "yes_ratio": 0.6}},
+         "pope_partner": {"adversarial": {"absent_partner_yes_rate": 0.5, "absent_other_yes_rate": float("nan")}},
+         "mme": {"tasks": {"existence": {"score": 150.0}}, "perception": 150.0, "cognition": 0.0, "compliance": 0.9},
+         "chair": {"chair_i": 0.2, "chair_s": 0.3, "recall": 0.6}}
+    f = ev.flat_metrics(m)
+    assert f["pope/adversarial/accuracy"] == 75.0 and f["pope/adversarial/absent_partner_yes_rate"] == 50.0
+    assert "pope/adversarial/absent_other_yes_rate" not in f and "mme/cognition" not in f
+    assert f["mme/perception"] == 150.0 and f["mme/compliance"] == 90.0 and f["chair/chair_i"] == 20.0
