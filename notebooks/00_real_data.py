@@ -21,7 +21,8 @@
 # "conversations"}`) and its **COCO** image folder, and writes the same `data/samples.jsonl`
 # (`id`, `image`, `prompt`, `chosen`, `image_root`) that stages 01–03 read. The paper used about
 # 11k images. Each sample is the first human → gpt exchange of a record whose image exists;
-# records without one are counted, never silently dropped.
+# records without one are counted, never silently dropped. With `chosen_source = "openai"` a VLM
+# behind an OpenAI-compatible endpoint (e.g. vLLM) answers each prompt instead, looking at the image.
 #
 # The model itself is not touched here: stages 01–05 take it by `model_path` (a hub id such as
 # `llava-hf/llava-1.5-7b-hf` or a local folder). See `configs/backbones/` for the paper's models.
@@ -35,6 +36,11 @@ image_folder = ""  # its images (COCO train2017 files such as 000000033471.jpg)
 max_samples = 11000  # samples kept (the paper: ~11k); 0: all
 prompt_contains = ""  # keep only records whose first question contains this text (e.g. Describe); empty: all
 shuffle = True  # a seeded random subset; False: the file's first records
+chosen_source = "llava"  # llava (the dataset's answers) | openai (a VLM behind an OpenAI-compatible endpoint answers)
+api_base_url = ""  # openai: e.g. http://localhost:8000/v1 (vLLM serving a strong VLM)
+api_model = ""  # openai: the served model name
+api_key_env = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key (never the key)
+max_concurrency = 8  # openai: requests in flight at once
 n_show = 4  # samples shown
 
 # %%
@@ -64,7 +70,20 @@ if shuffle and max_samples and len(samples) > max_samples:
 if not samples:
     raise ValueError(f"no usable samples in {llava_json} with images under {image_folder}: {counts}")
 image_root = str(Path(image_folder).resolve())
-write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=image_root) for s in samples])
+samples = [dict(s, image_root=image_root) for s in samples]
+endpoint_counts = None
+if chosen_source == "openai":  # chosen responses from a VLM endpoint (resumable cache in the stage folder)
+    from realign_lib.data import chosen_from_endpoint
+    from realign_lib.endpoint import ChatEndpoint
+
+    ep = ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
+                      max_concurrency=max_concurrency, max_tokens=512)
+    samples, endpoint_counts = chosen_from_endpoint(samples, ep, run / "00_real_data" / "chosen_answers.jsonl")
+    ep.close()
+    print(f"chosen responses from {ep.name}: {endpoint_counts}; requests {dict(ep.stats)}")
+elif chosen_source != "llava":
+    raise ValueError(f"chosen_source {chosen_source!r}: use llava or openai")
+write_jsonl(run / "data" / "samples.jsonl", samples)
 print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: {counts}")
 
 # %%
@@ -74,7 +93,8 @@ for s in samples[:n_show]:
 # %%
 lengths = sorted(len(s["chosen"].split()) for s in samples)
 metrics = {"stage": "00_real_data", "small_run": small_run, "llava_json": str(llava_json), "image_root": image_root,
-           "n_samples": len(samples), "loader_counts": counts, "shuffle": shuffle, "seed": seed,
+           "n_samples": len(samples), "loader_counts": counts, "chosen_source": chosen_source,
+           "endpoint_counts": endpoint_counts, "shuffle": shuffle, "seed": seed,
            "chosen_words_median": lengths[len(lengths) // 2], "seconds": round(time.time() - t0, 1)}
 (run / "00_real_data").mkdir(parents=True, exist_ok=True)
 write_json(run / "00_real_data" / "metrics.json", metrics)

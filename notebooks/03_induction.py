@@ -45,6 +45,11 @@ seed = 0  # seed of the comparison generators (random swap, corruption)
 small_run = False  # smoke setting: at most 150 samples
 model_path = ""  # hallucination-prone VLM that fills the masks; default: the tiny VLM of stage 00
 fill_mode = "slot"  # slot (tiny VLM: keep scaffold, generate spans) | instruction (chat VLMs: completion prompt)
+fill_backend = "local"  # local (model_path, in this process) | openai (a VLM behind an OpenAI-compatible endpoint, e.g. vLLM)
+api_base_url = ""  # openai: e.g. http://localhost:8000/v1 (vLLM serving the VLM)
+api_model = ""  # openai: the served model name
+api_key_env = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key (never the key)
+max_concurrency = 8  # openai: requests in flight at once
 sentence_model = ""  # sentence-transformers id or path; default: offline all-MiniLM-L6-v2 (paper: all-mpnet-base-v2)
 tau = 0.95  # accept a candidate when cos(chosen, candidate) < tau
 top_k = 5  # retrieved images tried per sample, in rank order
@@ -96,15 +101,28 @@ print("e.g.", items[0].masked)
 
 # %%
 t0 = time.time()
-model, processor = vlm.load_vlm(model_dir)
+if fill_backend == "openai":
+    from realign_lib.endpoint import ChatEndpoint
+
+    if fill_mode != "instruction":
+        raise ValueError("fill_backend openai fills with the completion prompt: set fill_mode instruction")
+    filler = induction.EndpointFiller(ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
+                                                   max_concurrency=max_concurrency, max_tokens=256))
+    filler.max_new_tokens = 256
+    model_label = f"openai:{api_model}@{api_base_url or 'api.openai.com'}"
+elif fill_backend == "local":
+    model, processor = vlm.load_vlm(model_dir)
+    filler = induction.MaskFiller(model, processor, mode=fill_mode, max_span_tokens=max_span_tokens,
+                                  stop_margin=stop_margin, batch_size=batch_size)
+    model_label = str(model_dir.resolve()) if model_dir.exists() else str(model_path)
+else:
+    raise ValueError(f"fill_backend {fill_backend!r}: use local or openai")
 encoder = induction.SentenceEncoder(sentence_model)
-filler = induction.MaskFiller(model, processor, mode=fill_mode, max_span_tokens=max_span_tokens,
-                              stop_margin=stop_margin, batch_size=batch_size)
 t_load = time.time() - t0
-weights = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+weights = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() and fill_backend == "local" else []
 digest = lambda p: hashlib.sha1(Path(p).read_bytes()).hexdigest()[:16]  # noqa: E731
 # results are reused on a rerun only if these match (other inputs or settings: start over)
-settings = {"model": str(model_dir.resolve()) if model_dir.exists() else str(model_path),
+settings = {"model": model_label,
             "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weights],
             "inputs": [digest(masked_path), digest(run / "01_retrieval" / "neighbours.jsonl")],
             "fill_mode": fill_mode, "sentence_model": encoder.name, "top_k": top_k}
@@ -299,6 +317,8 @@ metrics = {
                 "similarity": summary["seconds_similarity"], "random_swap": round(t_swap, 1),
                 "corrupted_image": round(t_corrupt, 1), "total": round(time.time() - t_start, 1)},
     "computed_this_run": summary["computed"],
+    "fill_backend": fill_backend,
+    "endpoint_stats": dict(filler.endpoint.stats) if fill_backend == "openai" else None,
 }
 write_json(stage_dir / "metrics.json", metrics)
 shown = ("samples_tried", "pairs", "pair_rate", "mean_similarity_accepted", "seconds")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .io import read_json
+from .io import append_jsonl, iter_jsonl, read_json
 
-__all__ = ["samples_from_llava"]
+__all__ = ["samples_from_llava", "chosen_from_endpoint"]
 
 
 def samples_from_llava(json_path: str | os.PathLike, image_root: str | os.PathLike, limit: int | None = None,
@@ -48,3 +48,42 @@ def samples_from_llava(json_path: str | os.PathLike, image_root: str | os.PathLi
         if limit and len(samples) >= limit:
             break
     return samples, {"kept": len(samples), **skipped}
+
+
+def chosen_from_endpoint(samples: list[dict], endpoint, cache_path: str | os.PathLike,
+                         batch_size: int = 64) -> tuple[list[dict], dict]:
+    """Replace each sample's ``chosen`` by a VLM's answer from an OpenAI-compatible endpoint.
+
+    ``endpoint``: a :class:`realign_lib.endpoint.ChatEndpoint` (e.g. vLLM serving a strong VLM);
+    the sample's prompt goes with its image (``image_root`` / ``image``) as a data URL. Answers
+    are appended to ``cache_path`` (``{"id", "chosen"}`` or ``{"id", "failed"}``) batch by batch, so a
+    killed run resumes; samples whose request failed after the endpoint's retries, or whose
+    answer is empty, are left out and counted. Returns ``(samples, counts)``.
+    """
+    from .endpoint import EndpointFailure, user_message
+
+    cache_path = Path(cache_path)
+    done = {r["id"]: r for r in iter_jsonl(cache_path)} if cache_path.exists() else {}
+    todo = [s for s in samples if s["id"] not in done]
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        convs = [[user_message(s["prompt"], image=Path(s.get("image_root", ".")) / s["image"])] for s in chunk]
+        rows = []
+        for s, out in zip(chunk, endpoint.map(convs)):
+            if isinstance(out, EndpointFailure):
+                rows.append({"id": s["id"], "failed": out.detail[:300]})
+            else:
+                rows.append({"id": s["id"], "chosen": out.strip()})
+        append_jsonl(cache_path, rows)
+        done.update({r["id"]: r for r in rows})
+    kept, counts = [], {"answered": 0, "failed": 0, "empty": 0}
+    for s in samples:
+        r = done[s["id"]]
+        if "failed" in r:
+            counts["failed"] += 1
+        elif not r["chosen"]:
+            counts["empty"] += 1
+        else:
+            counts["answered"] += 1
+            kept.append(dict(s, chosen=r["chosen"]))
+    return kept, counts

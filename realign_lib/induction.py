@@ -69,7 +69,7 @@ from .tinyworld import COMPLETION_PROMPT
 
 __all__ = [
     "COMPLETION_PROMPT", "MASK", "FILL_MODES", "split_masked", "join_filled", "spans_from_masked",
-    "slot_texts", "changed_words", "cosine_rows", "MaskFiller", "slot_fill", "instruction_fill",
+    "slot_texts", "changed_words", "cosine_rows", "MaskFiller", "EndpointFiller", "slot_fill", "instruction_fill",
     "default_sentence_model",
     "SentenceEncoder", "Candidate", "Item", "build_items", "induce", "read_records", "stable_seed",
     "span_kind", "random_swap", "random_swap_records", "corrupt_image", "corrupted_candidates",
@@ -286,6 +286,31 @@ class MaskFiller:
                              prompts[s:s + self.batch_size], masked[s:s + self.batch_size], self.max_span_tokens,
                              self.stop_margin)
         return out
+
+
+class EndpointFiller:
+    """Fill ``[MASK]`` segments with a VLM behind an OpenAI-compatible endpoint (vLLM, OpenAI, …).
+
+    Instruction mode only: the paper's completion prompt + the masked sentence, with the retrieved
+    image sent as a ``data:`` URL; ``filler(images, prompts, masked) -> list[str]`` like
+    :class:`MaskFiller`, requests ``endpoint.max_concurrency`` at a time. A request that still
+    fails after the endpoint's retries gives ``""``: :func:`induce` then does not accept that
+    candidate (its similarity is recorded as null) and tries the next rank; the failures are
+    counted in ``endpoint.stats["failed"]``.
+    """
+
+    def __init__(self, endpoint, completion_prompt: str = COMPLETION_PROMPT):
+        self.endpoint, self.completion_prompt = endpoint, completion_prompt
+        self.mode = "instruction"
+
+    def __call__(self, images: Sequence, prompts: Sequence[str], masked: Sequence[str]) -> list[str]:
+        from .endpoint import EndpointFailure, user_message
+
+        if not (len(images) == len(prompts) == len(masked)):
+            raise ValueError(f"lengths differ: {len(images)} images, {len(prompts)} prompts, {len(masked)} masked")
+        convs = [[user_message(f"{self.completion_prompt}\n{m}", image=img)] for img, m in zip(images, masked)]
+        out = self.endpoint.map(convs)
+        return ["" if isinstance(o, EndpointFailure) else o.strip().strip('"').strip() for o in out]
 
 
 def instruction_fill(model, processor, images: Sequence, masked: Sequence[str], max_new_tokens: int = 256,

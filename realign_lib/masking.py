@@ -32,16 +32,13 @@ import importlib
 import importlib.util
 import io
 import os
-import random
 import re
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from .io import append_jsonl, iter_jsonl
 
@@ -687,30 +684,14 @@ class HFMasker(Masker):
 
 
 # --- OpenAI-compatible endpoint
-def _message_content(resp) -> str:
-    """The assistant's text in a chat-completions reply; ValueError if the reply is not one."""
-    if isinstance(resp, str):  # the client returns the body as text when it is not JSON
-        raise ValueError(f"reply is not JSON: {resp[:80]!r}")
-    try:
-        content = resp.choices[0].message.content
-    except (AttributeError, IndexError, KeyError, TypeError) as err:
-        raise ValueError(f"reply has no choices[0].message.content ({type(err).__name__})") from None
-    if not isinstance(content, str):
-        raise ValueError("reply has no message content")
-    return content
-
-
 class OpenAIMasker(Masker):
     """Masking by any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, …).
 
     ``base_url`` (e.g. ``http://localhost:8000/v1``; "" = OpenAI's) and ``model`` come from the
-    config; the key is read ONLY from the environment variable ``api_key_env`` (servers without
-    authentication accept any value, e.g. ``export OPENAI_API_KEY=EMPTY``) and is never stored in
-    a record or shown in ``repr``. Temperature 0. Each text is retried up to ``max_retries``
-    times with exponential back-off (``backoff_base * 2**n``, at most ``backoff_max`` s, or the
-    server's Retry-After if longer) on 429, 5xx, time-outs, connection errors and unreadable
-    replies; other 4xx fail that text. 401/403/404 (wrong key or model) abort the run instead.
-    At most ``max_concurrency`` requests are in flight. ``stats`` counts requests and retries.
+    config; the key is read ONLY from the environment variable ``api_key_env`` and never stored
+    or shown. Requests, retries with back-off, bounded concurrency and ``stats`` are those of
+    :class:`realign_lib.endpoint.ChatEndpoint`; a reply that is not a readable chat completion
+    is retried like a 5xx, and 401/403/404 abort the run.
     """
 
     retry_useful = True
@@ -718,39 +699,21 @@ class OpenAIMasker(Masker):
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5, backoff_base: float = 1.0,
                  backoff_max: float = 30.0, max_tokens: int | None = None, extra_body: dict | None = None):
-        import openai
+        from .endpoint import ChatEndpoint
 
-        if not model:
-            raise ValueError("OpenAIMasker needs a model name (api_model in the config)")
-        key = os.environ.get(api_key_env or "")
-        if not key:
-            raise ValueError(f"environment variable {api_key_env!r} is not set: the API key is read only from the "
-                             f"environment (for a local server without authentication set it to any value, "
-                             f"e.g. `export {api_key_env}=EMPTY`)")
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        self.name = f"openai:{model}"
-        self.api_key_env = api_key_env
-        self.model, self.base_url = model, (base_url or None)
-        self.max_concurrency, self.max_retries = int(max_concurrency), int(max_retries)
-        self.backoff_base, self.backoff_max = float(backoff_base), float(backoff_max)
-        self.max_tokens, self.extra_body = max_tokens, extra_body
-        self._key_hint = key  # only to scrub error texts; never written
-        self._client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=0)
-        self._openai = openai
-        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="mask-api")
-        self._lock = threading.Lock()
-        self.stats: Counter = Counter()
+        self._ep = ChatEndpoint(model, base_url=base_url, api_key_env=api_key_env, max_concurrency=max_concurrency,
+                                timeout=timeout, max_retries=max_retries, backoff_base=backoff_base,
+                                backoff_max=backoff_max, max_tokens=max_tokens, extra_body=extra_body)
+        self.name = self._ep.name
+        self.api_key_env, self.model, self.base_url = api_key_env, model, self._ep.base_url
+        self.max_concurrency = self._ep.max_concurrency
+
+    @property
+    def stats(self):
+        return self._ep.stats
 
     def __repr__(self) -> str:
         return f"OpenAIMasker(model={self.model!r}, base_url={self.base_url!r}, max_concurrency={self.max_concurrency})"
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.stats[key] += n
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key_hint, "***") if self._key_hint else text
 
     def messages(self, text: str, attempt: int = 0) -> list[dict]:
         msgs = []
@@ -759,61 +722,17 @@ class OpenAIMasker(Masker):
                      {"role": "assistant", "content": ONE_SHOT_EXAMPLE[1]}]
         return msgs + [{"role": "user", "content": f"{MASK_PROMPT}\n\n{text}"}]
 
-    def _delay(self, n: int, err) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2 ** n) * (1 + 0.1 * random.random())
-        resp = getattr(err, "response", None)
-        try:
-            retry_after = float(resp.headers.get("retry-after")) if resp is not None else None
-        except (TypeError, ValueError):
-            retry_after = None
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff_max))
-        return delay
-
     def _one(self, text: str, attempt: int) -> str | BackendFailure:
-        oa = self._openai
-        kw: dict[str, Any] = {"model": self.model, "messages": self.messages(text, attempt), "temperature": 0}
-        if self.max_tokens:
-            kw["max_tokens"] = self.max_tokens
-        if self.extra_body:
-            kw["extra_body"] = self.extra_body
-        last = ""
-        for n in range(self.max_retries + 1):
-            self._count("requests")
-            status_err = None
-            try:
-                resp = self._client.chat.completions.create(**kw)
-                content = _message_content(resp)
-                return extract_reply(content, text)
-            except (oa.AuthenticationError, oa.PermissionDeniedError, oa.NotFoundError) as err:
-                raise RuntimeError(f"{self.name} at {self.base_url or 'api.openai.com'}: {type(err).__name__} "
-                                   f"({self._scrub(str(err))[:300]}); check the model name, the base URL and the "
-                                   f"key in the environment variable {self.api_key_env}") from None
-            except oa.APIStatusError as err:
-                self._count(f"http_{err.status_code}")
-                if err.status_code != 429 and err.status_code < 500:
-                    return BackendFailure("api_error", self._scrub(f"HTTP {err.status_code}: {err}")[:500])
-                last, status_err = f"HTTP {err.status_code}", err
-            except oa.APITimeoutError:
-                last = "timeout"
-                self._count("timeout")
-            except oa.APIConnectionError as err:
-                last = f"connection error ({err.__cause__ or err})"
-                self._count("connection_error")
-            except (ValueError, oa.APIResponseValidationError) as err:  # JSONDecodeError is a ValueError
-                last = f"unreadable reply ({type(err).__name__}: {self._scrub(str(err))[:120]})"
-                self._count("bad_response")
-            if n < self.max_retries:
-                self._count("retries")
-                time.sleep(self._delay(n, status_err))
-        return BackendFailure("api_error", self._scrub(f"gave up after {self.max_retries + 1} tries; last: {last}"))
+        from .endpoint import EndpointFailure
+
+        out = self._ep.complete(self.messages(text, attempt), parse=lambda c: extract_reply(c, text))
+        return BackendFailure(out.reason, out.detail) if isinstance(out, EndpointFailure) else out
 
     def mask_batch(self, texts: Sequence[str], attempt: int = 0) -> list[str | BackendFailure]:
-        return list(self._pool.map(lambda t: self._one(t, attempt), texts))
+        return list(self._ep._pool.map(lambda t: self._one(t, attempt), texts))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        self._ep.close()
 
 
 def make_masker(backend: str, *, hf_model: str = "", api_base_url: str = "", api_model: str = "",

@@ -1,0 +1,175 @@
+"""The OpenAI-compatible endpoint as a VLM: induction fills and chosen responses through a real local
+HTTP server that speaks chat completions (the real `openai` client talks to it), images as data URLs."""
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realign_lib import data, induction as ind
+from realign_lib.endpoint import ChatEndpoint, EndpointFailure, image_data_url, user_message
+
+KEY = "sk-test-endpoint-0123456789"
+
+
+class VLMServer:
+    """Chat completions with one image: replies by ``reply(text, image_colour)``; ``fail`` maps a text
+    to a queue of HTTP statuses to return first."""
+
+    def __init__(self, reply, fail=None):
+        self.reply, self.fail = reply, {k: list(v) for k, v in (fail or {}).items()}
+        self.requests, self.lock, outer = [], threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    return self._send(401, {"error": {"message": "bad key"}})
+                parts = body["messages"][-1]["content"]
+                url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+                text = next(p["text"] for p in parts if p["type"] == "text")
+                assert url.startswith("data:image/png;base64,")
+                img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+                colour = "red" if np.asarray(img)[..., 0].mean() > 128 else "blue"
+                with outer.lock:
+                    outer.requests.append({"text": text, "colour": colour, "temperature": body.get("temperature")})
+                    queue = outer.fail.get(text)
+                    status = queue.pop(0) if queue else None
+                if status:
+                    return self._send(status, {"error": {"message": f"status {status}"}})
+                return self._send(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                            "role": "assistant", "content": outer.reply(text, colour)}}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def images(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name, rgb in (("red.png", (220, 30, 30)), ("blue.png", (30, 30, 220))):
+        Image.fromarray(np.full((16, 16, 3), rgb, np.uint8)).save(tmp_path / "img" / name)
+    return tmp_path
+
+
+def _endpoint(url, **kw):
+    return ChatEndpoint("vlm", base_url=url, api_key_env="REALIGN_EP_KEY", max_retries=2, backoff_base=0.01,
+                        backoff_max=0.02, timeout=5.0, **kw)
+
+
+def test_data_url_and_message_shape(images):
+    url = image_data_url(images / "img" / "red.png")
+    img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert img.size == (16, 16)
+    msg = user_message("what colour?", image=images / "img" / "red.png")
+    assert msg["role"] == "user" and [p["type"] for p in msg["content"]] == ["image_url", "text"]
+    assert user_message("hi") == {"role": "user", "content": "hi"}
+
+
+def test_induction_fills_through_a_vlm_server(images, monkeypatch, tmp_path):
+    """The τ loop with an endpoint filler: the server sees each retrieved image, a failing request
+    gives no candidate (next rank tried), and the accepted pairs name the right retrieved image."""
+    monkeypatch.setenv("REALIGN_EP_KEY", KEY)
+
+    def reply(text, colour):
+        masked = text.split("\n", 1)[1]
+        return masked.replace("[MASK]", colour)
+
+    prompt_of = lambda m: f"{ind.COMPLETION_PROMPT}\n{m}"  # noqa: E731
+    srv = VLMServer(reply, fail={prompt_of("a [MASK] kite ."): [500, 500, 500]})  # every try of rank 1 fails
+    try:
+        ep = _endpoint(srv.url, max_concurrency=2)
+        filler = ind.EndpointFiller(ep)
+        red, blue = str(images / "img" / "red.png"), str(images / "img" / "blue.png")
+        items = [
+            ind.Item("s0", "describe", str(images / "img" / "red.png"), "a red ball .", "a [MASK] ball .",
+                     [ind.Candidate(1, "img/red.png", red), ind.Candidate(2, "img/blue.png", blue)]),
+            ind.Item("s1", "describe", str(images / "img" / "red.png"), "a red kite .", "a [MASK] kite .",
+                     [ind.Candidate(1, "img/blue.png", blue), ind.Candidate(2, "img/blue.png", blue)]),
+        ]
+        enc = ind.SentenceEncoder(batch_size=8)
+        summary = ind.induce(items, filler, enc, 0.95, tmp_path / "p.jsonl", tmp_path / "s.jsonl", progress=False)
+        recs = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
+        by = {r["id"]: r for r in recs}
+        # s0: rank 1 (red image) reproduces the chosen text → rejected by τ; rank 2 (blue) accepted
+        assert by["s0"]["rank"] == 2 and by["s0"]["rejected"] == "a blue ball ." and by["s0"]["similarities"][0] > 0.95
+        # s1: rank 1 failed three times (no candidate, similarity null); rank 2 accepted
+        assert by["s1"]["rank"] == 2 and by["s1"]["similarities"][0] is None and by["s1"]["rejected"] == "a blue kite ."
+        assert ep.stats["failed"] == 1 and ep.stats["http_500"] == 3 and summary["pairs"] == 2
+        assert {r["temperature"] for r in srv.requests} == {0}
+        assert [r["colour"] for r in srv.requests if r["text"] == prompt_of("a [MASK] ball .")] == ["red", "blue"]
+        ep.close()
+    finally:
+        srv.close()
+
+
+def test_chosen_responses_from_an_endpoint_resume_and_count_failures(images, monkeypatch, tmp_path):
+    monkeypatch.setenv("REALIGN_EP_KEY", KEY)
+    srv = VLMServer(lambda text, colour: f"The image is {colour}." if "empty" not in text else "",
+                    fail={"bad question": [400]})
+    try:
+        samples = [{"id": f"s{i}", "image": name, "image_root": str(images / "img"), "prompt": q, "chosen": "old"}
+                   for i, (name, q) in enumerate([("red.png", "what colour?"), ("blue.png", "what colour?"),
+                                                  ("red.png", "bad question"), ("blue.png", "empty please")])]
+        ep = _endpoint(srv.url)
+        cache = tmp_path / "chosen.jsonl"
+        kept, counts = data.chosen_from_endpoint(samples[:2], ep, cache)
+        assert [s["chosen"] for s in kept] == ["The image is red.", "The image is blue."]
+        n = len(srv.requests)
+        kept, counts = data.chosen_from_endpoint(samples, ep, cache)  # resumes: only s2, s3 are asked
+        assert len(srv.requests) == n + 2
+        assert counts == {"answered": 2, "failed": 1, "empty": 1} and [s["id"] for s in kept] == ["s0", "s1"]
+        assert KEY not in cache.read_text() and KEY not in repr(ep)
+        ep.close()
+    finally:
+        srv.close()
+
+
+def test_wrong_key_aborts_and_missing_key_is_refused(images, monkeypatch):
+    srv = VLMServer(lambda t, c: "x")
+    try:
+        monkeypatch.setenv("REALIGN_EP_KEY", "sk-wrong-key-987")
+        ep = _endpoint(srv.url)
+        with pytest.raises(RuntimeError, match="AuthenticationError") as err:
+            ep.complete([user_message("hi", image=images / "img" / "red.png")])
+        assert "sk-wrong-key-987" not in str(err.value)
+        monkeypatch.delenv("REALIGN_EP_KEY")
+        with pytest.raises(ValueError, match="REALIGN_EP_KEY.*not set"):
+            _endpoint(srv.url)
+    finally:
+        srv.close()
+
+
+def test_a_client_error_is_a_counted_failure_not_a_retry(images, monkeypatch):
+    monkeypatch.setenv("REALIGN_EP_KEY", KEY)
+    srv = VLMServer(lambda t, c: "fine", fail={"q": [422]})
+    try:
+        ep = _endpoint(srv.url)
+        out = ep.complete([user_message("q", image=images / "img" / "red.png")])
+        assert isinstance(out, EndpointFailure) and "HTTP 422" in out.detail and len(srv.requests) == 1
+        assert ep.complete([user_message("q", image=images / "img" / "red.png")]) == "fine"
+    finally:
+        srv.close()
