@@ -71,7 +71,7 @@ from IPython.display import Markdown, display
 
 from realign_lib import evaluation as ev
 from realign_lib import pope, tinyworld as tw, vlm
-from realign_lib.io import read_json, read_jsonl, write_json
+from realign_lib.io import read_json, read_jsonl, write_json, write_jsonl
 
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():
@@ -166,8 +166,16 @@ def evaluate(name: str) -> dict:
     t0 = time.time()
     model, processor = load(name)
     res = {"model": name, "fingerprint": sig, "seconds": {}}
-    # POPE
+    # POPE (the base tiny model's answers from stage 00 are the same questions, prompt and weights: reused)
     t = time.time()
+    seed_dir = run / "00_tiny_world" / "eval_base"
+    if name == "base" and not model_path and not pope_dir and not suffix and seed_dir.is_dir():
+        for split, qs in questions.items():
+            src, dst = seed_dir / f"pope_{split}_answers.jsonl", out / f"pope_{split}_answers.jsonl"
+            if src.is_file() and not dst.exists():
+                ids = {q["question_id"] for q in qs}
+                write_jsonl(dst, [a for a in read_jsonl(src) if a["question_id"] in ids])
+                res.setdefault("reused", []).append(str(src))
     res["pope"] = {}
     res["pope_partner"] = {}
     for split, qs in questions.items():
