@@ -34,15 +34,26 @@ def test_notebooks_are_stripped_paired_and_parameterised(root):
             f"{path} and {twin.name} differ: run `jupytext --sync {twin}`"
 
 
+def _chain_cmd(root, run_dir):
+    return [sys.executable, "-m", "realign_lib.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
+            "--set", f"run_dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def smoke_chain(root, tmp_path_factory):
+    """One uninterrupted run of the smoke chain (stages 00-05), shared by the tests below."""
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    res = subprocess.run(_chain_cmd(root, run_dir), cwd=root, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
+
+
 @pytest.mark.slow
-def test_chain_runs_headless_and_resumes(root, tmp_path):
+def test_chain_runs_headless_and_resumes(root, smoke_chain, tmp_path):
     """`realign run` on the smoke config (stages 00-05, two stage-04 variants): every stage's outputs, a
     tiny model loadable by path, and a rerun that skips every finished stage."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "realign_lib.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
-           "--set", f"run_dir={run_dir}"]
-    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_dir = smoke_chain
+    cmd = _chain_cmd(root, run_dir)
     stage = run_dir / "00_tiny_world"
     executed = json.loads((stage / "00_tiny_world.ipynb").read_text())
     assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
@@ -113,6 +124,47 @@ def test_chain_runs_headless_and_resumes(root, tmp_path):
 
     again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == 7, again.stdout + again.stderr
+
+
+def _comparable(run_dir):
+    """What must not depend on interruptions or on the process: pairs, training curves, every score."""
+    import hashlib
+    m5 = json.loads((run_dir / "05_evaluation" / "metrics.json").read_text())
+    logs = {n: [(r["step"], round(r["loss"], 5)) for r in map(json.loads, open(run_dir / "04_training" / n / "train_log.jsonl"))]
+            for n in ("rdpo_seed0", "dpo_seed0")}
+    return {"samples": hashlib.sha256((run_dir / "data" / "samples.jsonl").read_bytes()).hexdigest(),
+            "masked": (run_dir / "02_masking" / "masked.jsonl").read_text(),
+            "preferences": (run_dir / "03_induction" / "preferences.jsonl").read_text(),
+            "logs": logs,
+            "scores": {n: {k: r[k] for k in ("pope", "pope_partner", "mme", "chair")} for n, r in m5["per_model"].items()}}
+
+
+@pytest.mark.slow
+def test_chain_killed_mid_evaluation_resumes_to_the_same_results(root, smoke_chain, tmp_path):
+    """SIGKILL the whole chain (papermill, kernel and all) while stage 05 is answering; rerun it. The
+    finished stages are skipped, stage 05 continues from its answer files, and every pair, training
+    curve and score equals the uninterrupted run's (also: same config and seed → same results)."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_chain_cmd(root, run_dir), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    probe = run_dir / "05_evaluation" / "base" / "pope_random_answers.jsonl"
+    deadline = time.time() + 900
+    while not probe.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert probe.exists() and not (run_dir / "05_evaluation" / ".done.json").exists(), "killed at the wrong moment"
+    res = subprocess.run(_chain_cmd(root, run_dir), cwd=root, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("skipped") == 6 and "[05_evaluation] running" in res.stdout
+    for split in ("random", "popular", "adversarial"):  # no duplicated or missing answers after the resume
+        ids = [json.loads(x)["question_id"] for x in open(run_dir / "05_evaluation" / "base" / f"pope_{split}_answers.jsonl")]
+        assert len(ids) == len(set(ids)) == 40
+    assert _comparable(run_dir) == _comparable(smoke_chain)
 
 
 def test_cli_refuses_a_bad_config_clearly(root, tmp_path):
