@@ -324,6 +324,12 @@ for label, d in diffs.items():
     else:
         lines.append(f"- {label}: no key metric differs beyond the seed spread ({n} seeds).")
 reading = "\n".join(lines) or "- one model only: nothing to compare."
+n_seeds = max((x["n"] for d in diffs.values() for x in d.values()), default=0)
+if n_seeds > 1:
+    reading += (f"\n- How far to trust this: 'clear' is a screening rule, not a significance test (with {n_seeds} seeds, "
+                f"2 standard errors is a loose bar); seeds vary the training only, every model answers the same "
+                f"questions; an MME-style subtask holds {min(len(r) for r in mme_records.values()) // 2 if mme_records else 0} "
+                f"images, so one image moves its score by up to {100 / max(min(len(r) for r in mme_records.values()) // 2, 1) * 1.5:.0f} points.")
 display(Markdown(reading))
 
 # %%
