@@ -101,7 +101,8 @@ def ivf_at_scale(n: int, queries: int, k: int = 10, nlist: int | None = None) ->
 
     from realign_lib import retrieval
 
-    x = synthetic(n, seed=1)
+    clusters, noise = max(n // 100, 1), 1.0  # ~100 points per cluster, cosine ≈ 0.5 within a cluster
+    x = synthetic(n, clusters=clusters, noise=noise, seed=1)
     rng = np.random.default_rng(2)
     q_idx = rng.choice(n, queries, replace=False)
     q = x[q_idx]
@@ -126,7 +127,8 @@ def ivf_at_scale(n: int, queries: int, k: int = 10, nlist: int | None = None) ->
         if recall >= 0.95:
             break
     best = rows[-1]
-    return {"n": n, "nlist": index.nlist, "build_s": t_build, "queries": queries, "sweep": rows,
+    return {"n": n, "data": f"{clusters} clusters of ~{n // clusters} unit vectors, noise {noise}", "nlist": index.nlist,
+            "build_s": t_build, "queries": queries, "sweep": rows,
             "nprobe": best["nprobe"], "recall_at_10": best["recall_at_10"],
             "all_pairs_estimate_s": best["seconds_per_query"] * n,
             "exact_seconds_per_query": t_exact / queries, "exact_all_pairs_estimate_s": t_exact / queries * n,
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ivf-size", type=int, default=1_000_000, help="0 skips the IVF part")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--nlist", type=int, default=1024, help="IVF lists (0: the kit's default 4·sqrt(N))")
-    ap.add_argument("--embed-images", type=int, default=2048)
+    ap.add_argument("--embed-images", type=int, default=2048, help="0 skips the embedding part")
+    ap.add_argument("--update", action="store_true", help="keep the parts of an existing --out file that this run skips")
     ap.add_argument("--embed-batch", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retrieval.json"))
     args = ap.parse_args(argv)
@@ -153,11 +156,16 @@ def main(argv=None) -> int:
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "faiss_threads": faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads()},
            "versions": {"faiss": faiss.__version__, "numpy": np.__version__, "torch": torch.__version__}}
-    e = embed_throughput(args.embed_images, args.embed_batch)
-    out["embedding"] = e
-    print(f"embedding: {e['images_per_s_batched']:.0f} images/s batched ({args.embed_batch}) vs "
-          f"{e['images_per_s_one_at_a_time']:.0f} one at a time: {e['speed_up']:.1f}x", flush=True)
-    out["exact"] = []
+    path = Path(args.out)
+    if args.update and path.is_file():
+        out = {**json.loads(path.read_text()), **{k: out[k] for k in ("when", "machine", "versions")}}
+    if args.embed_images:
+        e = embed_throughput(args.embed_images, args.embed_batch)
+        out["embedding"] = e
+        print(f"embedding: {e['images_per_s_batched']:.0f} images/s batched ({args.embed_batch}) vs "
+              f"{e['images_per_s_one_at_a_time']:.0f} one at a time: {e['speed_up']:.1f}x", flush=True)
+    if args.sizes or not args.update:
+        out["exact"] = []
     for n in (int(s) for s in args.sizes.split(",") if s):
         r = exact_all_pairs(n, args.k, args.block)
         out["exact"].append(r)
@@ -169,7 +177,6 @@ def main(argv=None) -> int:
         print(f"IVF at {r['n']:,} (nlist {r['nlist']}): build {r['build_s']:.1f} s; nprobe {r['nprobe']} gives "
               f"recall@10 {r['recall_at_10']:.3f}; all pairs ≈ {r['all_pairs_estimate_s']:.0f} s "
               f"(exact ≈ {r['exact_all_pairs_estimate_s']:.0f} s)", flush=True)
-    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
