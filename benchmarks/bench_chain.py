@@ -66,10 +66,9 @@ def main(argv=None) -> int:
         summary["tests_s"] = round(time.perf_counter() - t0, 1)
         summary["tests_passed"] = res.returncode == 0
         print(f"test suite {summary['tests_s']:.0f} s (exit {res.returncode})")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {path}")
+    from realign_lib.io import write_json
+
+    print(f"wrote {write_json(args.out, summary)}")
     return 0
 
 

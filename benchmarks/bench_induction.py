@@ -12,7 +12,6 @@ Target: ≥ 5× pairs per second. Figures go to ``benchmarks/results/induction.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -86,10 +85,9 @@ def main(argv=None) -> int:
                          "threads": torch.get_num_threads()},
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {path}")
+    from realign_lib.io import write_json
+
+    print(f"wrote {write_json(args.out, summary)}")
     return 0 if same else 1
 
 

@@ -177,9 +177,9 @@ def main(argv=None) -> int:
         print(f"IVF at {r['n']:,} (nlist {r['nlist']}): build {r['build_s']:.1f} s; nprobe {r['nprobe']} gives "
               f"recall@10 {r['recall_at_10']:.3f}; all pairs ≈ {r['all_pairs_estimate_s']:.0f} s "
               f"(exact ≈ {r['exact_all_pairs_estimate_s']:.0f} s)", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    from realign_lib.io import write_json
+
+    print(f"wrote {write_json(path, out)}")
     return 0
 
 

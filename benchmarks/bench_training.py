@@ -219,10 +219,9 @@ def main(argv=None) -> int:
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "trl": trl.__version__},
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {out}")
+    from realign_lib.io import write_json
+
+    print(f"wrote {write_json(args.out, summary)}")
     return 0
 
 
