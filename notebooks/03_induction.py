@@ -108,7 +108,6 @@ if fill_backend == "openai":
         raise ValueError("fill_backend openai fills with the completion prompt: set fill_mode instruction")
     filler = induction.EndpointFiller(ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
                                                    max_concurrency=max_concurrency, max_tokens=256))
-    filler.max_new_tokens = 256
     model_label = f"openai:{api_model}@{api_base_url or 'api.openai.com'}"
 elif fill_backend == "local":
     model, processor = vlm.load_vlm(model_dir)
@@ -298,8 +297,8 @@ if ann_path.is_file():
 
 # %%
 def _round(d):
-    """Floats to 4 decimals, NaN to null (strict JSON)."""
-    return {k: (None if v != v else round(v, 4)) if isinstance(v, float) else v for k, v in d.items()}
+    """Floats to 4 decimals (write_json turns NaN into null)."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
 
 
 metrics = {

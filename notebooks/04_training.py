@@ -82,7 +82,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from realign_lib import train_cli, training, vlm
+from realign_lib import train_cli, vlm
 from realign_lib.io import read_json, read_jsonl, write_json
 
 t_start = time.time()

@@ -71,7 +71,7 @@ from IPython.display import Markdown, display
 
 from realign_lib import evaluation as ev
 from realign_lib import pope, tinyworld as tw, vlm
-from realign_lib.io import read_json, read_jsonl, write_json, write_jsonl
+from realign_lib.io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():
@@ -204,7 +204,6 @@ def evaluate(name: str) -> dict:
         if todo:
             outs = vlm.generate(model, processor, [world_dir / "test_images" / f"{s.id}.png" for s in todo],
                                 [tw.DESCRIBE_PROMPT] * len(todo), max_new_tokens=48, batch_size=batch_size)
-            from realign_lib.io import append_jsonl
             append_jsonl(cache, [{"id": s.id, "text": o} for s, o in zip(todo, outs)])
             texts.update({s.id: o for s, o in zip(todo, outs)})
         res["chair"] = tw.caption_hallucination([texts[s.id] for s in chair_scenes], chair_scenes)
@@ -252,7 +251,7 @@ display(Markdown("\n".join(rows)))
 table_rows = []
 for name, f in flat.items():
     cond, s = ev.condition_of(name)
-    table_rows.append({"condition": cond if name != "base" else "base", "seed": s, "metrics": f})
+    table_rows.append({"condition": cond, "seed": s, "metrics": f})
 conditions = list(dict.fromkeys(r["condition"] for r in table_rows))
 summary = ev.summarize_conditions(table_rows)
 key_metrics = [m for m in ("pope/random/accuracy", "pope/popular/accuracy", "pope/adversarial/accuracy",
@@ -328,8 +327,11 @@ n_seeds = max((x["n"] for d in diffs.values() for x in d.values()), default=0)
 if n_seeds > 1:
     reading += (f"\n- How far to trust this: 'clear' is a screening rule, not a significance test (with {n_seeds} seeds, "
                 f"2 standard errors is a loose bar); seeds vary the training only, every model answers the same "
-                f"questions; an MME-style subtask holds {min(len(r) for r in mme_records.values()) // 2 if mme_records else 0} "
-                f"images, so one image moves its score by up to {100 / max(min(len(r) for r in mme_records.values()) // 2, 1) * 1.5:.0f} points.")
+                f"questions.")
+    if mme_records:
+        n_img = min(len(r) for r in mme_records.values()) // 2  # one image: 2 questions → acc and acc+
+        reading += (f" An MME-style subtask holds {n_img} images, so one image moves its score by up to "
+                    f"{150 / n_img:.0f} points.")
 display(Markdown(reading))
 
 # %%

@@ -164,9 +164,14 @@ class ChatEndpoint:
         self._count("failed")
         return EndpointFailure("api_error", self.scrub(f"gave up after {self.max_retries + 1} tries; last: {last}"))
 
+    def map_each(self, fn: Callable[[Any], Any], items: Sequence) -> list:
+        """``fn(item)`` for each item on this endpoint's pool (``max_concurrency`` at a time), in order;
+        for callers whose request or parsing depends on the item."""
+        return list(self._pool.map(fn, items))
+
     def map(self, conversations: Sequence[list[dict]], parse: Callable[[str], Any] | None = None) -> list:
         """:meth:`complete` for each conversation, ``max_concurrency`` at a time, results in order."""
-        return list(self._pool.map(lambda m: self.complete(m, parse), conversations))
+        return self.map_each(lambda m: self.complete(m, parse), conversations)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -303,6 +303,11 @@ class EndpointFiller:
         self.endpoint, self.completion_prompt = endpoint, completion_prompt
         self.mode = "instruction"
 
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The reply length limit, the endpoint's ``max_tokens`` (recorded in the run's settings)."""
+        return self.endpoint.max_tokens
+
     def __call__(self, images: Sequence, prompts: Sequence[str], masked: Sequence[str]) -> list[str]:
         from .endpoint import EndpointFailure, user_message
 

@@ -729,7 +729,7 @@ class OpenAIMasker(Masker):
         return BackendFailure(out.reason, out.detail) if isinstance(out, EndpointFailure) else out
 
     def mask_batch(self, texts: Sequence[str], attempt: int = 0) -> list[str | BackendFailure]:
-        return list(self._ep._pool.map(lambda t: self._one(t, attempt), texts))
+        return self._ep.map_each(lambda t: self._one(t, attempt), texts)
 
     def close(self) -> None:
         self._ep.close()
