@@ -49,7 +49,7 @@ import random
 import time
 from pathlib import Path
 
-from realign_lib.data import samples_from_llava
+from realign_lib.data import SKIP_REASONS, samples_from_llava
 from realign_lib.io import write_json, write_jsonl
 
 t0 = time.time()
@@ -84,7 +84,10 @@ if chosen_source == "openai":  # chosen responses from a VLM endpoint (resumable
 elif chosen_source != "llava":
     raise ValueError(f"chosen_source {chosen_source!r}: use llava or openai")
 write_jsonl(run / "data" / "samples.jsonl", samples)
-print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: {counts}")
+print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; kept {counts['kept']} records")
+for reason, why in SKIP_REASONS.items():  # every skipped record is counted, with where to find the first ones
+    if counts[reason]:
+        print(f"  skipped {counts[reason]}: {why} (e.g. {', '.join(counts['examples'][reason])})")
 
 # %%
 for s in samples[:n_show]:

@@ -125,7 +125,7 @@ print(sorted(p.name for p in mme_task.iterdir())[:4], "→", open(sorted(mme_tas
 
 # %%
 samples, sample_counts = samples_from_llava(world["train_json"], world["train_images"], limit=None,
-                                            prompt_contains=tw.DESCRIBE_PROMPT)
+                                            prompt_contains=tw.DESCRIBE_PROMPT, check_images=False)  # just drawn
 if len(samples) < n_samples:  # records that open with yes/no turns put the description last
     by_id = {s.id: s for s in train_scenes}
     have = {s["id"] for s in samples}
@@ -137,7 +137,8 @@ samples = sorted(samples, key=lambda s: s["id"])[:n_samples]
 # image_root is relative to the run folder (absolute for data that lives elsewhere, e.g. COCO)
 image_root = os.path.relpath(world["train_images"], run)
 write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=image_root) for s in samples])
-print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: {sample_counts}")
+print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: "
+      f"{ {k: v for k, v in sample_counts.items() if v and k != 'examples'} }")
 
 # %% [markdown]
 # ## 2 · Train (or load) the tiny VLM

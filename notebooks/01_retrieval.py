@@ -50,12 +50,13 @@ import numpy as np
 from PIL import Image
 
 from realign_lib import retrieval, vlm
-from realign_lib.io import read_json, read_jsonl, write_json, write_jsonl
+from realign_lib.data import load_samples
+from realign_lib.io import atomic_save_npy, write_json, write_jsonl
 
 run = Path(run_dir)
 stage_dir = run / "01_retrieval"
 stage_dir.mkdir(parents=True, exist_ok=True)
-samples = read_jsonl(run / "data" / "samples.jsonl")
+samples = load_samples(run / "data" / "samples.jsonl")
 if small_run:
     max_samples = max_samples or 300
 if max_samples:
@@ -77,7 +78,7 @@ t0 = time.time()
 emb = retrieval.embed_images_resumable(model, processor, image_paths, stage_dir / "embedding_parts",
                                        batch_size=batch_size, progress=False)
 t_embed = time.time() - t0
-np.save(stage_dir / "embeddings.npy", emb)
+atomic_save_npy(stage_dir / "embeddings.npy", emb)
 write_json(stage_dir / "ids.json", [s["id"] for s in samples])
 print(f"embeddings {emb.shape} in {t_embed:.1f} s ({len(samples) / max(t_embed, 1e-9):.0f} images/s)")
 

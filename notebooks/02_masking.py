@@ -73,14 +73,15 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from realign_lib import masking
-from realign_lib.io import read_json, read_jsonl, write_json
+from realign_lib.data import load_samples
+from realign_lib.io import read_appended, read_json, read_jsonl, write_json
 
 run = Path(run_dir)
 stage_dir = run / "02_masking"
 stage_dir.mkdir(parents=True, exist_ok=True)
 masked_path = stage_dir / "masked.jsonl"
 failures_path = stage_dir / "masking_failures.jsonl"
-samples = read_jsonl(run / "data" / "samples.jsonl")
+samples = load_samples(run / "data" / "samples.jsonl")
 if small_run:
     max_samples = min(max_samples or 200, 200)
 if max_samples:
@@ -113,7 +114,7 @@ t_load = time.time() - t0
 print(f"{masker!r} ready in {t_load:.1f} s")
 
 # output of another backend is moved aside, not mixed with this one's records
-previous = {r["backend"] for p in (masked_path, failures_path) if p.is_file() for r in read_jsonl(p)}
+previous = {r["backend"] for p in (masked_path, failures_path) for r in read_appended(p)}  # cuts a torn line
 if previous and previous != {masker.name}:
     old = stage_dir / f"previous_{'_'.join(sorted(previous)).replace(':', '-').replace('/', '-')}_{int(time.time())}"
     old.mkdir()

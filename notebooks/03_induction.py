@@ -76,6 +76,7 @@ import numpy as np
 from PIL import Image
 
 from realign_lib import induction, vlm
+from realign_lib.data import load_samples
 from realign_lib.io import read_jsonl, write_json, write_jsonl
 
 t_start = time.time()
@@ -85,7 +86,7 @@ stage_dir.mkdir(parents=True, exist_ok=True)
 masked_path = run / "02_masking" / "masked.jsonl"
 if not masked_path.is_file():
     raise FileNotFoundError(f"{masked_path} not found: run notebooks/02_masking first")
-samples = read_jsonl(run / "data" / "samples.jsonl")
+samples = load_samples(run / "data" / "samples.jsonl")
 masked_records = read_jsonl(masked_path)
 if small_run:
     max_samples = min(max_samples or 150, 150)

@@ -68,6 +68,7 @@ max_records = 0  # pairs to train on (seeded subset); 0: max_steps × global bat
 output_name = ""  # default f"{loss}_seed{seed}"
 n_show = 4  # descriptions shown before / after
 n_eval = 64  # held-out test images for a quick CHAIR check before / after; 0 skips it
+save_steps = 50  # checkpoint every this many steps; a killed run continues from the last complete one
 cpu_threads = 1  # torch threads on a CPU; 0 keeps torch's default (one thread is fastest for this tiny model)
 
 # %%
@@ -106,7 +107,7 @@ global_batch = per_device_batch * grad_accum
 max_records = min(max_records or (max_steps * global_batch if max_steps else len(records)), len(records))
 cfg = train_cli.config_from_notebook(dict(
     loss=loss, beta=beta, learning_rate=learning_rate, per_device_batch=per_device_batch, grad_accum=grad_accum,
-    sft_weight=sft_weight, use_lora=use_lora, lora_r=lora_r, seed=seed, max_steps=max_steps))
+    sft_weight=sft_weight, use_lora=use_lora, lora_r=lora_r, seed=seed, max_steps=max_steps, save_steps=save_steps))
 print(f"{len(records)} pairs in {pref_path}; training {loss} on {max_records} of them, "
       f"{f'{max_steps} steps' if max_steps else 'one epoch'} × "
       f"{global_batch} pairs; lr {learning_rate}, β {beta}, sft_weight {sft_weight}, LoRA r {lora_r if use_lora else '-'}")
@@ -146,7 +147,9 @@ if eval_images:  # (a real checkpoint without the tiny world's test set skips th
 #
 # `train_cli.train` builds the dataset (a seeded subset of `max_records` pairs), precomputes the
 # reference log-probs (cached in `reference_logps.jsonl`), trains with `PreferenceTrainer`, logs every
-# step to `train_log.jsonl` and saves the adapter with the processor.
+# step to `train_log.jsonl` and saves the adapter with the processor. Every `save_steps` steps it
+# checkpoints; a run killed part-way continues from the last complete checkpoint when the notebook
+# is run again with the same parameters, and ends with the same weights as an uninterrupted run.
 
 # %%
 res = train_cli.train(pref_path, model_dir, out_dir, cfg, root=run, max_records=max_records)

@@ -71,7 +71,7 @@ from IPython.display import Markdown, display
 
 from realign_lib import evaluation as ev
 from realign_lib import pope, tinyworld as tw, vlm
-from realign_lib.io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from realign_lib.io import append_jsonl, read_appended, read_json, read_jsonl, write_json, write_jsonl
 
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():
@@ -199,7 +199,7 @@ def evaluate(name: str) -> dict:
     if chair_scenes:
         t = time.time()
         cache = out / "descriptions.jsonl"
-        texts = {r["id"]: r["text"] for r in read_jsonl(cache)} if cache.is_file() else {}
+        texts = {r["id"]: r["text"] for r in read_appended(cache)}  # cuts a torn line
         todo = [s for s in chair_scenes if s.id not in texts]
         if todo:
             outs = vlm.generate(model, processor, [world_dir / "test_images" / f"{s.id}.png" for s in todo],
@@ -219,7 +219,9 @@ for name in models:
     results[name] = evaluate(name)
     r = results[name]
     pa = r["pope"].get("adversarial") or next(iter(r["pope"].values()))
+    other = sum(x.get("other_answers", 0) for x in r["pope"].values())
     print(f"{name:<22} POPE adv acc {100 * pa['accuracy']:.1f} yes {100 * pa['yes_ratio']:.1f}"
+          + (f" ({other} POPE answers neither yes nor no, scored yes by the official rule)" if other else "")
           + (f" | MME perception {r['mme']['perception']:.1f} compliance {100 * r['mme']['compliance']:.0f}%"
              if "mme" in r else "")
           + (f" | CHAIR_i {100 * r['chair']['chair_i']:.1f}" if "chair" in r else "")

@@ -3,51 +3,135 @@
 A *sample* is ``{"id", "image", "prompt", "chosen"}``: the image file (relative to an image root),
 the user's question without the ``<image>`` tag, and the reference answer (the chosen response).
 ``samples_from_llava`` reads LLaVA-Instruct-150K (``[{"id", "image", "conversations": [...]}]``)
-and keeps the first human/gpt exchange of each record whose image exists, so the tiny world's
-file and the real one (with a COCO train2014 folder) give the same kind of samples.
+and keeps the first human/gpt exchange of each record whose image exists and decodes, so the tiny
+world's file and the real one (with a COCO train2017 folder) give the same kind of samples.
+:func:`load_samples` reads the resulting ``samples.jsonl`` back with every record checked.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .io import append_jsonl, iter_jsonl, read_json
+from .io import append_jsonl, iter_jsonl, read_appended, read_json, safe_join
 
-__all__ = ["samples_from_llava", "chosen_from_endpoint"]
+__all__ = ["SAMPLE_KEYS", "SKIP_REASONS", "image_problem", "samples_from_llava", "load_samples", "chosen_from_endpoint"]
+
+
+SAMPLE_KEYS = ("id", "image", "prompt", "chosen")
+SKIP_REASONS = {
+    "not_a_record": "the entry is not a JSON object with an 'image' key (text-only conversations have none)",
+    "no_exchange": "no first human question followed by a gpt answer",
+    "empty_chosen": "the first gpt answer is empty",
+    "filtered": "the first question does not contain prompt_contains",
+    "unsafe_path": "the image path leads outside the image folder ('../', absolute path)",
+    "missing_image": "the image file is not in the image folder",
+    "corrupt_image": "the image file cannot be decoded",
+}
+
+
+def image_problem(path: Path) -> str | None:
+    """``None`` for a readable image file, else ``"missing_image"`` or ``"corrupt_image"`` (checked by
+    decoding it fully: a truncated JPEG passes ``Image.verify`` but fails here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return "missing_image"
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return "corrupt_image"
+    return None
 
 
 def samples_from_llava(json_path: str | os.PathLike, image_root: str | os.PathLike, limit: int | None = None,
-                       prompt_contains: str | None = None) -> tuple[list[dict], dict]:
+                       prompt_contains: str | None = None, check_images: bool = True) -> tuple[list[dict], dict]:
     """Samples from a LLaVA-Instruct JSON file, plus counts of what was kept and skipped (and why).
 
     ``prompt_contains`` keeps only records whose first question contains that text (for example
-    ``"Describe"`` for detailed descriptions); ``limit`` stops after that many samples.
+    ``"Describe"`` for detailed descriptions); ``limit`` stops after that many samples. A record is
+    skipped, and counted under its reason (:data:`SKIP_REASONS`), when it is not a record with an
+    image, has no question/answer exchange or an empty answer, or when its image path leaves the
+    image folder, is missing or (``check_images``) cannot be decoded. The counts include
+    ``examples``: the first few skipped records' positions and ids per reason, to look them up.
     """
+    if not Path(image_root).is_dir():
+        raise FileNotFoundError(f"image folder {image_root} not found (for LLaVA-Instruct-150K: COCO train2017)")
     data = read_json(json_path)
     if not isinstance(data, list):
         raise ValueError(f"{json_path}: expected a JSON list of LLaVA-Instruct records")
     root = Path(image_root)
-    samples, skipped = [], {"no_image_key": 0, "missing_image": 0, "no_exchange": 0, "filtered": 0}
+    samples, skipped = [], {k: 0 for k in SKIP_REASONS}
+    examples: dict[str, list[str]] = {}
+
+    def skip(reason: str, i: int, rec) -> None:
+        skipped[reason] += 1
+        if len(examples.setdefault(reason, [])) < 3:
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            examples[reason].append(f"record {i}" + (f" (id {rid})" if rid is not None else ""))
+
     for i, rec in enumerate(data):
-        if not isinstance(rec, dict) or "image" not in rec:
-            skipped["no_image_key"] += 1
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+            skip("not_a_record", i, rec)
             continue
         conv = rec.get("conversations") or []
-        if len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt" or not str(conv[1].get("value", "")).strip():
-            skipped["no_exchange"] += 1
+        if (not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv[:2])
+                or conv[0].get("from") != "human" or conv[1].get("from") != "gpt"):
+            skip("no_exchange", i, rec)
             continue
-        prompt = conv[0]["value"].replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
+        if not str(conv[1].get("value", "")).strip():
+            skip("empty_chosen", i, rec)
+            continue
+        prompt = str(conv[0].get("value", "")).replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
         if prompt_contains and prompt_contains not in prompt:
-            skipped["filtered"] += 1
+            skip("filtered", i, rec)
             continue
-        if not (root / rec["image"]).is_file():
-            skipped["missing_image"] += 1
+        try:
+            path = safe_join(root, rec["image"])
+        except ValueError:
+            skip("unsafe_path", i, rec)
+            continue
+        problem = image_problem(path) if check_images else (None if path.is_file() else "missing_image")
+        if problem:
+            skip(problem, i, rec)
             continue
         samples.append({"id": str(rec.get("id", i)), "image": rec["image"], "prompt": prompt,
                         "chosen": conv[1]["value"].strip()})
         if limit and len(samples) >= limit:
             break
-    return samples, {"kept": len(samples), **skipped}
+    return samples, {"kept": len(samples), **skipped, "examples": examples}
+
+
+def load_samples(path: str | os.PathLike) -> list[dict]:
+    """Read ``samples.jsonl`` (stage 00's hand-over), checking every record.
+
+    Each line needs ``id``, ``image``, ``prompt`` and ``chosen`` (strings; ``chosen`` may be empty:
+    stage 02 counts it as a skipped sample) and ``image_root``; ids must be unique and image paths
+    must stay inside the image root. Errors name the file and line and say what to fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run stage 00 (00_tiny_world or 00_real_data) first")
+    out, seen = [], {}
+    for lineno, rec in enumerate(iter_jsonl(path), 1):
+        where = f"{path}: record {lineno}"
+        missing = [k for k in SAMPLE_KEYS + ("image_root",) if k not in rec]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}; each sample needs id, image, image_root, prompt "
+                             f"and chosen (see realign_lib/data.py)")
+        bad = [k for k in SAMPLE_KEYS + ("image_root",) if not isinstance(rec[k], (str, int) if k == "id" else str)]
+        if bad:
+            raise ValueError(f"{where}: {', '.join(f'{k}={rec[k]!r}' for k in bad)} must be text")
+        sid = str(rec["id"])
+        if sid in seen:
+            raise ValueError(f"{where}: duplicate id {sid!r} (first at record {seen[sid]}); stages join on id, so "
+                             f"ids must be unique")
+        seen[sid] = lineno
+        safe_join(rec["image_root"], rec["image"], f"{where} (id {sid})")
+        out.append(dict(rec, id=sid))
+    if not out:
+        raise ValueError(f"{path}: no samples")
+    return out
 
 
 def chosen_from_endpoint(samples: list[dict], endpoint, cache_path: str | os.PathLike,
@@ -63,7 +147,7 @@ def chosen_from_endpoint(samples: list[dict], endpoint, cache_path: str | os.Pat
     from .endpoint import EndpointFailure, user_message
 
     cache_path = Path(cache_path)
-    done = {r["id"]: r for r in iter_jsonl(cache_path)} if cache_path.exists() else {}
+    done = {r["id"]: r for r in read_appended(cache_path)}  # a kill's half-written last line is cut
     todo = [s for s in samples if s["id"] not in done]
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]

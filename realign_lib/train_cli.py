@@ -12,21 +12,27 @@ YAML: ``true``, ``1e-5``, ``null``). The global batch is ``per_device_batch_size
 ``gradient_accumulation_steps``. Writes into ``--output-dir``: the adapter (or full model) and the
 processor, ``train_log.jsonl`` (one line per logged step: every loss term, rewards, margins,
 accuracies, learning rate) and ``train_result.json`` (final figures, seconds, config); the Trainer's
-checkpoints go to ``<output-dir>/checkpoints``. Unset fields keep the paper's defaults (e.g. batch
+checkpoints go to ``<output-dir>/checkpoints`` (every ``save_steps``; a killed run started again with the
+same command continues from the last complete one; deleted after success). Unset fields keep the paper's defaults (e.g. batch
 1 × accumulation 8, LoRA r 128). For the tiny model on a CPU, ``OMP_NUM_THREADS=1`` is fastest.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_overrides", "make_config", "config_from_notebook", "select_records", "train", "main"]
+__all__ = ["parse_overrides", "make_config", "config_from_notebook", "select_records", "latest_checkpoint", "train",
+           "main"]
+
+CHECKPOINT_DONE = "checkpoint_complete.json"  # written into a checkpoint folder once the Trainer finished saving it
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -66,14 +72,14 @@ def make_config(overrides: dict[str, Any]):
 def config_from_notebook(params: dict[str, Any]):
     """The :class:`PreferenceConfig` notebook 04 trains with, from its parameters (a run config's
     ``04_training`` stage): loss, beta, learning_rate, per_device_batch, grad_accum, sft_weight,
-    use_lora, lora_r (α = 2r, as in the paper), seed, max_steps (0: one epoch)."""
+    use_lora, lora_r (α = 2r, as in the paper), seed, max_steps (0: one epoch), save_steps."""
     p = dict(params)
     return make_config({
         "loss": p.get("loss", "rdpo"), "beta": p.get("beta", 0.1), "learning_rate": p.get("learning_rate", 5e-4),
         "per_device_batch_size": p.get("per_device_batch", 8), "gradient_accumulation_steps": p.get("grad_accum", 1),
         "sft_weight": p.get("sft_weight", 1.0), "use_lora": p.get("use_lora", True), "lora_r": p.get("lora_r", 16),
         "lora_alpha": 2 * p.get("lora_r", 16), "seed": p.get("seed", 0), "max_steps": p.get("max_steps") or None,
-        "epochs": 1.0})
+        "epochs": 1.0, "save_steps": p.get("save_steps", 50)})
 
 
 def select_records(records: list[dict], max_records: int | None, seed: int) -> list[dict]:
@@ -100,9 +106,34 @@ def _log_callback(path: Path, is_main: bool):
     return JsonlLog()
 
 
+def _checkpoint_marker(is_main: bool):
+    from transformers import TrainerCallback
+
+    from .io import write_json
+
+    class MarkComplete(TrainerCallback):
+        """After the Trainer has written a whole checkpoint, mark it complete (atomically): a folder
+        without the mark is a save that a kill interrupted, and is never resumed from."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if is_main:
+                write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_DONE,
+                           {"step": state.global_step})
+
+    return MarkComplete()
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint folder with the highest step that was saved completely, or None."""
+    folder = Path(folder)
+    done = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / CHECKPOINT_DONE).is_file()]
+    return max(done, key=lambda p: int(p.name[11:])) if done else None
+
+
 def train(preferences: str | os.PathLike | list[dict], model_path: str | os.PathLike, output_dir: str | os.PathLike,
           cfg, root: str | os.PathLike | None = None, max_records: int | None = None,
-          training_overrides: dict | None = None, save: bool = True) -> dict:
+          training_overrides: dict | None = None, save: bool = True, resume: bool = True,
+          keep_checkpoints: bool = False, log=print) -> dict:
     """Train ``cfg.loss`` on ``preferences`` starting from ``model_path``; returns a result dict.
 
     ``preferences``: a ``preferences.jsonl`` path (image paths relative to ``root``, default the
@@ -111,11 +142,19 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
     (also written to ``<output_dir>/train_result.json``) holds the final logged figures, the
     seconds spent on loading, the reference pass and training, the steps and the config; its
     ``"trainer"`` entry (not written) is the :class:`PreferenceTrainer`.
+
+    Kill-safe: every ``cfg.save_steps`` steps the Trainer checkpoints to ``<output_dir>/checkpoints``
+    (the last two kept; each marked complete only once fully written), the reference log-probs
+    are appended as they are computed, and with ``resume`` a rerun with the same settings
+    continues from the last complete checkpoint (optimizer, scheduler, RNG and data position
+    restored; ``train_log.jsonl`` cut back to that step), so it ends with the same weights and log
+    as an uninterrupted run. Checkpoints of other settings are discarded. After a successful run
+    the checkpoints are deleted unless ``keep_checkpoints``.
     """
     import torch
 
     from . import training, vlm
-    from .io import read_jsonl, write_json
+    from .io import jsonable, read_appended, read_json, read_jsonl, write_json, write_jsonl
 
     t0 = time.time()
     out = Path(output_dir)
@@ -130,25 +169,44 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
     model, processor = vlm.load_vlm(model_path, dtype="bfloat16" if cfg.use_bf16() else "float32",
                                     device="cpu")  # the Trainer moves it to this process's device
     model.train()
-    kw = dict(dataloader_num_workers=0, disable_tqdm=True, save_strategy="no")
+    kw = dict(dataloader_num_workers=0, disable_tqdm=True, save_strategy="steps", save_total_limit=2)
     kw.update(training_overrides or {})
-    args = cfg.training_arguments(out / "checkpoints", **kw)
+    ckpt_dir = out / "checkpoints"
+    args = cfg.training_arguments(ckpt_dir, **kw)
     # one reference cache per process: several processes appending to one file could interleave lines
     rank, world = args.process_index, args.world_size
     cache = out / ("reference_logps.jsonl" if world == 1 else f"reference_logps.rank{rank}.jsonl")
     log_path = out / "train_log.jsonl"
-    if args.should_save and log_path.exists():
-        log_path.unlink()
+    signature = jsonable({"config": dataclasses.asdict(cfg), "model_path": str(model_path), "processes": world,
+                          "records": hashlib.sha256("\n".join(str(r["id"]) for r in records).encode()).hexdigest(),
+                          "training_overrides": training_overrides or {}})
+    sig_path = ckpt_dir / "run_signature.json"
+    start = None
+    if resume and sig_path.is_file() and read_json(sig_path) == signature:
+        start = latest_checkpoint(ckpt_dir)
+    elif ckpt_dir.exists() and args.should_save:
+        if any(ckpt_dir.glob("checkpoint-*")):
+            log(f"{ckpt_dir}: checkpoints of other settings (or resume=False) discarded")
+        shutil.rmtree(ckpt_dir)
+    if args.should_save:
+        if start is not None:  # keep the log up to the checkpoint's step: the resumed steps are logged again
+            kept = [r for r in read_appended(log_path) if r.get("step", 0) <= int(start.name[11:])]
+            write_jsonl(log_path, kept)
+            log(f"resuming from {start} (step {start.name[11:]} of {cfg.max_steps or 'one epoch'})")
+        elif log_path.exists():
+            log_path.unlink()
+        write_json(sig_path, signature)
     t_load = time.time() - t0
     t1 = time.time()
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the LoRA initialisation (made before the Trainer seeds) must not depend on the launcher
     trainer = training.PreferenceTrainer(model, cfg, dataset, processor, args=args, ref_cache=cache,
-                                         callbacks=[_log_callback(log_path, args.should_save)])
+                                         callbacks=[_log_callback(log_path, args.should_save),
+                                                    _checkpoint_marker(args.should_save)])
     t_ref = time.time() - t1
     t2 = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     t_train = time.time() - t2
     logs = [h for h in trainer.state.log_history if "loss" in h]
     final = {k: v for k, v in (logs[-1] if logs else {}).items() if isinstance(v, (int, float))}
@@ -168,8 +226,11 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
         trainer.save_model(str(out))  # adapter (LoRA) or full weights, on the main process only
         if args.should_save:
             processor.save_pretrained(str(out))
+    summary["resumed_from_step"] = int(start.name[11:]) if start is not None else None
     if args.should_save:
         write_json(out / "train_result.json", summary)
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary["trainer"] = trainer
     return summary
 

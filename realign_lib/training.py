@@ -24,14 +24,14 @@ import math
 import os
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from . import losses, vlm
-from .io import append_jsonl, iter_jsonl, read_jsonl
+from .io import append_jsonl, read_appended, read_jsonl
 
 __all__ = [
     "LOSSES", "PreferenceConfig", "PreferenceDataset", "PreferenceCollator", "random_crop",
@@ -81,6 +81,16 @@ class PreferenceConfig:
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"PreferenceConfig.{name}={getattr(self, name)!r}: {why}")
+
+        kinds = {"float": ((int, float), "a number"), "int": (int, "an integer"), "bool": (bool, "true or false"),
+                 "str": (str, "text"), "int | None": ((int, type(None)), "an integer or null"),
+                 "bool | None": ((bool, type(None)), "true, false or null")}
+        for f in fields(self):  # wrong types get a clear message, not a TypeError from a comparison below
+            want = kinds.get(str(f.type))
+            v = getattr(self, f.name)
+            if want and (not isinstance(v, want[0]) or (isinstance(v, bool) and str(f.type) in ("float", "int",
+                                                                                                 "int | None"))):
+                raise TypeError(f"PreferenceConfig.{f.name}={v!r}: must be {want[1]}")
 
         if self.loss not in LOSSES:
             bad("loss", f"must be one of {', '.join(LOSSES)}")
@@ -450,8 +460,8 @@ def precompute_reference_logps(model, dataset: PreferenceDataset, collator: Pref
 
     keys = reference_keys(cfg)
     cache: dict[str, dict] = {}
-    if cache_path is not None and Path(cache_path).is_file():
-        for rec in iter_jsonl(cache_path):
+    if cache_path is not None:
+        for rec in read_appended(cache_path):  # a kill's half-written last line is cut
             if rec.get("tag", rec.get("loss")) == _cache_tag(cfg) and all(k in rec for k in keys):
                 cache[str(rec["id"])] = {k: float(rec[k]) for k in keys}
     todo = [r for r in dataset.records if r["id"] not in cache]

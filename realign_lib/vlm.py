@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "load_vlm", "to_pil", "chat_prompt", "generate", "build_scoring_batch", "sequence_logprobs",
+    "load_vlm", "check_local_checkpoint", "to_pil", "chat_prompt", "generate", "build_scoring_batch", "sequence_logprobs",
     "response_logprobs", "image_embeddings", "model_inputs",
 ]
 
@@ -52,6 +52,8 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
                                 f"(for the tiny world: <run>/model/tiny_vlm) or a hub id")
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json here; is this the folder written by save_pretrained?")
+    if path.is_dir():
+        check_local_checkpoint(path, trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
@@ -69,12 +71,52 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
     except OSError as err:
         raise OSError(f"could not load {name!r}: {err}\nOffline? Download the checkpoint on a machine with network "
                       f"access and pass its local folder; weights must be safetensors.") from err
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ValueError(f"{name!r} needs its own Python code to load (trust_remote_code); the kit keeps that "
+                             f"off: use a checkpoint transformers supports natively, or pass "
+                             f"trust_remote_code=True once you have read its code") from err
+        raise
     model.to(device)
     if adapter is not None:
         from peft import PeftModel
+
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: no adapter_config.json; pass the folder a LoRA run saved")
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{adapter}: no adapter_model.safetensors (weights are loaded from safetensors only: "
+                             f"pickle files can run code); save the adapter with safe_serialization=True")
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return model, processor
+
+
+def check_local_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a local checkpoint folder that would run code or unpickle weights.
+
+    Raises ``ValueError`` when a config in ``path`` maps classes to the folder's own Python files
+    (``auto_map``) and ``trust_remote_code`` is off, or when the folder has weight files but none of
+    them is ``.safetensors`` (``pytorch_model.bin`` and other pickles can run code when loaded).
+    """
+    import json
+
+    if not trust_remote_code:
+        for cfg in ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+            f = path / cfg
+            try:
+                has_map = f.is_file() and "auto_map" in json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{f}: not valid JSON ({err}); the checkpoint folder is damaged") from err
+            if has_map:
+                raise ValueError(f"{f} maps classes to code shipped in {path} (auto_map): loading it would run that "
+                                 f"code, and trust_remote_code is off. Use a checkpoint transformers supports natively "
+                                 f"or pass trust_remote_code=True once you have read the code")
+    weights = [f.name for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if weights and not any(w.endswith(".safetensors") for w in weights):
+        raise ValueError(f"{path}: weights only as {', '.join(sorted(weights))}; the kit loads safetensors only (pickle "
+                         f"files can run code when loaded). Convert once, e.g. model.save_pretrained(folder, "
+                         f"safe_serialization=True) on a trusted machine")
 
 
 def to_pil(image: ImageLike):

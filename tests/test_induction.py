@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from realign_lib import induction as ind
+from realign_lib.io import read_appended
 from realign_lib.tinyworld import ObjectInstance, Scene
 
 PROMPT = "describe the image in detail ."
@@ -126,14 +127,14 @@ def test_build_items_joins_the_stages_by_id(tmp_path):
     assert len(ind.build_items(samples, masked, nbrs, tmp_path, top_k=1, limit=1)[0][0].candidates) == 1
 
 
-def test_read_records_drops_a_half_written_line(tmp_path):
+def test_read_appended_drops_a_half_written_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "rej')
-    assert [r["id"] for r in ind.read_records(p)] == ["a", "b"]
+    assert [r["id"] for r in read_appended(p)] == ["a", "b"]
     assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'  # truncated, ready for appending
     p.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="x.jsonl:2"):
-        ind.read_records(p)
+        read_appended(p)
 
 
 def test_analysis_helpers():
@@ -282,7 +283,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(filler, encoder, 
     encoder.clear()
     with pytest.raises(KeyboardInterrupt):
         ind.induce(items, dying, encoder, out_path=kill_dir / "p.jsonl", skipped_path=kill_dir / "s.jsonl", **kw)
-    partial = ind.read_records(kill_dir / "p.jsonl") + ind.read_records(kill_dir / "s.jsonl")
+    partial = read_appended(kill_dir / "p.jsonl") + read_appended(kill_dir / "s.jsonl")
     assert 0 < len(partial) < len(items)
     with open(kill_dir / "p.jsonl", "a") as fh:
         fh.write('{"id": "s09", "prompt": "desc')

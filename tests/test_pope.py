@@ -99,5 +99,10 @@ def test_bad_question_files_are_named(tmp_path):
 
 
 def test_image_path_may_not_escape_root(tmp_path):
-    with pytest.raises(ValueError, match="escapes the image folder"):
-        pope._safe_image(tmp_path, "../etc/passwd")
+    from realign_lib.io import safe_join
+
+    with pytest.raises(ValueError, match="q7: image path '../etc/passwd' leads outside the image folder"):
+        safe_join(tmp_path, "../etc/passwd", "q7")
+    with pytest.raises(ValueError, match="leads outside"):
+        safe_join(tmp_path / "a", "/etc/passwd")
+    assert safe_join(tmp_path, "x/../y.png") == (tmp_path / "y.png").resolve()
