@@ -5,9 +5,11 @@
     realign run --config ... --set 00_tiny_world.small_run=true --set seed=1 --redo
 
 Each stage's executed notebook goes to ``<run_dir>/<stage>/<stage>.ipynb`` and a marker
-``<run_dir>/<stage>/.done.json`` (with the parameters and the notebook's hash) is written when it
-succeeds; a stage whose marker matches both is skipped unless ``--redo``. The first failing stage
-stops the chain with the failing cell and error shown.
+``<run_dir>/<stage>/.done.json`` (with the parameters, the notebook's hash and a digest of every
+earlier stage's marker) is written when it succeeds; a stage whose marker matches all three is
+skipped unless ``--redo``. So a stage that ran again (other parameters, ``--redo``) makes every
+later stage run again too: nothing downstream is kept that was made from its old outputs. The
+first failing stage stops the chain with the failing cell and error shown.
 
 A stage may run several times in one config under *variant* keys ``"<stage>/<name>"`` (for
 example ``"04_training/dpo_seed1"`` with ``loss: dpo, seed: 1``): the same notebook, its own
@@ -16,18 +18,34 @@ parameters, its executed notebook and marker in ``<run_dir>/<stage>/<name>/``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from .config import NOTEBOOK_DIR, load_config
 
-__all__ = ["main", "run_stage"]
+__all__ = ["main", "run_stage", "upstream_digest"]
 
 
-def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=print) -> str:
-    """Execute one notebook with papermill; returns ``"done"``, ``"skipped"`` or raises."""
+def upstream_digest(stage: str, stages: list[str], run_dir: Path) -> dict[str, str | None]:
+    """``earlier stage → sha256 of its marker`` (None if it has none) for every stage of the config with
+    a lower number than ``stage`` (variants of one stage, e.g. 04_training/*, do not depend on each other)."""
+    import hashlib
+
+    out = {}
+    for other in stages:
+        if other[:2] < stage[:2]:
+            m = run_dir / other / ".done.json"
+            out[other] = hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
+    return out
+
+
+def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=print,
+              upstream: dict | None = None) -> str:
+    """Execute one notebook with papermill; returns ``"done"``, ``"skipped"`` or raises.
+
+    ``upstream``: :func:`upstream_digest` of the earlier stages; a finished stage is skipped only if
+    its parameters, notebook and upstream are all unchanged."""
     import papermill as pm
 
     from .io import read_json, write_json
@@ -40,16 +58,20 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
     nb_hash = hashlib.sha256(nb.read_bytes()).hexdigest()[:16]
     if not redo and marker.is_file():
         done = read_json(marker)
-        if done.get("parameters") == params and done.get("notebook_sha256") == nb_hash:
-            log(f"[{stage}] complete with the same parameters and notebook: skipped (use --redo to run it again)")
+        if (done.get("parameters") == params and done.get("notebook_sha256") == nb_hash
+                and done.get("upstream", {}) == (upstream or {})):
+            log(f"[{stage}] complete with the same parameters, notebook and inputs: skipped (use --redo to run it "
+                f"again)")
             return "skipped"
+        if done.get("upstream", {}) != (upstream or {}):
+            log(f"[{stage}] an earlier stage ran again since: running again")
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"[{stage}] running {nb.name} → {out_dir / nb.name}")
     t0 = time.time()
     pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, kernel_name="python3",
                         language="python", cwd=str(Path.cwd()), progress_bar=False, log_output=False)
-    write_json(marker, {"parameters": params, "notebook_sha256": nb_hash, "seconds": round(time.time() - t0, 1),
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json(marker, {"parameters": params, "notebook_sha256": nb_hash, "upstream": upstream or {},
+                        "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log(f"[{stage}] done in {time.time() - t0:.0f} s")
     return "done"
 
@@ -67,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import papermill as pm
 
+    from .io import write_json
+
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -81,15 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"realign: no stage {sorted(wanted)} in {args.config}", file=sys.stderr)
             return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
-                                                      "run_dir": cfg.run_dir, "seed": cfg.seed,
-                                                      "stages": cfg.stages}, indent=2))
+    write_json(run_dir / "config.json", {"config": args.config, "overrides": args.overrides, "run_dir": cfg.run_dir,
+                                         "seed": cfg.seed, "stages": cfg.stages})
     t0 = time.time()
     for i, stage in enumerate(stages, 1):
         print(f"== stage {i}/{len(stages)}: {stage}", flush=True)
         try:
-            run_stage(stage, cfg.parameters(stage), run_dir, redo=args.redo,
-                      log=lambda m: print(m, flush=True))
+            run_stage(stage, cfg.parameters(stage), run_dir, redo=args.redo, log=lambda m: print(m, flush=True),
+                      upstream=upstream_digest(stage, list(cfg.stages), run_dir))
         except pm.PapermillExecutionError as err:
             print(f"realign: stage {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
                   f"  executed notebook with the traceback: {run_dir / stage / (stage.split('/')[0] + '.ipynb')}",

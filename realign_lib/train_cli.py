@@ -254,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"train_cli: {err}", file=sys.stderr)
         return 2
-    res = train(args.preferences, args.model, args.output_dir, cfg, root=args.root,
-                max_records=args.max_records or None, training_overrides=targs)
+    try:
+        res = train(args.preferences, args.model, args.output_dir, cfg, root=args.root,
+                    max_records=args.max_records or None, training_overrides=targs)
+    except (ValueError, FileNotFoundError) as err:  # the user's input: the message says what and where
+        print(f"train_cli: {err}", file=sys.stderr)
+        return 2
     res.pop("trainer")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: res[k] for k in ("loss", "steps", "records", "processes", "global_batch", "final",

@@ -220,7 +220,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
             item = dict(r, id=sid, image=str(root / images[0]))
             if r.get("retrieved_image"):
                 item["retrieved_image"] = str(root / r["retrieved_image"])
+            for key in ("image", "retrieved_image") if need_retrieved else ("image",):
+                if key in item and not Path(item[key]).is_file():
+                    raise FileNotFoundError(f"{where}: record {i} (id {sid}): image {item[key]} not found; image paths "
+                                            f"are relative to {root} (pass root=, --root, or the run folder)")
             self.records.append(item)
+        if not self.records:
+            raise ValueError(f"{where}: no preference pairs (did stage 03 accept none? see its skipped.jsonl)")
         self.ref: dict[str, dict] = {}
 
     def __len__(self) -> int:

@@ -3,12 +3,11 @@ HTTP server that speaks chat completions (the real `openai` client talks to it),
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
+from chat_server import ChatServer, Reply
 
 from realign_lib import data, induction as ind
 from realign_lib.endpoint import ChatEndpoint, EndpointFailure, image_data_url, user_message
@@ -16,55 +15,28 @@ from realign_lib.endpoint import ChatEndpoint, EndpointFailure, image_data_url, 
 KEY = "sk-test-endpoint-0123456789"
 
 
-class VLMServer:
-    """Chat completions with one image: replies by ``reply(text, image_colour)``; ``fail`` maps a text
-    to a queue of HTTP statuses to return first."""
+def colour_of(image) -> str:
+    return "red" if np.asarray(image)[..., 0].mean() > 128 else "blue"
+
+
+class VLMServer(ChatServer):
+    """The shared chat server (tests/chat_server.py), started, as a VLM with one image per request:
+    replies ``reply(text, image_colour)``; ``fail`` maps a text to a queue of HTTP statuses to return
+    first."""
 
     def __init__(self, reply, fail=None):
         self.reply, self.fail = reply, {k: list(v) for k, v in (fail or {}).items()}
-        self.requests, self.lock, outer = [], threading.Lock(), self
+        super().__init__(self._respond, key=KEY)
+        self.__enter__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.headers.get("Authorization") != f"Bearer {KEY}":
-                    return self._send(401, {"error": {"message": "bad key"}})
-                parts = body["messages"][-1]["content"]
-                url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-                text = next(p["text"] for p in parts if p["type"] == "text")
-                assert url.startswith("data:image/png;base64,")
-                img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
-                colour = "red" if np.asarray(img)[..., 0].mean() > 128 else "blue"
-                with outer.lock:
-                    outer.requests.append({"text": text, "colour": colour, "temperature": body.get("temperature")})
-                    queue = outer.fail.get(text)
-                    status = queue.pop(0) if queue else None
-                if status:
-                    return self._send(status, {"error": {"message": f"status {status}"}})
-                return self._send(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                            "role": "assistant", "content": outer.reply(text, colour)}}]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _respond(self, req) -> Reply:
+        assert req.image is not None  # the image arrived as a PNG data URL
+        with self.lock:
+            queue = self.fail.get(req.text)
+            status = queue.pop(0) if queue else None
+        if status:
+            return Reply(status=status, body=json.dumps({"error": {"message": f"status {status}"}}))
+        return Reply(content=self.reply(req.text, colour_of(req.image)))
 
 
 @pytest.fixture
@@ -119,8 +91,8 @@ def test_induction_fills_through_a_vlm_server(images, monkeypatch, tmp_path):
         # s1: rank 1 failed three times (no candidate, similarity null); rank 2 accepted
         assert by["s1"]["rank"] == 2 and by["s1"]["similarities"][0] is None and by["s1"]["rejected"] == "a blue kite ."
         assert ep.stats["failed"] == 1 and ep.stats["http_500"] == 3 and summary["pairs"] == 2
-        assert {r["temperature"] for r in srv.requests} == {0}
-        assert [r["colour"] for r in srv.requests if r["text"] == prompt_of("a [MASK] ball .")] == ["red", "blue"]
+        assert {r.body.get("temperature") for r in srv.requests} == {0}
+        assert [colour_of(r.image) for r in srv.requests if r.text == prompt_of("a [MASK] ball .")] == ["red", "blue"]
         ep.close()
     finally:
         srv.close()

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from chat_server import ChatServer as SharedChatServer, Reply
 
 from realign_lib import masking as M
 from realign_lib.masking import MASK, InvalidMasking, check_masking, validate_masking
@@ -192,81 +192,41 @@ def test_hf_masker_runs_smollm2_and_passes_on_only_valid_output(smollm2, tmp_pat
 KEY = "sk-test-0123456789-secret"
 
 
-class ChatServer:
-    """A chat-completions server on 127.0.0.1 whose replies per input text follow a script."""
+class ChatServer(SharedChatServer):
+    """The shared chat server (tests/chat_server.py) with replies per input text following a script:
+    ``("ok", content)``, ``("status", code)``, ``("garbage",)`` (a cut-off JSON body), ``("sleep", s,
+    content)``, ``("body", text, content_type)``; the last action of a text repeats."""
 
     def __init__(self, script=None, default=None):
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.default = default or (lambda text: ("ok", text))
-        self.requests = []
-        self.lock = threading.Lock()
-        outer = self
+        super().__init__(self._respond, key=KEY)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    @staticmethod
+    def text_of(req) -> str:
+        return req.text.split("\n\n", 1)[1]
 
-            def _send(self, code, body, ctype="application/json", headers=()):
-                data = body.encode() if isinstance(body, str) else body
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+    def count(self, text: str) -> int:
+        return sum(self.text_of(r) == text for r in self.requests)
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                auth = self.headers.get("Authorization")
-                user = body["messages"][-1]["content"]
-                text = user.split("\n\n", 1)[1]
-                with outer.lock:
-                    outer.requests.append({"path": self.path, "auth": auth, "body": body, "text": text})
-                    queue = outer.script.get(text)
-                    action = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else None
-                if action is None:
-                    action = outer.default(text)
-                if auth != f"Bearer {KEY}":
-                    return self._send(401, json.dumps({"error": {"message": "bad key", "type": "auth"}}))
-                if self.path != "/v1/chat/completions" or not user.startswith(M.MASK_PROMPT):
-                    return self._send(400, json.dumps({"error": {"message": "unexpected request"}}))
-                kind = action[0]
-                if kind == "sleep":
-                    time.sleep(action[1])
-                    action = ("ok", action[2])
-                    kind = "ok"
-                if kind == "status":
-                    return self._send(action[1], json.dumps({"error": {"message": f"status {action[1]}"}}),
-                                      headers=[("Retry-After", "0")])
-                if kind == "garbage":
-                    return self._send(200, '{"id": "x", "choices": [ {"message": ')
-                if kind == "body":  # a well-formed reply of the wrong shape
-                    return self._send(200, action[1], ctype=action[2])
-                reply = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": action[1]}}],
-                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-                return self._send(200, json.dumps(reply))
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def count(self, text):
-        return sum(r["text"] == text for r in self.requests)
+    def _respond(self, req) -> Reply:
+        if not req.text.startswith(M.MASK_PROMPT):
+            return Reply(status=400, body=json.dumps({"error": {"message": "unexpected request"}}))
+        text = self.text_of(req)
+        with self.lock:
+            queue = self.script.get(text)
+            action = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else None
+        action = action or self.default(text)
+        kind = action[0]
+        if kind == "sleep":
+            return Reply(content=action[2], sleep=action[1])
+        if kind == "status":
+            return Reply(status=action[1], body=json.dumps({"error": {"message": f"status {action[1]}"}}))
+        if kind == "garbage":
+            return Reply(status=200, body='{"id": "x", "choices": [ {"message": ')
+        if kind == "body":  # a well-formed reply of the wrong shape
+            return Reply(status=200, body=action[1], ctype=action[2])
+        return Reply(content=action[1])
 
 
 def _api_masker(url, **kw):
@@ -314,11 +274,11 @@ def test_openai_masker_against_a_real_http_server(tmp_path, monkeypatch):
         counts = M.run_masking(samples, masker, out, batch_size=7)
         stats = dict(masker.stats)
         masker.close()
-        assert {r["auth"] for r in srv.requests} == {f"Bearer {KEY}"}  # key from the environment, as Bearer
-        assert all(r["body"]["temperature"] == 0 and r["body"]["model"] == "test-model" for r in srv.requests)
+        assert {r.authorization for r in srv.requests} == {f"Bearer {KEY}"}  # key from the environment, as Bearer
+        assert all(r.body["temperature"] == 0 and r.body["model"] == "test-model" for r in srv.requests)
         assert srv.count(TEXTS["good"]) == 1
         assert srv.count(TEXTS["wrong"]) == 2  # invalid -> retried once with the one-shot example -> skipped
-        second = [r for r in srv.requests if r["text"] == TEXTS["wrong"]][1]["body"]["messages"]
+        second = [r for r in srv.requests if srv.text_of(r) == TEXTS["wrong"]][1].body["messages"]
         assert len(second) == 3 and second[1]["content"] == M.ONE_SHOT_EXAMPLE[1]
         assert srv.count(TEXTS["limited"]) == 2 and srv.count(TEXTS["broken"]) == 3
         assert srv.count(TEXTS["garbage"]) == 2 and srv.count(TEXTS["slow"]) == 2
@@ -345,7 +305,7 @@ def test_openai_masker_against_a_real_http_server(tmp_path, monkeypatch):
         masker = _api_masker(srv.url)
         again = M.run_masking(samples, masker, out)
         masker.close()
-        assert [r["text"] for r in srv.requests] == [TEXTS["down"]]
+        assert [srv.text_of(r) for r in srv.requests] == [TEXTS["down"]]
     assert again["tried"] == 1 and again["valid"] == 1 and again["skipped_done"] == 5 and again["skipped_failed"] == 1
     summary = M.summarize_files(out)
     assert summary["valid"] == 6 and summary["failed"] == 1 and summary["failures_by_reason"] == {"text_changed": 1}

@@ -195,3 +195,86 @@ def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
         pm.execute_notebook(str(root / "notebooks" / "00_real_data.ipynb"), str(tmp_path / "out2.ipynb"),
                             parameters={"run_dir": str(run)}, kernel_name="python3", language="python",
                             cwd=str(root), progress_bar=False)
+
+
+FAKE_KEY = "sk-realign-FAKE-KEY-0f9e8d7c6b5a4d3c2b1a"  # recognisable, never a real key
+
+
+def _files_holding(folder, secret: bytes) -> list[str]:
+    """Every file under ``folder`` (any type, hidden ones too) whose bytes contain ``secret``."""
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and secret in p.read_bytes())
+
+
+@pytest.mark.slow
+def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
+    """Stages 02-05 run again with masking and induction's fills through a local OpenAI-compatible
+    server that demands a recognisable fake key (read from the environment only). Some requests are
+    refused with an error body that quotes the key back, as real APIs do. Afterwards no file in the
+    run folder — executed notebooks, metrics, configs, markers, failure records, logs — nor the
+    runner's output holds the key; the server saw it on every request. Also: the stages after a
+    re-run stage run again (their inputs changed), the earlier ones are skipped."""
+    import os
+    import re
+    import shutil
+
+    from chat_server import ChatServer, Reply
+    from realign_lib.masking import MASK_PROMPT, RuleMasker
+
+    rule = RuleMasker()
+    refused = set()
+
+    def respond(req):
+        if req.image is None:  # a masking request: the paper's prompt, a blank line, the text
+            text = req.text.split(MASK_PROMPT + "\n\n", 1)[1]
+            if len(refused) < 3 and text not in refused:  # the first three texts asked for
+                refused.add(text)  # a client error that quotes the key, as real APIs do
+                return Reply(status=400, body=json.dumps({"error": {"message": f"bad request for key "
+                                                                               f"{req.authorization[7:]}"}}))
+            return Reply(content=rule.mask_batch([text])[0])
+        masked = req.text.split("\n", 1)[1]  # a fill: completion prompt, newline, masked sentence
+        return Reply(content=re.sub(r"\[MASK\]", "red cat", masked))
+
+    # the smoke chain's folder as a starting point (stages 00 and 01 are reused, not rerun)
+    from realign_lib.cli import upstream_digest
+    from realign_lib.config import load_config
+
+    run_dir = smoke_chain.parent / "run_with_key"
+    shutil.copytree(smoke_chain, run_dir)
+    stages = list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages)
+    for stage in stages:  # the copy's markers, as if the chain had run in this folder
+        marker = run_dir / stage / ".done.json"
+        m = json.loads(marker.read_text())
+        m["parameters"]["run_dir"] = str(run_dir)
+        m["upstream"] = upstream_digest(stage, stages, run_dir)
+        marker.write_text(json.dumps(m))
+    env = {**os.environ, "REALIGN_TEST_KEY": FAKE_KEY}
+    with ChatServer(respond, key=FAKE_KEY) as srv:
+        cmd = _chain_cmd(root, run_dir) + [
+            "--set", "02_masking.backend=openai", "--set", f"02_masking.api_base_url={srv.url}",
+            "--set", "02_masking.api_model=fake-masker", "--set", "02_masking.api_key_env=REALIGN_TEST_KEY",
+            "--set", "03_induction.fill_backend=openai", "--set", "03_induction.fill_mode=instruction",
+            "--set", f"03_induction.api_base_url={srv.url}", "--set", "03_induction.api_model=fake-vlm",
+            "--set", "03_induction.api_key_env=REALIGN_TEST_KEY"]
+        res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir / "runner_stdout.log").write_text(res.stdout)
+    (run_dir / "runner_stderr.log").write_text(res.stderr)
+
+    assert srv.requests and all(r.authorization == f"Bearer {FAKE_KEY}" for r in srv.requests)
+    assert {r.image is None for r in srv.requests} == {True, False}  # masking and fills both went through it
+    assert "[00_tiny_world] complete" in res.stdout and "[01_retrieval] complete" in res.stdout
+    assert "[03_induction] an earlier stage ran again since: running again" in res.stdout
+    assert "[05_evaluation] running" in res.stdout
+    failures = [json.loads(x) for x in open(run_dir / "02_masking" / "masking_failures.jsonl")]
+    quoted = [f for f in failures if f["reason"] == "api_error"]
+    assert len(quoted) == len(refused) > 0 and all("***" in f["detail"] for f in quoted)  # the key, scrubbed
+    assert json.loads((run_dir / "03_induction" / "metrics.json").read_text())["fill_backend"] == "openai"
+
+    assert _files_holding(run_dir, FAKE_KEY.encode()) == []
+    assert FAKE_KEY not in res.stdout + res.stderr
+    # the scan can fail: a file holding the key is found
+    (tmp_path / "leak").mkdir()
+    (tmp_path / "leak" / ".hidden.json").write_text(json.dumps({"k": FAKE_KEY}))
+    assert _files_holding(tmp_path / "leak", FAKE_KEY.encode()) == [str(tmp_path / "leak" / ".hidden.json")]
