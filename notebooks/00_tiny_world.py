@@ -142,6 +142,9 @@ print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader coun
 
 # %% [markdown]
 # ## 2 · Train (or load) the tiny VLM
+#
+# Training saves its state every 100 steps (`model/tiny_vlm/resume/`); if the run is killed, running
+# the stage again continues from there and ends with the same weights as an uninterrupted run.
 
 # %%
 t0 = time.time()

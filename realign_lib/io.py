@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["atomic_write_text", "atomic_save_npy", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl",
+__all__ = ["atomic_write_text", "atomic_save_npy", "atomic_torch_save", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl",
            "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join"]
 
 
@@ -48,6 +48,16 @@ def atomic_save_npy(path: str | os.PathLike, array) -> Path:
 
     with _atomic(path, "wb") as fh:
         np.save(fh, array)
+    return Path(path)
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` to a temporary sibling, then rename (tensors and plain containers, for
+    ``torch.load(weights_only=True)``)."""
+    import torch
+
+    with _atomic(path, "wb") as fh:
+        torch.save(obj, fh)
     return Path(path)
 
 

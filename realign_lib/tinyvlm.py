@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "TinyVLMConfig", "CHAT_TEMPLATE", "build_tokenizer", "build_processor", "build_model",
+    "TinyVLMConfig", "CHAT_TEMPLATE", "ResumeState", "build_tokenizer", "build_processor", "build_model",
     "images_to_pixels", "region_weights", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "exchange_loss", "instruction_tune",
     "train_tiny_vlm",
 ]
@@ -148,6 +148,61 @@ def images_to_pixels(images: np.ndarray) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
+# ------------------------------------------------------------------------------ resuming a kill
+class ResumeState:
+    """Where a killed :func:`train_tiny_vlm` picks up: the latest saved step of either phase.
+
+    Every ``every`` steps (and at the end of each phase) a phase saves ``folder/<phase>-<step>.pt``
+    — model (and tower heads), optimiser, schedule and sampling-generator state and its loss
+    history — then ``folder/state.json`` naming that file, the phase, the step, the training
+    config and how many lines the training log had. Both are renamed into place, and
+    ``state.json`` is written last, so it only ever names a complete file. A state saved under a
+    different config is ignored. The ``.pt`` files hold tensors and plain containers only and are
+    read with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, config: dict, every: int, log_path: str | os.PathLike | None = None):
+        self.folder, self.config, self.every = Path(folder), config, int(every)
+        self.log_path = Path(log_path) if log_path else None
+
+    def latest(self) -> dict | None:
+        """``state.json`` of a complete save under this config, or ``None``."""
+        from .io import read_json
+        meta_path = self.folder / "state.json"
+        if not meta_path.is_file():
+            return None
+        meta = read_json(meta_path)
+        if meta.get("config") != self.config or not (self.folder / meta["file"]).is_file():
+            return None
+        return meta
+
+    def load(self, phase: str) -> dict | None:
+        """The saved state of ``phase`` if the latest save is of that phase, else ``None``."""
+        meta = self.latest()
+        if meta is None or meta["phase"] != phase:
+            return None
+        return torch.load(self.folder / meta["file"], weights_only=True)
+
+    def due(self, done: int, total: int) -> bool:
+        """Save after ``done`` of ``total`` steps? (every ``every`` steps, and at the end)"""
+        return self.every > 0 and (done % self.every == 0 or done == total)
+
+    def save(self, phase: str, step: int, state: dict) -> None:
+        from .io import atomic_torch_save, read_appended, write_json
+        name = f"{phase}-{step}.pt"
+        atomic_torch_save(self.folder / name, state)
+        log_lines = len(read_appended(self.log_path)) if self.log_path else 0
+        write_json(self.folder / "state.json", {"phase": phase, "step": step, "file": name,
+                                                "log_lines": log_lines, "config": self.config})
+        for old in self.folder.glob("*.pt"):
+            if old.name != name:
+                old.unlink()
+
+    def clear(self) -> None:
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # -------------------------------------------------------------------------- phase 1: the tower
 def _tower_labels(scenes) -> dict[str, torch.Tensor]:
     from .tinyworld import COLOURS, OBJECTS, POSITIONS, SCENES
@@ -185,7 +240,8 @@ def region_weights(image_size: int, patch_size: int) -> torch.Tensor:
 
 
 def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfig,
-                          log: Callable[[dict], None] | None = None) -> list[dict]:
+                          log: Callable[[dict], None] | None = None,
+                          resume: ResumeState | None = None) -> list[dict]:
     """Phase 1: train ``model``'s CLIP tower with small heads on the world's labels.
 
     ``pixels``: ``(N, 3, H, W)`` normalised images; ``scenes``: their ground truth. Scene and
@@ -193,6 +249,7 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
     of the five positions from the patch tokens covering that position (:func:`region_weights`),
     with heads shared across positions, so that every patch token — which is what the language
     model attends to — carries what is drawn there. The heads are thrown away afterwards.
+    With ``resume``, the phase saves its state as it goes and continues from the latest save.
     Returns the loss history.
     """
     from .tinyworld import COLOURS, OBJECTS, SCENES
@@ -210,9 +267,17 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
     opt = torch.optim.AdamW(params, lr=cfg.tower_lr, weight_decay=0.01)
     sched = _cosine(opt, cfg.tower_steps, warmup=max(1, cfg.tower_steps // 20))
     g = torch.Generator().manual_seed(cfg.seed + 1)
+    start, hist = 0, []
+    saved = resume.load("tower") if resume else None
+    if saved:
+        model.load_state_dict(saved["model"])
+        heads.load_state_dict(saved["heads"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        g.set_state(saved["generator"])
+        start, hist = saved["step"], saved["hist"]
     tower.train()
-    hist = []
-    for step in range(cfg.tower_steps):
+    for step in range(start, cfg.tower_steps):
         idx = torch.randint(0, pixels.shape[0], (cfg.tower_batch,), generator=g)
         patches = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]   # (B, P, h), CLS dropped
         pooled = patches.mean(1)                                             # (B, h)
@@ -233,6 +298,10 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
             hist.append(rec)
             if log:
                 log(rec)
+        if resume and resume.due(step + 1, cfg.tower_steps):
+            resume.save("tower", step + 1, {"model": model.state_dict(), "heads": heads.state_dict(),
+                                            "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                            "generator": g.get_state(), "step": step + 1, "hist": hist})
     tower.eval()
     return hist
 
@@ -331,11 +400,13 @@ def exchange_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict], cfg: TinyVLMConfig,
-                     log: Callable[[dict], None] | None = None) -> list[dict]:
+                     log: Callable[[dict], None] | None = None,
+                     resume: ResumeState | None = None) -> list[dict]:
     """Phase 2: train projector + language model on single exchanges (vision tower frozen).
 
     ``pixels``: ``(N, 3, H, W)``, row ``i`` is the image of ``records[i]``; each step samples
-    ``sft_batch`` exchanges (see :func:`split_exchanges`). Returns the loss history.
+    ``sft_batch`` exchanges (see :func:`split_exchanges`). With ``resume``, the phase saves its
+    state as it goes and continues from the latest save. Returns the loss history.
     """
     n_img = model.config.image_seq_length
     exchanges = [(i, ex) for i, r in enumerate(records) for ex in split_exchanges(r["conversations"])]
@@ -349,9 +420,16 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0)
     sched = _cosine(opt, cfg.sft_steps, warmup=max(1, cfg.sft_steps // 20))
     g = torch.Generator().manual_seed(cfg.seed + 2)
+    start, hist = 0, []
+    saved = resume.load("sft") if resume else None
+    if saved:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        g.set_state(saved["generator"])
+        start, hist = saved["step"], saved["hist"]
     model.train()
     tower.eval()
-    hist = []
     # length buckets (short yes/no exchanges vs long descriptions): each step draws a bucket with
     # probability proportional to its size, then a batch from it, so sampling stays uniform over
     # exchanges in expectation while short batches are not padded to description length
@@ -360,7 +438,7 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
     buckets = [torch.nonzero(lengths <= cut).flatten(), torch.nonzero(lengths > cut).flatten()]
     buckets = [b for b in buckets if len(b)]
     bucket_p = torch.tensor([float(len(b)) for b in buckets])
-    for step in range(cfg.sft_steps):
+    for step in range(start, cfg.sft_steps):
         bucket = buckets[int(torch.multinomial(bucket_p, 1, generator=g))]
         idx = bucket[torch.randint(0, len(bucket), (cfg.sft_batch,), generator=g)].tolist()
         L = min(cfg.max_length, max(len(enc[i][0]) for i in idx))
@@ -381,6 +459,10 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
             hist.append(rec)
             if log:
                 log(rec)
+        if resume and resume.due(step + 1, cfg.sft_steps):
+            resume.save("sft", step + 1, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                          "sched": sched.state_dict(), "generator": g.get_state(),
+                                          "step": step + 1, "hist": hist})
     for p in tower.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -388,16 +470,20 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
 
 
 def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig = TinyVLMConfig(),
-                   log: Callable[[dict], None] | None = None) -> dict:
+                   log: Callable[[dict], None] | None = None, checkpoint_every: int = 100) -> dict:
     """Build, train and ``save_pretrained`` the tiny VLM on a world made by ``build_world``.
 
     Writes the model and processor to ``out_dir`` (safetensors) with ``train_log.jsonl`` and
     ``tiny_vlm.json`` (config, timings, parameter count) beside them; ``tiny_vlm.json`` is written
     last and marks a complete model. Returns that summary.
+
+    Killed and called again with the same config, training continues from the last state saved
+    in ``out_dir/resume`` (every ``checkpoint_every`` steps; 0 saves none) and ends with the same
+    weights and log as an uninterrupted run; the folder is removed once the model is complete.
     """
     from PIL import Image
 
-    from .io import append_jsonl, read_json, write_json
+    from .io import append_jsonl, read_appended, read_json, write_json, write_jsonl
     from .tinyworld import load_annotations, world_vocabulary
 
     out = Path(out_dir)
@@ -408,8 +494,14 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log_path = out / "train_log.jsonl"
-    if log_path.exists():
-        log_path.unlink()
+    resume = ResumeState(out / "resume", asdict(cfg), checkpoint_every, log_path)
+    latest = resume.latest()
+    if latest is None:
+        resume.clear()
+        if log_path.exists():
+            log_path.unlink()
+    else:  # cut the log back to what the saved state had logged
+        write_jsonl(log_path, read_appended(log_path)[:latest["log_lines"]])
 
     def _log(rec):
         append_jsonl(log_path, [rec])
@@ -429,10 +521,11 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     processor = build_processor(tokenizer, cfg)
     model = build_model(tokenizer, cfg)
     t1 = time.time()
-    pretrain_vision_tower(model, pixels, [by_id[r["id"]] for r in records], cfg, log=_log)
+    if latest is None or latest["phase"] == "tower":  # a saved instruction-tuning state holds the tower too
+        pretrain_vision_tower(model, pixels, [by_id[r["id"]] for r in records], cfg, log=_log, resume=resume)
     t_tower = time.time() - t1
     t2 = time.time()
-    instruction_tune(model, tokenizer, pixels, records, cfg, log=_log)
+    instruction_tune(model, tokenizer, pixels, records, cfg, log=_log, resume=resume)
     t_sft = time.time() - t2
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
@@ -444,6 +537,8 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
         "image_tokens": int(model.config.image_seq_length),
         "seconds": {"load_images": round(t_load, 1), "tower": round(t_tower, 1), "sft": round(t_sft, 1)},
         "torch_threads": torch.get_num_threads(),
+        "resumed_from": {"phase": latest["phase"], "step": latest["step"]} if latest else None,
     }
     write_json(marker, summary)
+    resume.clear()
     return summary

@@ -1,4 +1,5 @@
-"""Kill-safety: a real subprocess is SIGKILLed in the middle of induction, training and evaluation
+"""Kill-safety: a real subprocess is SIGKILLed in the middle of tiny-VLM training (stage 00), induction,
+rDPO training and evaluation
 (masking: tests/test_masking.py::test_run_masking_survives_sigkill; the whole chain mid-stage-05:
 tests/test_notebooks.py), then run again; its final outputs must equal an uninterrupted run's with
 the same seed: same records, none duplicated, none missing.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from realign_lib.io import read_appended, repair_jsonl_tail
@@ -70,6 +72,68 @@ def images(tmp_path_factory) -> Path:
     for k in range(8):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"img{k}.png")
     return folder
+
+
+# ------------------------------------------------------------------------------- tiny VLM (stage 00)
+TINY_JOB = """
+import json, sys
+from realign_lib import tinyvlm as tv
+world = json.load(open(sys.argv[1]))
+cfg = tv.TinyVLMConfig(tower_steps=60, sft_steps=60, tower_batch=16, sft_batch=8, seed=4, threads=1)
+tv.train_tiny_vlm(world, sys.argv[2], cfg, checkpoint_every=5)
+"""
+
+
+def _saved(out: Path) -> dict | None:
+    meta = out / "resume" / "state.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def test_tiny_vlm_killed_in_each_phase_resumes_to_the_same_weights(root, small_world, tmp_path):
+    """Kill points: during vision-tower pre-training, then (rerun) during instruction tuning. The
+    third run finishes from the last saved state, with the same weights and loss log as an
+    uninterrupted run, and removes its resume folder."""
+    from safetensors.torch import load_file
+
+    world = tmp_path / "world.json"
+    world.write_text(json.dumps(small_world))
+    job = tmp_path / "tiny.py"
+    job.write_text(TINY_JOB)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    run([sys.executable, str(job), str(world), str(ref)], root)
+    assert json.loads((ref / "tiny_vlm.json").read_text())["resumed_from"] is None
+
+    cmd = [sys.executable, str(job), str(world), str(killed)]
+    kill_when(cmd, lambda: (_saved(killed) or {}).get("step", 0) >= 10, root)
+    first = _saved(killed)
+    assert first["phase"] == "tower" and 10 <= first["step"] < 60, first
+    kill_when(cmd, lambda: (_saved(killed) or {}).get("phase") == "sft" and _saved(killed)["step"] >= 10, root)
+    second = _saved(killed)
+    assert second["phase"] == "sft" and 10 <= second["step"] < 60, second
+    assert not (killed / "tiny_vlm.json").exists() and not (killed / "model.safetensors").exists()
+    run(cmd, root)
+
+    summary = json.loads((killed / "tiny_vlm.json").read_text())
+    assert summary["resumed_from"]["phase"] == "sft" and summary["resumed_from"]["step"] >= second["step"]
+    assert not (killed / "resume").exists()
+    assert (killed / "train_log.jsonl").read_text() == (ref / "train_log.jsonl").read_text()
+    a, b = load_file(ref / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_tiny_vlm_resume_state_is_ignored_under_another_config(tmp_path):
+    from realign_lib.tinyvlm import ResumeState
+
+    saved = ResumeState(tmp_path, {"seed": 0}, every=5)
+    saved.save("tower", 5, {"step": 5, "w": torch.ones(3)})
+    saved.save("tower", 10, {"step": 10, "w": torch.zeros(3)})
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["tower-10.pt"]  # older states are removed
+    assert saved.latest()["step"] == 10 and torch.equal(saved.load("tower")["w"], torch.zeros(3))
+    assert saved.load("sft") is None
+    assert ResumeState(tmp_path, {"seed": 1}, every=5).latest() is None  # another config starts over
+    (tmp_path / "tower-10.pt").unlink()
+    assert saved.latest() is None  # a state file that is gone is not resumed from
 
 
 # ------------------------------------------------------------------------------------------ induction
