@@ -198,6 +198,27 @@ class ResumeState:
             if old.name != name:
                 old.unlink()
 
+    def restore(self, phase: str, modules: dict, opt, sched, generator) -> tuple[int, list[dict]]:
+        """Load the latest saved state of ``phase`` into ``modules`` (name → module), the optimiser,
+        the schedule and the generator; returns ``(step to start at, loss history so far)``."""
+        saved = self.load(phase)
+        if not saved:
+            return 0, []
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        generator.set_state(saved["generator"])
+        return saved["step"], saved["hist"]
+
+    def checkpoint(self, phase: str, done: int, total: int, modules: dict, opt, sched, generator,
+                   hist: list[dict]) -> None:
+        """Save what :meth:`restore` reads, if a save is due after ``done`` of ``total`` steps."""
+        if self.due(done, total):
+            self.save(phase, done, {**{name: m.state_dict() for name, m in modules.items()},
+                                    "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                    "generator": generator.get_state(), "step": done, "hist": hist})
+
     def clear(self) -> None:
         import shutil
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -267,15 +288,8 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
     opt = torch.optim.AdamW(params, lr=cfg.tower_lr, weight_decay=0.01)
     sched = _cosine(opt, cfg.tower_steps, warmup=max(1, cfg.tower_steps // 20))
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    start, hist = 0, []
-    saved = resume.load("tower") if resume else None
-    if saved:
-        model.load_state_dict(saved["model"])
-        heads.load_state_dict(saved["heads"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        g.set_state(saved["generator"])
-        start, hist = saved["step"], saved["hist"]
+    saved_parts = {"model": model, "heads": heads}
+    start, hist = resume.restore("tower", saved_parts, opt, sched, g) if resume else (0, [])
     tower.train()
     for step in range(start, cfg.tower_steps):
         idx = torch.randint(0, pixels.shape[0], (cfg.tower_batch,), generator=g)
@@ -298,10 +312,8 @@ def pretrain_vision_tower(model, pixels: torch.Tensor, scenes, cfg: TinyVLMConfi
             hist.append(rec)
             if log:
                 log(rec)
-        if resume and resume.due(step + 1, cfg.tower_steps):
-            resume.save("tower", step + 1, {"model": model.state_dict(), "heads": heads.state_dict(),
-                                            "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                            "generator": g.get_state(), "step": step + 1, "hist": hist})
+        if resume:
+            resume.checkpoint("tower", step + 1, cfg.tower_steps, saved_parts, opt, sched, g, hist)
     tower.eval()
     return hist
 
@@ -420,14 +432,8 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0)
     sched = _cosine(opt, cfg.sft_steps, warmup=max(1, cfg.sft_steps // 20))
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    start, hist = 0, []
-    saved = resume.load("sft") if resume else None
-    if saved:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        g.set_state(saved["generator"])
-        start, hist = saved["step"], saved["hist"]
+    saved_parts = {"model": model}
+    start, hist = resume.restore("sft", saved_parts, opt, sched, g) if resume else (0, [])
     model.train()
     tower.eval()
     # length buckets (short yes/no exchanges vs long descriptions): each step draws a bucket with
@@ -459,10 +465,8 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
             hist.append(rec)
             if log:
                 log(rec)
-        if resume and resume.due(step + 1, cfg.sft_steps):
-            resume.save("sft", step + 1, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                          "sched": sched.state_dict(), "generator": g.get_state(),
-                                          "step": step + 1, "hist": hist})
+        if resume:
+            resume.checkpoint("sft", step + 1, cfg.sft_steps, saved_parts, opt, sched, g, hist)
     for p in tower.parameters():
         p.requires_grad_(True)
     model.eval()
