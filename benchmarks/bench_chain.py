@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         summary["tests_s"] = round(time.perf_counter() - t0, 1)
         summary["tests_passed"] = res.returncode == 0
         print(f"test suite {summary['tests_s']:.0f} s (exit {res.returncode})")
-    from realign_lib.io import write_json
+    from realign_lib.files import write_json
 
     print(f"wrote {write_json(args.out, summary)}")
     return 0

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     from realign_lib import induction as ind
     from realign_lib import vlm
-    from realign_lib.io import read_jsonl
+    from realign_lib.files import read_jsonl
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                          "threads": torch.get_num_threads()},
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    from realign_lib.io import write_json
+    from realign_lib.files import write_json
 
     print(f"wrote {write_json(args.out, summary)}")
     return 0 if same else 1

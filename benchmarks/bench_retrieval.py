@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         print(f"IVF at {r['n']:,} (nlist {r['nlist']}): build {r['build_s']:.1f} s; nprobe {r['nprobe']} gives "
               f"recall@10 {r['recall_at_10']:.3f}; all pairs ≈ {r['all_pairs_estimate_s']:.0f} s "
               f"(exact ≈ {r['exact_all_pairs_estimate_s']:.0f} s)", flush=True)
-    from realign_lib.io import write_json
+    from realign_lib.files import write_json
 
     print(f"wrote {write_json(path, out)}")
     return 0

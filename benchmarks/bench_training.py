@@ -69,7 +69,7 @@ def worker(args) -> dict:
     from transformers import TrainerCallback, set_seed
 
     from realign_lib import training, vlm
-    from realign_lib.io import read_jsonl
+    from realign_lib.files import read_jsonl
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "trl": trl.__version__},
                "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    from realign_lib.io import write_json
+    from realign_lib.files import write_json
 
     print(f"wrote {write_json(args.out, summary)}")
     return 0

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from realign_lib.data import SKIP_REASONS, samples_from_llava
-from realign_lib.io import write_json, write_jsonl
+from realign_lib.files import write_json, write_jsonl
 
 t0 = time.time()
 run = Path(run_dir)

@@ -65,7 +65,7 @@ from PIL import Image
 
 from realign_lib import pope, tinyworld as tw, vlm
 from realign_lib.data import samples_from_llava
-from realign_lib.io import read_jsonl, write_json, write_jsonl
+from realign_lib.files import read_jsonl, write_json, write_jsonl
 from realign_lib.tinyvlm import TinyVLMConfig, train_tiny_vlm
 
 if small_run:

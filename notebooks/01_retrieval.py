@@ -51,7 +51,7 @@ from PIL import Image
 
 from realign_lib import retrieval, vlm
 from realign_lib.data import load_samples
-from realign_lib.io import atomic_save_npy, write_json, write_jsonl
+from realign_lib.files import atomic_save_npy, write_json, write_jsonl
 
 run = Path(run_dir)
 stage_dir = run / "01_retrieval"

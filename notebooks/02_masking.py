@@ -74,7 +74,7 @@ from IPython.display import Markdown, display
 
 from realign_lib import masking
 from realign_lib.data import load_samples
-from realign_lib.io import read_appended, read_json, read_jsonl, write_json
+from realign_lib.files import read_appended, read_json, read_jsonl, write_json
 
 run = Path(run_dir)
 stage_dir = run / "02_masking"

@@ -77,7 +77,7 @@ from PIL import Image
 
 from realign_lib import induction, vlm
 from realign_lib.data import load_samples
-from realign_lib.io import read_jsonl, write_json, write_jsonl
+from realign_lib.files import read_jsonl, write_json, write_jsonl
 
 t_start = time.time()
 run = Path(run_dir)

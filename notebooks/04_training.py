@@ -84,7 +84,7 @@ import numpy as np
 import torch
 
 from realign_lib import train_cli, vlm
-from realign_lib.io import read_json, read_jsonl, write_json
+from realign_lib.files import read_json, read_jsonl, write_json
 
 t_start = time.time()
 torch.manual_seed(seed)

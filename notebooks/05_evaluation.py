@@ -71,7 +71,7 @@ from IPython.display import Markdown, display
 
 from realign_lib import evaluation as ev
 from realign_lib import pope, tinyworld as tw, vlm
-from realign_lib.io import append_jsonl, read_appended, read_json, read_jsonl, write_json, write_jsonl
+from realign_lib.files import append_jsonl, read_appended, read_json, read_jsonl, write_json, write_jsonl
 
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():

@@ -7,7 +7,7 @@ Modules (import what you need; nothing heavy happens at import):
 * ``realign_lib.vlm``       — one interface to any Hugging Face image-text-to-text model
 * ``realign_lib.pope``      — POPE reading, answering and official scoring
 * ``realign_lib.config``    — dataclass configs with YAML loading and checks
-* ``realign_lib.io``        — crash-safe JSON / JSON-lines helpers
+* ``realign_lib.files``     — crash-safe JSON / JSON-lines helpers
 """
 __version__ = "0.1.0"
 __all__ = ["__version__"]

@@ -48,7 +48,7 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
     its parameters, notebook and upstream are all unchanged."""
     import papermill as pm
 
-    from .io import read_json, write_json
+    from .files import read_json, write_json
 
     base = stage.split("/", 1)[0]
     nb = NOTEBOOK_DIR / f"{base}.ipynb"
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import papermill as pm
 
-    from .io import write_json
+    from .files import write_json
 
     try:
         cfg = load_config(args.config, args.overrides)

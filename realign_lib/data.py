@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .io import append_jsonl, iter_jsonl, read_appended, read_json, safe_join
+from .files import append_jsonl, iter_jsonl, read_appended, read_json, safe_join
 
 __all__ = ["SAMPLE_KEYS", "SKIP_REASONS", "image_problem", "samples_from_llava", "load_samples", "chosen_from_endpoint"]
 

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .io import append_jsonl, read_appended
+from .files import append_jsonl, read_appended
 
 __all__ = [
     "MME_PERCEPTION", "MME_COGNITION", "IMAGE_SUFFIXES", "load_mme", "parse_mme_answer", "clean_prediction",

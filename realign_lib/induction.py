@@ -64,7 +64,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .io import append_jsonl, read_appended
+from .files import append_jsonl, read_appended
 from .tinyworld import COMPLETION_PROMPT
 
 __all__ = [
@@ -580,7 +580,7 @@ def build_items(samples: Sequence[dict], masked: Sequence[dict], neighbours: Seq
 
 
 def _check_signature(sig_path: Path, signature: dict, files: Sequence[Path], on_change: str, log) -> None:
-    from .io import read_json, write_json
+    from .files import read_json, write_json
 
     if sig_path.is_file():
         old = read_json(sig_path)
@@ -619,7 +619,7 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     dropped). ``signature``: the settings, kept beside the output; a rerun with other settings
     raises, or with ``on_change="restart"`` starts over.
     """
-    from .io import write_jsonl
+    from .files import write_jsonl
 
     out_path, skipped_path = Path(out_path), Path(skipped_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .io import append_jsonl, iter_jsonl, repair_jsonl_tail
+from .files import append_jsonl, iter_jsonl, repair_jsonl_tail
 
 __all__ = [
     "MASK", "MASK_PROMPT", "ONE_SHOT_EXAMPLE", "FREE_FORM_EXAMPLES", "REASONS",

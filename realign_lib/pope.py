@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .io import append_jsonl, iter_jsonl, read_appended, safe_join
+from .files import append_jsonl, iter_jsonl, read_appended, safe_join
 
 __all__ = ["POPE_SPLITS", "find_pope_files", "load_pope_questions", "parse_yes_no", "answer_kind", "score_pope",
            "join_answers", "answer_pope", "evaluate_pope"]

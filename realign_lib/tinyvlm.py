@@ -167,7 +167,7 @@ class ResumeState:
 
     def latest(self) -> dict | None:
         """``state.json`` of a complete save under this config, or ``None``."""
-        from .io import read_json
+        from .files import read_json
         meta_path = self.folder / "state.json"
         if not meta_path.is_file():
             return None
@@ -188,7 +188,7 @@ class ResumeState:
         return self.every > 0 and (done % self.every == 0 or done == total)
 
     def save(self, phase: str, step: int, state: dict) -> None:
-        from .io import atomic_torch_save, read_appended, write_json
+        from .files import atomic_torch_save, read_appended, write_json
         name = f"{phase}-{step}.pt"
         atomic_torch_save(self.folder / name, state)
         log_lines = len(read_appended(self.log_path)) if self.log_path else 0
@@ -487,7 +487,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     """
     from PIL import Image
 
-    from .io import append_jsonl, read_appended, read_json, write_json, write_jsonl
+    from .files import append_jsonl, read_appended, read_json, write_json, write_jsonl
     from .tinyworld import load_annotations, world_vocabulary
 
     out = Path(out_dir)

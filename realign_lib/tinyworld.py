@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import read_jsonl, write_json, write_jsonl
+from .files import read_jsonl, write_json, write_jsonl
 
 __all__ = [
     "OBJECTS", "SCENES", "COLOURS", "POSITIONS", "PARTNER", "TYPICAL", "USUAL_COLOUR",
@@ -526,7 +526,7 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     out = Path(out_dir)
     done = out / "world.json"
     if done.is_file():
-        from .io import read_json
+        from .files import read_json
         summary = read_json(done)
         if summary.get("config") == asdict(cfg):
             return summary

@@ -109,7 +109,7 @@ def _log_callback(path: Path, is_main: bool):
 def _checkpoint_marker(is_main: bool):
     from transformers import TrainerCallback
 
-    from .io import write_json
+    from .files import write_json
 
     class MarkComplete(TrainerCallback):
         """After the Trainer has written a whole checkpoint, mark it complete (atomically): a folder
@@ -154,7 +154,7 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
     import torch
 
     from . import training, vlm
-    from .io import jsonable, read_appended, read_json, read_jsonl, write_json, write_jsonl
+    from .files import jsonable, read_appended, read_json, read_jsonl, write_json, write_jsonl
 
     t0 = time.time()
     out = Path(output_dir)

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from . import losses, vlm
-from .io import append_jsonl, read_appended, read_jsonl
+from .files import append_jsonl, read_appended, read_jsonl
 
 __all__ = [
     "LOSSES", "PreferenceConfig", "PreferenceDataset", "PreferenceCollator", "random_crop",

@@ -17,7 +17,7 @@ from PIL import Image
 
 from chat_server import ChatServer, Reply
 from realign_lib import data, masking as M, pope
-from realign_lib.io import read_jsonl
+from realign_lib.files import read_jsonl
 
 KEY_ENV = "REALIGN_BAD_INPUT_KEY"
 
@@ -323,7 +323,7 @@ def test_pope_image_folder_missing(tiny, tmp_path):
 def test_pope_answers_file_with_a_damaged_line_names_it(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "te\n{"question_id": 3, "text": "no"}\n')
-    from realign_lib.io import read_appended
+    from realign_lib.files import read_appended
 
     with pytest.raises(ValueError, match=r"answers.jsonl:2: malformed JSON line"):
         read_appended(path)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from realign_lib import induction as ind
-from realign_lib.io import read_appended
+from realign_lib.files import read_appended
 from realign_lib.tinyworld import ObjectInstance, Scene
 
 PROMPT = "describe the image in detail ."

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from realign_lib.io import read_appended, repair_jsonl_tail
+from realign_lib.files import read_appended, repair_jsonl_tail
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 

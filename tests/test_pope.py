@@ -99,7 +99,7 @@ def test_bad_question_files_are_named(tmp_path):
 
 
 def test_image_path_may_not_escape_root(tmp_path):
-    from realign_lib.io import safe_join
+    from realign_lib.files import safe_join
 
     with pytest.raises(ValueError, match="q7: image path '../etc/passwd' leads outside the image folder"):
         safe_join(tmp_path, "../etc/passwd", "q7")

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 
 from realign_lib import tinyworld as tw
-from realign_lib.io import read_jsonl
+from realign_lib.files import read_jsonl
 
 
 def test_scenes_and_pixels_are_deterministic_per_seed():
