@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     from realign_lib import induction as ind
     from realign_lib import vlm
     from realign_lib.files import read_jsonl
+    from realign_lib.fillers import MaskFiller
+    from realign_lib.similarity import SentenceEncoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,8 +57,8 @@ def main(argv=None) -> int:
     results, records = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_induction_"))
     for name, batch in (("one_at_a_time", 1), ("batched", args.batch)):
-        filler = ind.MaskFiller(model, processor, mode="slot", batch_size=batch)
-        encoder = ind.SentenceEncoder(batch_size=min(batch, 64) if batch > 1 else 1)
+        filler = MaskFiller(model, processor, mode="slot", batch_size=batch)
+        encoder = SentenceEncoder(batch_size=min(batch, 64) if batch > 1 else 1)
         out = tmp / name
         t0 = time.perf_counter()
         if batch == 1:  # the naive loop: every candidate alone through the VLM and the sentence model

@@ -62,7 +62,7 @@ def embed_throughput(n: int, batch: int) -> dict:
         model, processor = vlm.load_vlm(model_dir, device="cpu")
         size = 64
     else:
-        from realign_lib.tiny_configs import tiny_llava
+        from realign_lib.testing import tiny_llava
         model, processor = tiny_llava()
         size = 32
     rng = np.random.default_rng(0)

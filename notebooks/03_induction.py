@@ -24,7 +24,7 @@
 # candidate is skipped and counted. Rank 1 is done for all samples in one batched pass, then
 # rank 2 for those still pending, and so on.
 #
-# Two ways to fill the masks (`realign_lib.induction.MaskFiller`):
+# Two ways to fill the masks (`realign_lib.fillers.MaskFiller`):
 #
 # * **`instruction`** — the paper's completion prompt, *"Please complete the following sentence
 #   based on the input image by filling in the masked segments."*, with the masked sentence and
@@ -41,25 +41,25 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
-seed = 0  # seed of the comparison generators (random swap, corruption)
-small_run = False  # smoke setting: at most 150 samples
-model_path = ""  # hallucination-prone VLM that fills the masks; default: the tiny VLM of stage 00
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
+model_path = ""  # hub id or model folder; empty: the tiny VLM of stage 00
 fill_mode = "slot"  # slot (tiny VLM: keep scaffold, generate spans) | instruction (chat VLMs: completion prompt)
 fill_backend = "local"  # local (model_path, in this process) | openai (a VLM behind an OpenAI-compatible endpoint, e.g. vLLM)
-api_base_url = ""  # openai: e.g. http://localhost:8000/v1 (vLLM serving the VLM)
-api_model = ""  # openai: the served model name
-api_key_env = "OPENAI_API_KEY"  # openai: NAME of the environment variable holding the key (never the key)
-max_concurrency = 8  # openai: requests in flight at once
-sentence_model = ""  # sentence-transformers id or path; default: offline all-MiniLM-L6-v2 (paper: all-mpnet-base-v2)
-tau = 0.95  # accept a candidate when cos(chosen, candidate) < tau
-top_k = 5  # retrieved images tried per sample, in rank order
-batch_size = 64  # samples per batched fill
-max_samples = 0  # 0: every sample
+api_base_url = ""  # openai backend: base URL, e.g. http://localhost:8000/v1 (vLLM); empty: OpenAI
+api_model = ""  # openai backend: the served model name
+api_key_env = "OPENAI_API_KEY"  # openai backend: NAME of the environment variable holding the key (never the key)
+max_concurrency = 8  # openai backend: requests in flight at once
+sentence_model = ""  # sentence-transformers id or path; empty: offline all-MiniLM-L6-v2 (paper: all-mpnet-base-v2)
+tau = 0.95  # accept a candidate when cos(chosen, candidate) < tau (paper 0.95)
+top_k = 5  # retrieved images per sample (stage 01 keeps them, stage 03 tries them in rank order)
+batch_size = 64  # inputs per batched model call
+max_samples = 0  # use the first N samples of stage 00; 0: all
 max_span_tokens = 6  # slot mode: longest fill per [MASK]
 stop_margin = 5.0  # slot mode: end a span once the next scaffold token is within this many nats of the best (0: argmax)
 corruption = "crop"  # comparison: crop (keep 1-20 % of the area, as mDPO) | noise (Gaussian)
 comparisons = True  # also build the random-swap and corrupted-image comparison sets
-n_show = 6  # example pairs in the figure
+n_show = 6  # examples shown in the notebook
 
 # %%
 import hashlib
@@ -75,9 +75,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from realign_lib import induction, vlm
+from realign_lib import fillers, induction, similarity, vlm
+from realign_lib.comparisons import corrupted_candidates, random_swap_records
 from realign_lib.data import load_samples
 from realign_lib.files import read_jsonl, write_json, write_jsonl
+from realign_lib.stages import InductionStage
+
+stage = InductionStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 t_start = time.time()
 run = Path(run_dir)
@@ -107,17 +111,17 @@ if fill_backend == "openai":
 
     if fill_mode != "instruction":
         raise ValueError("fill_backend openai fills with the completion prompt: set fill_mode instruction")
-    filler = induction.EndpointFiller(ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
-                                                   max_concurrency=max_concurrency, max_tokens=256))
+    filler = fillers.EndpointFiller(ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
+                                                 max_concurrency=max_concurrency, max_tokens=256))
     model_label = f"openai:{api_model}@{api_base_url or 'api.openai.com'}"
 elif fill_backend == "local":
     model, processor = vlm.load_vlm(model_dir)
-    filler = induction.MaskFiller(model, processor, mode=fill_mode, max_span_tokens=max_span_tokens,
-                                  stop_margin=stop_margin, batch_size=batch_size)
+    filler = fillers.MaskFiller(model, processor, mode=fill_mode, max_span_tokens=max_span_tokens,
+                                stop_margin=stop_margin, batch_size=batch_size)
     model_label = str(model_dir.resolve()) if model_dir.exists() else str(model_path)
 else:
     raise ValueError(f"fill_backend {fill_backend!r}: use local or openai")
-encoder = induction.SentenceEncoder(sentence_model)
+encoder = similarity.SentenceEncoder(sentence_model)
 t_load = time.time() - t0
 weights = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() and fill_backend == "local" else []
 digest = lambda p: hashlib.sha1(Path(p).read_bytes()).hexdigest()[:16]  # noqa: E731
@@ -235,9 +239,10 @@ plt.show()
 # ## 5 · Comparison sets for the ablations
 #
 # Same record format, same files layout: **random swap** replaces each masked span by a random
-# other masked span of the same kind (no model; seeded), and **corrupted image** runs the same τ
-# loop with the masks filled under corrupted copies of the sample's *own* image (a random crop
-# keeping 1–20 % of the area, as mDPO, or Gaussian noise) instead of retrieved images.
+# other masked span of the same kind (no model; seeded; the kinds come from the tiny world's own
+# lexicon in a tiny-world run, else from a generic English one), and **corrupted image** runs the
+# same τ loop with the masks filled under corrupted copies of the sample's *own* image (a random
+# crop keeping 1–20 % of the area, as mDPO, or Gaussian noise) instead of retrieved images.
 
 # %%
 results = {"re_align": prefs}
@@ -245,7 +250,12 @@ comparison_summary = {}
 t_swap = t_corrupt = 0.0
 if comparisons:
     t0 = time.time()
-    swap, swap_skipped = induction.random_swap_records(items, masked_records, encoder, seed=seed)
+    lexicon = None  # word -> kind for swapping like for like; None: a generic English lexicon
+    if (run / "data" / "tiny_world" / "annotations_train.jsonl").is_file():
+        from realign_lib.tinyworld import span_lexicon
+
+        lexicon = span_lexicon()
+    swap, swap_skipped = random_swap_records(items, masked_records, encoder, seed=seed, lexicon=lexicon)
     write_jsonl(stage_dir / "comparison_random_swap.jsonl", swap)
     write_jsonl(stage_dir / "comparison_random_swap_skipped.jsonl", swap_skipped)
     t_swap = time.time() - t0
@@ -253,7 +263,7 @@ if comparisons:
     comparison_summary["random_swap"] = {"pairs": len(swap), "skipped": len(swap_skipped), "seconds": round(t_swap, 1)}
     t0 = time.time()
     folder = f"03_induction/corrupted_images/{corruption}_seed{seed}"
-    corrupt_items = induction.corrupted_candidates(items, run, folder, kind=corruption, attempts=top_k, seed=seed)
+    corrupt_items = corrupted_candidates(items, run, folder, kind=corruption, attempts=top_k, seed=seed)
     csum = induction.induce(corrupt_items, filler, encoder, tau, stage_dir / "comparison_corrupted_image.jsonl",
                             stage_dir / "comparison_corrupted_image_skipped.jsonl",
                             signature={"generator": "corrupted_image", "corruption": corruption, "seed": seed,
@@ -283,10 +293,11 @@ world_stats = {}
 ann_path = run / "data" / "tiny_world" / "annotations_train.jsonl"
 if ann_path.is_file():
     from realign_lib.tinyworld import load_annotations
+    from realign_lib.tinyworld_eval import absent_object_stats
 
     scenes = {s.id: s for s in load_annotations(ann_path)}
     image_scene = lambda p: scenes.get(Path(p).stem)  # noqa: E731
-    world_stats = {name: induction.absent_object_stats(recs, scenes, image_scene) for name, recs in results.items()}
+    world_stats = {name: absent_object_stats(recs, scenes, image_scene) for name, recs in results.items()}
     rows = ["generator            pairs  mean cos  with absent  absent/named  partner share  in retrieved"]
     for name, st in world_stats.items():
         recs = results[name]

@@ -26,24 +26,29 @@
 #   variant (for comparison only).
 #
 # The reference π_ref is the starting model (LoRA adapters disabled); its log-probs are computed once
-# and cached. Training runs on `realign_lib.training.PreferenceTrainer` (a `transformers.Trainer`), so
-# the same code scales with `accelerate launch` (see `realign_lib/train_cli.py`, `configs/accelerate/`).
+# and cached. Training runs on `realign_lib.trainer.PreferenceTrainer` (a `transformers.Trainer`), so
+# the same code scales with `accelerate launch -m realign_lib.cli train` (see `configs/accelerate/`).
 #
-# **Tiny-world settings vs the paper's** (design notes §2 step 6 and §4). The paper trains a 7B LLaVA for
-# one epoch over 11k pairs with LoRA r = 128 (α 256), lr 1e-5, batch 1 × 8, bf16. The tiny world overrides:
+# **Parameters.** Below the first four, every parameter is a field of
+# `realign_lib.training.PreferenceConfig` with the same name (the `TrainingArguments` name where one
+# exists), and its default is the paper's: rDPO, β 0.1, one epoch (`max_steps = -1`), lr 1e-5
+# (projector 2e-5 when `train_projector`), cosine schedule, warm-up 0.03, batch 1 × 8, LoRA r 128 /
+# α 256 on the language model's linear layers, bf16 on a GPU that supports it.
 #
-# * `max_steps = 300`, `per_device_batch = 8`: a fixed, short budget — 2,400 pairs, less than one
-#   epoch of the ~5k pairs — so the stage takes minutes on two CPU cores;
+# **The tiny world's settings** (`configs/tiny_world.yaml`, which the main command runs) differ:
+#
+# * `max_steps = 60`, `per_device_train_batch_size = 8`, `gradient_accumulation_steps = 1`: a fixed,
+#   short budget — 480 pairs of about 700 — so the stage takes about a minute on two CPU cores;
 # * `learning_rate = 5e-4` (paper 1e-5): a 1.5 M-parameter model with rank-16 adapters moves very
-#   little at the paper's rate in 300 steps; the feasibility study also used a much higher rate;
+#   little at the paper's rate in so few steps; a feasibility study of this world also used a much
+#   higher rate;
 # * `lora_r = 16`, `lora_alpha = 32` (paper 128 / 256, same α/r = 2): the tiny Llama's hidden size is
 #   128, so rank 128 would be a full-rank update;
 # * `sft_weight = 1.0` (paper 0): an NLL term on the chosen response. Pure DPO broke the tiny model's
-#   grammar in the study (chosen log-prob fell ~8 nats); with the NLL term DPO and rDPO stayed sane.
+#   grammar in that study (chosen log-prob fell ~8 nats); with the NLL term DPO and rDPO stayed sane.
 #   The authors' released trainer has the same `sft_weight` option;
-# * fp32 on a CPU (bf16 on a GPU that supports it), one torch thread (`cpu_threads`): the model is so
-#   small that more threads only add overhead, and on a shared two-core machine they made each step
-#   ~5× slower.
+# * fp32 on a CPU, one torch thread (`cpu_threads = 1`): the model is so small that more threads only
+#   add overhead, and on a shared two-core machine they made each step ~5× slower.
 #
 # Reads `03_induction/preferences.jsonl` (image paths relative to the run folder) and the stage-00
 # model; writes `04_training/<output_name>/` (the adapter, `train_log.jsonl`, `metrics.json`, figures)
@@ -51,25 +56,39 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
-seed = 0  # training seed (data order, LoRA init, mDPO crops)
-small_run = False  # smoke setting: at most 10 steps on at most 32 pairs
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
 model_path = ""  # starting policy and reference; default: the tiny VLM of stage 00
-loss = "rdpo"  # dpo | rdpo | mdpo | rdpo_released
+loss = "rdpo"  # one of dpo, rdpo (paper), mdpo, rdpo_released (the authors' released 'noisy' variant, for comparison)
+beta = 0.1  # β of the sigmoid preference losses
+num_train_epochs = 1.0  # training epochs (when max_steps is -1)
+learning_rate = 1e-05  # peak learning rate (AdamW)
+projector_learning_rate = 2e-05  # learning rate of the multi-modal projector, used only when the projector is trained
+train_projector = False  # also train the multi-modal projector (fully, at projector_learning_rate)
+lr_scheduler_type = "cosine"  # transformers scheduler name
+warmup_steps = 0.03  # linear warm-up: a number below 1 is a fraction of the steps (paper 0.03), else steps
+weight_decay = 0.0  # AdamW weight decay
+per_device_train_batch_size = 1  # preference pairs per device and step
+gradient_accumulation_steps = 8  # micro-batches per optimiser step
+bf16 = None  # bf16 mixed precision; None: on if a bf16-capable GPU is present, else fp32
+sft_weight = 0.0  # weight of an added NLL term on the chosen response (per-token mean); 0: off
+use_lora = True  # train LoRA adapters instead of all weights
+lora_r = 128  # LoRA rank
+lora_alpha = 256  # LoRA alpha (paper 2 × lora_r)
+lora_dropout = 0.05  # LoRA dropout
+lora_target_modules = "language_model"  # language_model | all_linear | layer names, e.g. q_proj,k_proj,v_proj,o_proj (authors' scripts)
+precompute_ref = True  # compute the reference log-probs once before training (cached); False: on the fly
+max_steps = -1  # optimiser steps; -1: num_train_epochs over all pairs (the paper: one epoch)
+logging_steps = 1  # log every this many optimiser steps
+save_steps = 500  # checkpoint every this many optimiser steps
+crop_min_area = 0.01  # mDPO: least fraction of the image kept
+crop_max_area = 0.2  # mDPO: largest fraction of the image kept
 preferences = ""  # default: <run_dir>/03_induction/preferences.jsonl; a bare file name is looked up there
-max_steps = 300  # optimiser steps (tiny world); 0: one epoch over all pairs (the paper)
-per_device_batch = 8  # preference pairs per device and step (paper 1)
-grad_accum = 1  # micro-batches per step (paper 8)
-learning_rate = 5e-4  # tiny world (paper 1e-5), see above
-beta = 0.1  # β of the sigmoid losses (paper)
-sft_weight = 1.0  # NLL term on the chosen response (tiny world; paper 0)
-use_lora = True  # LoRA on every linear layer of the language model
-lora_r = 16  # tiny world (paper 128); lora_alpha is twice lora_r, as in the paper
 max_records = 0  # pairs to train on (seeded subset); 0: max_steps × global batch, at most all
-output_name = ""  # default f"{loss}_seed{seed}"
-n_show = 4  # descriptions shown before / after
+output_name = ""  # folder under 04_training; default: the config's variant name, else <loss>_seed<seed>
+n_show = 6  # examples shown in the notebook
 n_eval = 64  # held-out test images for a quick CHAIR check before / after; 0 skips it
-save_steps = 50  # checkpoint every this many steps; a killed run continues from the last complete one
-cpu_threads = 1  # torch threads on a CPU; 0 keeps torch's default (one thread is fastest for this tiny model)
+cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
 # %%
 import json
@@ -83,8 +102,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from realign_lib import train_cli, vlm
+from realign_lib import trainer as preference_trainer, vlm
 from realign_lib.files import read_json, read_jsonl, write_json
+from realign_lib.stages import TrainingStage
+
+stage = TrainingStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 t_start = time.time()
 torch.manual_seed(seed)
@@ -101,16 +123,16 @@ if preferences and pref_path.name == preferences and not pref_path.is_file():
     pref_path = run / "03_induction" / preferences  # e.g. comparison_random_swap.jsonl
 records = read_jsonl(pref_path)
 if small_run:
-    max_steps = min(max_steps or 10, 10)
+    stage.max_steps = min(max_steps, 10) if max_steps > 0 else 10
     max_records = min(max_records or 32, 32)
-global_batch = per_device_batch * grad_accum
-max_records = min(max_records or (max_steps * global_batch if max_steps else len(records)), len(records))
-cfg = train_cli.config_from_notebook(dict(
-    loss=loss, beta=beta, learning_rate=learning_rate, per_device_batch=per_device_batch, grad_accum=grad_accum,
-    sft_weight=sft_weight, use_lora=use_lora, lora_r=lora_r, seed=seed, max_steps=max_steps, save_steps=save_steps))
+global_batch = per_device_train_batch_size * gradient_accumulation_steps
+max_records = min(max_records or (stage.max_steps * global_batch if stage.max_steps > 0 else len(records)),
+                  len(records))
+cfg = stage.preference_config()  # the PreferenceConfig fields of this notebook's parameters, same names
 print(f"{len(records)} pairs in {pref_path}; training {loss} on {max_records} of them, "
-      f"{f'{max_steps} steps' if max_steps else 'one epoch'} × "
-      f"{global_batch} pairs; lr {learning_rate}, β {beta}, sft_weight {sft_weight}, LoRA r {lora_r if use_lora else '-'}")
+      f"{f'{cfg.max_steps} steps' if cfg.max_steps > 0 else f'{num_train_epochs:g} epoch(s)'} × "
+      f"{global_batch} pairs; lr {learning_rate}, β {beta}, sft_weight {sft_weight}, "
+      f"LoRA r {lora_r if use_lora else '-'} on {lora_target_modules}")
 print(f"model {model_dir} → {out_dir}")
 
 # %% [markdown]
@@ -121,12 +143,13 @@ print(f"model {model_dir} → {out_dir}")
 # one or more (`chair_s`); stage 05 does the full evaluation.
 
 # %%
-from realign_lib import tinyworld
+from realign_lib import tinyworld, tinyworld_eval
+from realign_lib.prompts import DESCRIBE_PROMPT
 
 test_ann = run / "data" / "tiny_world" / "annotations_test.jsonl"
 eval_scenes = tinyworld.load_annotations(test_ann)[:max(n_eval, n_show)] if test_ann.is_file() else []
 eval_images = [run / "data" / "tiny_world" / "test_images" / f"{s.id}.png" for s in eval_scenes]
-prompt = tinyworld.DESCRIBE_PROMPT
+prompt = DESCRIBE_PROMPT
 
 
 def describe_all(model, processor):
@@ -145,14 +168,14 @@ if eval_images:  # (a real checkpoint without the tiny world's test set skips th
 # %% [markdown]
 # ## 2 · Train
 #
-# `train_cli.train` builds the dataset (a seeded subset of `max_records` pairs), precomputes the
+# `trainer.train` builds the dataset (a seeded subset of `max_records` pairs), precomputes the
 # reference log-probs (cached in `reference_logps.jsonl`), trains with `PreferenceTrainer`, logs every
 # step to `train_log.jsonl` and saves the adapter with the processor. Every `save_steps` steps it
 # checkpoints; a run killed part-way continues from the last complete checkpoint when the notebook
 # is run again with the same parameters, and ends with the same weights as an uninterrupted run.
 
 # %%
-res = train_cli.train(pref_path, model_dir, out_dir, cfg, root=run, max_records=max_records)
+res = preference_trainer.train(pref_path, model_dir, out_dir, cfg, root=run, max_records=max_records)
 trainer = res.pop("trainer")
 sec = res["seconds"]
 print(f"{res['steps']} steps in {sec['train']:.1f} s ({sec['per_step']:.3f} s/step); reference pass "
@@ -218,8 +241,8 @@ policy = trainer.model.eval()
 after = describe_all(policy, processor)
 comparison = {}
 if eval_scenes:
-    comparison = {"before": tinyworld.caption_hallucination(before[:n_eval], eval_scenes[:n_eval]),
-                  "after": tinyworld.caption_hallucination(after[:n_eval], eval_scenes[:n_eval])}
+    comparison = {"before": tinyworld_eval.caption_hallucination(before[:n_eval], eval_scenes[:n_eval]),
+                  "after": tinyworld_eval.caption_hallucination(after[:n_eval], eval_scenes[:n_eval])}
     for i in range(min(n_show, len(eval_scenes))):
         print(f"[{eval_scenes[i].id}] truth : {tinyworld.describe(eval_scenes[i])}\n"
               f"    before: {before[i]}\n    after : {after[i]}\n")

@@ -40,8 +40,8 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
-seed = 0  # seed (which examples are shown)
-small_run = False  # smoke setting: 40 POPE questions per split, 4 MME images per subtask, 16 descriptions
+seed = 0  # seed of everything random in the stage
+small_run = False  # smoke setting: every size shrunk to run in about a minute
 model_path = ""  # base model (hub id or folder); default: the tiny VLM of stage 00
 runs = []  # stage-04 runs to evaluate (folder names under 04_training); empty: every finished run
 include_base = True  # also evaluate the base model (condition "base")
@@ -51,7 +51,7 @@ mme_root = ""  # MME folder (one folder per subtask); default: the tiny world's;
 pope_suffix = False  # append lmms-eval's "Answer the question using a single word or phrase."
 max_questions = 0  # POPE questions per split (first N); 0: all
 n_chair = 300  # held-out images described for CHAIR (tiny world only); 0 skips it
-batch_size = 64  # questions per generate call
+batch_size = 64  # inputs per batched model call
 baseline = "base"  # condition the others are compared with, paired by seed
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
@@ -70,8 +70,12 @@ import torch
 from IPython.display import Markdown, display
 
 from realign_lib import evaluation as ev
-from realign_lib import pope, tinyworld as tw, vlm
+from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm
 from realign_lib.files import append_jsonl, read_appended, read_json, read_jsonl, write_json, write_jsonl
+from realign_lib.prompts import DESCRIBE_PROMPT, LMMS_EVAL_SUFFIX
+from realign_lib.stages import EvaluationStage
+
+stage = EvaluationStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():
@@ -87,7 +91,7 @@ mme_dir = None if mme_root == "none" else Path(mme_root) if mme_root else world_
 if small_run:
     max_questions = min(max_questions or 40, 40)
     n_chair = min(n_chair, 16)
-suffix = pope.LMMS_EVAL_SUFFIX if pope_suffix else ""
+suffix = LMMS_EVAL_SUFFIX if pope_suffix else ""
 
 # the tiny world's ground truth, for the partner yes-rate and CHAIR (absent for real data)
 test_ann = world_dir / "annotations_test.jsonl"
@@ -185,7 +189,7 @@ def evaluate(name: str) -> dict:
         preds = [pope.parse_yes_no(a) for _, a in pairs]
         res["pope"][split] = pope.score_pope([q["label"] for q, _ in pairs], preds)
         if scenes:
-            res["pope_partner"][split] = tw.partner_yes_rate([q for q, _ in pairs], preds, scenes)
+            res["pope_partner"][split] = twe.partner_yes_rate([q for q, _ in pairs], preds, scenes)
     res["seconds"]["pope"] = round(time.time() - t, 1)
     # MME
     if mme_records:
@@ -203,10 +207,10 @@ def evaluate(name: str) -> dict:
         todo = [s for s in chair_scenes if s.id not in texts]
         if todo:
             outs = vlm.generate(model, processor, [world_dir / "test_images" / f"{s.id}.png" for s in todo],
-                                [tw.DESCRIBE_PROMPT] * len(todo), max_new_tokens=48, batch_size=batch_size)
+                                [DESCRIBE_PROMPT] * len(todo), max_new_tokens=48, batch_size=batch_size)
             append_jsonl(cache, [{"id": s.id, "text": o} for s, o in zip(todo, outs)])
             texts.update({s.id: o for s, o in zip(todo, outs)})
-        res["chair"] = tw.caption_hallucination([texts[s.id] for s in chair_scenes], chair_scenes)
+        res["chair"] = twe.caption_hallucination([texts[s.id] for s in chair_scenes], chair_scenes)
         res["seconds"]["chair"] = round(time.time() - t, 1)
     res["seconds"]["total"] = round(time.time() - t0, 1)
     write_json(out / "metrics.json", res)

@@ -1,8 +1,10 @@
-"""``realign`` — run the numbered notebooks headlessly with papermill.
+"""``realign`` — run the numbered notebooks headlessly with papermill, or train from the command line.
 
     realign run --config configs/tiny_world.yaml            # every stage, resuming finished ones
     realign run --config configs/tiny_world.yaml --stage 0  # one stage
-    realign run --config ... --set 00_tiny_world.small_run=true --set seed=1 --redo
+    realign run --config ... --set small_run=true --set 04_training.beta=0.2 --redo
+    realign train --preferences P --model M --output-dir O --set loss=rdpo --set learning_rate=5e-4
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m realign_lib.cli train ...
 
 Each stage's executed notebook goes to ``<run_dir>/<stage>/<stage>.ipynb`` and a marker
 ``<run_dir>/<stage>/.done.json`` (with the parameters, the notebook's hash and a digest of every
@@ -22,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import NOTEBOOK_DIR, load_config
+from .config import NOTEBOOK_DIR, load_config, parse_override
 
-__all__ = ["main", "run_stage", "upstream_digest"]
+__all__ = ["main", "run_stage", "upstream_digest", "train_main"]
 
 
 def upstream_digest(stage: str, stages: list[str], run_dir: Path) -> dict[str, str | None]:
@@ -79,14 +81,29 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="realign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run the notebooks of a config in order")
-    r.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    r = sub.add_parser("run", help="run the notebooks of a recipe config in order")
+    r.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     r.add_argument("--stage", type=int, action="append", help="run only stage N (repeatable)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value: seed=1, run_dir=runs/x, 00_tiny_world.small_run=true")
+                   help="override a config value: seed=1, model_path=/models/x, 04_training.beta=0.2")
     r.add_argument("--redo", action="store_true", help="run stages even if they completed before")
+    t = sub.add_parser("train", help="preference training in this process (or each of accelerate's)",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--preferences", required=True, help="preferences.jsonl (stage 03)")
+    t.add_argument("--root", default=None, help="folder the image paths are relative to (default: the file's)")
+    t.add_argument("--model", required=True, help="model folder or hub id (the reference and starting policy)")
+    t.add_argument("--output-dir", required=True, help="where the adapter, logs and results go")
+    t.add_argument("--max-records", type=int, default=0, help="train on a seeded subset (0 = all)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a PreferenceConfig field, e.g. loss=rdpo, max_steps=300, learning_rate=5e-4")
+    t.add_argument("--targs", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra transformers.TrainingArguments, e.g. save_strategy=steps")
     args = ap.parse_args(argv)
+    return run_main(args) if args.cmd == "run" else train_main(args)
 
+
+def run_main(args) -> int:
+    """``realign run``: every stage of the recipe in order (see the module docstring)."""
     import papermill as pm
 
     from .files import write_json
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", {"config": args.config, "overrides": args.overrides, "run_dir": cfg.run_dir,
-                                         "seed": cfg.seed, "stages": cfg.stages})
+                                         "seed": cfg.seed, "shared": cfg.shared, "stages": cfg.stages})
     t0 = time.time()
     for i, stage in enumerate(stages, 1):
         print(f"== stage {i}/{len(stages)}: {stage}", flush=True)
@@ -119,6 +136,52 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
     print(f"== all {len(stages)} stage(s) finished in {time.time() - t0:.0f} s; results in {run_dir}", flush=True)
+    return 0
+
+
+TRAIN_HELP = """Preference training on preferences.jsonl, in one process or under ``accelerate launch``:
+
+    realign train --preferences runs/tiny_world/03_induction/preferences.jsonl --root runs/tiny_world \\
+        --model runs/tiny_world/model/tiny_vlm --output-dir runs/x/04_training/rdpo \\
+        --set loss=rdpo --set max_steps=300 --set per_device_train_batch_size=8 --set learning_rate=5e-4
+    accelerate launch --num_processes 2 --cpu -m realign_lib.cli train ...   # two processes on a CPU box
+
+--set KEY=VALUE sets any realign_lib.training.PreferenceConfig field (the names notebook 04 and the
+recipes use; values parsed as YAML). Unset fields keep the paper's defaults (batch 1 x accumulation
+8, LoRA r 128 on the language model, lr 1e-5, one epoch). The global batch is
+per_device_train_batch_size x processes x gradient_accumulation_steps. Writes into --output-dir the
+adapter (or full model) and processor, train_log.jsonl and train_result.json; a killed run started
+again with the same command continues from its last complete checkpoint. For the tiny model on a
+CPU, OMP_NUM_THREADS=1 is fastest.
+"""
+
+
+def train_main(args) -> int:
+    """``realign train``: :func:`realign_lib.trainer.train` with the command line's settings."""
+    import json
+    import os
+
+    from .training import PreferenceConfig
+
+    try:
+        settings = dict(parse_override(p) for p in args.overrides)
+        cfg = PreferenceConfig.from_dict(settings)
+        targs = dict(parse_override(p) for p in args.targs)
+    except (ValueError, TypeError) as err:
+        print(f"realign train: {err}", file=sys.stderr)
+        return 2
+    from .trainer import train
+
+    try:
+        res = train(args.preferences, args.model, args.output_dir, cfg, root=args.root,
+                    max_records=args.max_records or None, training_overrides=targs)
+    except (ValueError, FileNotFoundError) as err:  # the user's input: the message says what and where
+        print(f"realign train: {err}", file=sys.stderr)
+        return 2
+    res.pop("trainer")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: res[k] for k in ("loss", "steps", "records", "processes", "global_batch", "final",
+                                              "seconds")}, indent=1))
     return 0
 
 

@@ -1,31 +1,46 @@
-"""Run configuration: one YAML per run, checked against the notebooks' own ``parameters`` cells.
+"""Recipe configs: one YAML per run, checked against the stage classes of :mod:`realign_lib.stages`.
 
-A config names the run folder, the seed and, per stage, the parameters its notebook takes::
+::
 
+    base: tiny_world.yaml        # optional: start from another recipe (path relative to this file)
     run_dir: runs/tiny_world     # every stage reads and writes here
     seed: 0
+    top_k: 5                     # a top-level parameter goes to every stage that takes it
     stages:
       "00_tiny_world":           # notebooks/00_tiny_world.ipynb
-        n_train: 30000
-        small_run: false
+        n_train: 15000
+      "04_training":
+        loss: rdpo
+        learning_rate: 5.0e-4    # the library's own field names: PreferenceConfig / TrainingArguments
+      "04_training/{loss}_seed{seed}":   # variants without copies: one per combination
+        matrix: {loss: [dpo, rdpo], seed: [0, 1, 2]}
 
-Unknown stages, unknown parameters and values of the wrong type are refused with a message that
-names the key and lists what is allowed: the notebook's ``parameters`` cell is the single
-source of truth (read with ``papermill.inspect_notebook``), so a config cannot drift from it.
+Keys are the stage classes' field names, which are the notebooks' parameter names and, for
+training, :class:`~realign_lib.training.PreferenceConfig`'s (``TrainingArguments``' where one
+exists). A stage's own value beats the top-level one, which beats the default. Unknown keys,
+values of the wrong type and values out of range are refused with a message that names the key
+and lists what is allowed. A ``matrix`` axis is either a list of values of a parameter, or a
+mapping of names to parameter sets (``condition: {dpo: {loss: dpo}, swap: {loss: dpo,
+preferences: comparison_random_swap.jsonl}}``); the key's ``{axis}`` placeholders name each variant.
+Where a stage has variants, its plain key (``"04_training"``) holds what they share and does not
+run on its own. A stage-04 variant trains into ``04_training/<variant name>`` unless it sets
+``output_name``. Stages run in the order of their numbers.
 """
 from __future__ import annotations
 
 import ast
-import re
+import itertools
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunConfig", "load_config", "notebook_parameters", "NOTEBOOK_DIR", "parse_override"]
+__all__ = ["RunConfig", "load_config", "notebook_parameters", "NOTEBOOK_DIR", "parse_override", "expand_matrix"]
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict}
+_TOP = ("base", "run_dir", "seed", "stages")
+_VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict]:
@@ -42,85 +57,190 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
+def expand_matrix(key: str, params: dict, source: str = "<dict>") -> dict[str, dict]:
+    """``{"04_training/{loss}_s{seed}": {matrix: {loss: [a, b], seed: [0, 1]}, ...}}`` → one stage
+    key per combination (first axis outermost); a key without ``matrix`` is returned as it is."""
+    if "matrix" not in params:
+        return {key: params}
+    matrix, rest = params["matrix"], {k: v for k, v in params.items() if k != "matrix"}
+    if not isinstance(matrix, dict) or not matrix:
+        raise ValueError(f"{source}: stages.{key}.matrix must map axis names to lists or to named parameter sets")
+    axes = []
+    for axis, values in matrix.items():
+        if isinstance(values, dict):  # named parameter sets
+            if not all(isinstance(v, dict) for v in values.values()):
+                raise ValueError(f"{source}: stages.{key}.matrix.{axis}: each name needs a mapping of parameters")
+            axes.append([(axis, name, dict(v)) for name, v in values.items()])
+        elif isinstance(values, list) and values:
+            axes.append([(axis, v, {axis: v}) for v in values])
+        else:
+            raise ValueError(f"{source}: stages.{key}.matrix.{axis} must be a non-empty list or mapping")
+    out = {}
+    for combo in itertools.product(*axes):
+        try:
+            name = key.format(**{axis: label for axis, label, _ in combo})
+        except (KeyError, IndexError) as err:
+            raise ValueError(f"{source}: stages.{key}: placeholder {err} is not a matrix axis "
+                             f"({', '.join(matrix)})") from err
+        if name in out:
+            raise ValueError(f"{source}: stages.{key}: two combinations are both named {name!r}; put every axis "
+                             f"in the name")
+        merged = dict(rest)
+        for _, _, p in combo:
+            merged.update(p)
+        out[name] = merged
+    return out
+
+
 @dataclass
 class RunConfig:
-    """A checked run configuration (see module docstring)."""
+    """A checked recipe (see the module docstring). ``shared``: the top-level stage parameters."""
 
     run_dir: str
     seed: int = 0
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
     def __post_init__(self):
+        from .stages import STAGES, stage_class, stage_fields
+
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError(f"{self.source}: 'run_dir' must be a non-empty string (a folder path)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise TypeError(f"{self.source}: 'seed' must be an integer, got {self.seed!r}")
-        available = {p.stem: p for p in sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))}
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise TypeError(f"{self.source}: 'seed' must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.stages, dict):
+            raise TypeError(f"{self.source}: 'stages' must be a mapping of stage name: parameters")
+        known = stage_fields()
+        for key in self.shared:
+            if key not in known:
+                raise ValueError(f"{self.source}: unknown top-level key {key!r}; allowed: {', '.join(_TOP)} and any "
+                                 f"stage parameter ({', '.join(sorted(k for k in known if k not in _TOP))})")
+        expanded: dict[str, dict] = {}
         for stage, params in self.stages.items():
-            base, _, variant = str(stage).partition("/")
-            if base not in available:
-                raise ValueError(f"{self.source}: unknown stage {stage!r}; stages are the notebooks "
-                                 f"{', '.join(available) or '(none found)'} (a variant: '<stage>/<name>')")
-            if "/" in str(stage) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", variant):
-                raise ValueError(f"{self.source}: stage variant {stage!r}: the name after '/' must be letters, "
-                                 f"digits, '_' or '-' (it becomes a folder name)")
             if params is None:
-                self.stages[stage] = params = {}
+                params = {}
             if not isinstance(params, dict):
                 raise TypeError(f"{self.source}: stages.{stage} must be a mapping of parameter: value")
-            allowed = notebook_parameters(available[base])
-            for key, value in params.items():
+            expanded.update(expand_matrix(str(stage), params, self.source))
+        for plain in {s.split("/", 1)[0] for s in expanded if "/" in s} & set(expanded):
+            common = expanded.pop(plain)  # what the variants of this stage share; it does not run on its own
+            expanded = {s: {**common, **p} if s.split("/", 1)[0] == plain else p for s, p in expanded.items()}
+        order = sorted(expanded, key=lambda s: s[:2])  # by stage number; variants keep their order
+        self.stages = {s: expanded[s] for s in order}
+        for stage, params in self.stages.items():
+            base, _, variant = stage.partition("/")
+            if base not in STAGES:
+                raise ValueError(f"{self.source}: unknown stage {stage!r}; stages are {', '.join(STAGES)} "
+                                 f"(a variant: '<stage>/<name>')")
+            if "/" in stage and not _VARIANT.fullmatch(variant):
+                raise ValueError(f"{self.source}: stage variant {stage!r}: the name after '/' must be letters, "
+                                 f"digits, '_' or '-' (it becomes a folder name)")
+            allowed = {f.name for f in fields(stage_class(stage))}
+            for key in params:
                 if key == "run_dir":
                     raise ValueError(f"{self.source}: stages.{stage}.run_dir: set run_dir once at the top level")
                 if key not in allowed:
                     raise ValueError(f"{self.source}: stages.{stage}: unknown parameter {key!r}; "
-                                     f"{stage} takes: {', '.join(sorted(allowed))}")
-                want = allowed[key]["type"]
-                ok = _TYPES.get(want)
-                if ok is not None and (not isinstance(value, ok) or (want != "bool" and isinstance(value, bool))):
-                    raise TypeError(f"{self.source}: stages.{stage}.{key} must be {want} "
-                                    f"(default {allowed[key]['default']!r}), got {value!r}")
+                                     f"{base} takes: {', '.join(sorted(allowed))}")
+            try:
+                stage_class(stage)(**self.parameters(stage))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{self.source}: stages.{stage}: {err}") from None
 
     def parameters(self, stage: str) -> dict[str, Any]:
-        """The papermill parameters for ``stage``: run_dir and seed plus the stage's own (a stage's
-        ``seed`` overrides the top-level one, for variants such as ``"04_training/rdpo_seed1"``)."""
-        return {"run_dir": self.run_dir, "seed": self.seed, **self.stages.get(stage, {})}
+        """The papermill parameters of ``stage``: run_dir and seed, the top-level parameters the stage
+        takes, then the stage's own (a variant's ``seed`` beats the top-level one). A variant of a
+        stage with ``output_name`` gets its variant name there unless it sets one."""
+        from .stages import stage_class
+
+        allowed = {f.name for f in fields(stage_class(stage))}
+        out = {"run_dir": self.run_dir, "seed": self.seed,
+               **{k: v for k, v in self.shared.items() if k in allowed}, **self.stages.get(stage, {})}
+        if "/" in stage and "output_name" in allowed and not out.get("output_name"):
+            out["output_name"] = stage.split("/", 1)[1]
+        return out
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config; ``overrides`` like ``"00_tiny_world.n_train=500"`` or ``"seed=3"``."""
+def _read_yaml(path: Path) -> dict:
+    """A YAML mapping from ``path``; a key given twice in one mapping is an error, not a silent merge."""
     import yaml
 
-    path = Path(path)
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"{path}: key {dup[0]!r} given twice (line {node.start_mark.line + 1})")
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=Loader) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping with run_dir, seed, stages")
-    unknown = set(data) - {"run_dir", "seed", "stages"}
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: run_dir, seed, stages")
-    data.setdefault("stages", {})
+    return data
+
+
+def _load_raw(path: Path, seen: tuple = ()) -> dict:
+    """The YAML of ``path`` with its ``base`` recipes merged under it (stages merged key by key)."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"{path}: 'base' chain loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: 'base' must be a file path")
+    merged = _load_raw(path.parent / base, seen + (path,))
+    stages = dict(merged.pop("stages", None) or {})
+    for stage, params in (data.pop("stages", None) or {}).items():
+        stages[stage] = {**(stages.get(stage) or {}), **(params or {})}
+    return {**merged, **data, "stages": stages}
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe; ``overrides`` like ``"model_path=/models/x"`` (top level), ``"04_training.beta=0.2"``
+    (a stage and all its variants) or ``"04_training/rdpo_seed0.beta=0.2"`` (one variant)."""
+    path = Path(path)
+    data = _load_raw(path)
+    stages = data.pop("stages", None) or {}
+    if isinstance(stages, dict):  # variants first, so that an override can name one of them
+        stages = {k: v for key, params in stages.items()
+                  for k, v in expand_matrix(str(key), params or {}, str(path)).items()}
     for item in overrides or []:
         key, value = parse_override(item)
-        if "." in key:
-            stage, param = key.split(".", 1)
-            data["stages"].setdefault(stage, {})
-            data["stages"][stage] = dict(data["stages"][stage] or {}, **{param: value})
-        else:
+        if "." not in key:
             data[key] = value
-    return RunConfig(run_dir=data.get("run_dir", ""), seed=data.get("seed", 0), stages=data["stages"], source=str(path))
+            continue
+        stage, param = key.split(".", 1)
+        targets = [s for s in stages if s == stage or ("/" not in stage and s.split("/", 1)[0] == stage)]
+        for s in targets or [stage]:
+            stages[s] = dict(stages.get(s) or {}, **{param: value})
+    top = {k: data.pop(k) for k in ("run_dir", "seed") if k in data}
+    return RunConfig(run_dir=top.get("run_dir", ""), seed=top.get("seed", 0), stages=stages, shared=data,
+                     source=str(path))
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"key=value"`` → ``(key, value)`` with the value parsed as YAML (``3``, ``true``, ``a``)."""
+    """``"key=value"`` → ``(key, value)`` with the value parsed as YAML (``3``, ``true``, ``a``, and
+    ``5e-4`` as a number, which YAML 1.1 would leave as text)."""
     import yaml
 
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like key=value or stage.key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    return key.strip(), value

@@ -73,7 +73,7 @@ class ChatEndpoint:
     """An OpenAI-compatible chat-completions endpoint (see the module docstring)."""
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 max_concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5, backoff_base: float = 1.0,
+                 max_concurrency: int = 8, timeout: float = 60.0, max_retries: int = 5, backoff_base: float = 1.0,
                  backoff_max: float = 30.0, max_tokens: int | None = None, extra_body: dict | None = None,
                  name_prefix: str = "openai"):
         import openai

@@ -20,7 +20,7 @@ def _reward(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tenso
 
 
 def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1) -> dict:
+        ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float) -> dict:
     """Sigmoid DPO (Rafailov et al. 2023; Re-Align Eq. 3), all inputs ``(B,)``:
 
         L_DPO = −log σ(β[log π(y_w|x,v)/π_ref(y_w|x,v) − log π(y_l|x,v)/π_ref(y_l|x,v)])
@@ -34,7 +34,7 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
 
 def rdpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
          policy_retrieved_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-         ref_rejected_logps: torch.Tensor, ref_retrieved_logps: torch.Tensor, beta: float = 0.1) -> dict:
+         ref_rejected_logps: torch.Tensor, ref_retrieved_logps: torch.Tensor, beta: float) -> dict:
     """Re-Align's rDPO (Eq. 5) = L_DPO + L_vDPO, all inputs ``(B,)``; ``*_retrieved_logps`` are
     log π(y_w | x, v_l): the *chosen* response under the *retrieved* image.
 
@@ -50,7 +50,7 @@ def rdpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
 
 def mdpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
          policy_cropped_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-         ref_rejected_logps: torch.Tensor, ref_cropped_logps: torch.Tensor, beta: float = 0.1) -> dict:
+         ref_rejected_logps: torch.Tensor, ref_cropped_logps: torch.Tensor, beta: float) -> dict:
     """mDPO (Wang et al. 2024) = L_DPO + L_cond + L_anchor, all inputs ``(B,)``;
     ``*_cropped_logps`` are log π(y_w | x, v_crop) with a random crop keeping 1–20 % of the image:
 
@@ -81,7 +81,7 @@ def released_noisy_logprobs(logits: torch.Tensor, response_mask: torch.Tensor) -
 
 def rdpo_released(policy_chosen_logps: torch.Tensor, policy_rejected_noisy: torch.Tensor,
                   policy_retrieved_noisy: torch.Tensor, ref_chosen_logps: torch.Tensor,
-                  ref_rejected_noisy: torch.Tensor, ref_retrieved_noisy: torch.Tensor, beta: float = 0.1) -> dict:
+                  ref_rejected_noisy: torch.Tensor, ref_retrieved_noisy: torch.Tensor, beta: float) -> dict:
     """rDPO as the authors' release computes it: :func:`rdpo`'s formula, but the rejected and the
     retrieved-image terms take :func:`released_noisy_logprobs` (argmax-token log-probs of the
     rejected sequence and of the chosen sequence under the retrieved image) instead of the

@@ -24,7 +24,6 @@ __all__ = ["POPE_SPLITS", "find_pope_files", "load_pope_questions", "parse_yes_n
            "join_answers", "answer_pope", "evaluate_pope"]
 
 POPE_SPLITS = ("random", "popular", "adversarial")
-LMMS_EVAL_SUFFIX = "Answer the question using a single word or phrase."
 
 
 def find_pope_files(folder: str | os.PathLike) -> dict[str, str]:
@@ -137,7 +136,7 @@ def answer_pope(model, processor, questions: list[dict], image_root: str | os.Pa
     """Answer POPE questions greedily, appending to ``out_path`` as JSON lines; resumes a partial file.
 
     ``suffix`` is appended to each question (for example lmms-eval's
-    ``"Answer the question using a single word or phrase."``).
+    ``"Answer the question using a single word or phrase."``, :data:`realign_lib.prompts.LMMS_EVAL_SUFFIX`).
     """
     from .vlm import generate
 

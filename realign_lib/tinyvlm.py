@@ -3,8 +3,9 @@
 Architecture (about 1.2 M parameters): a CLIP vision tower (64×64 input, patch 16 → 16 patches +
 CLS, hidden 128, 3 layers), a two-layer GELU projector, and a Llama language model (hidden 128,
 3 layers, 4 heads) over a word-level vocabulary built with ``tokenizers``. The processor is a real
-``LlavaProcessor`` with a chat template in the LLaVA-1.5 style, so after ``save_pretrained`` the
-folder loads with ``AutoProcessor`` / ``AutoModelForImageTextToText`` exactly like a hub checkpoint.
+``LlavaProcessor`` with the LLaVA-1.5 chat template (:data:`realign_lib.vlm.LLAVA_CHAT_TEMPLATE`), so
+after ``save_pretrained`` the folder loads with ``AutoProcessor`` / ``AutoModelForImageTextToText``
+exactly like a hub checkpoint.
 
 Training has two phases (design notes §4 explain why the first is needed):
 
@@ -12,6 +13,8 @@ Training has two phases (design notes §4 explain why the first is needed):
    (scene, object presence, per-position object and colour), a stand-in for CLIP's pre-training;
 2. :func:`instruction_tune` — the projector and language model on LLaVA-Instruct-style
    conversations (tower frozen), loss on the assistant turns only, as LLaVA's stage 2 does.
+
+A killed run continues from its last saved state (:class:`realign_lib.resume.ResumeState`).
 """
 from __future__ import annotations
 
@@ -26,27 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .resume import ResumeState
+from .vlm import LLAVA_CHAT_TEMPLATE
+
 __all__ = [
-    "TinyVLMConfig", "CHAT_TEMPLATE", "ResumeState", "build_tokenizer", "build_processor", "build_model",
-    "images_to_pixels", "region_weights", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "exchange_loss", "instruction_tune",
+    "TinyVLMConfig", "build_tokenizer", "build_processor", "build_model", "images_to_pixels", "region_weights",
+    "pretrain_vision_tower", "encode_conversations", "split_exchanges", "exchange_loss", "instruction_tune",
     "train_tiny_vlm",
 ]
 
-# LLaVA-1.5 style template. The image placeholder is emitted where the user put an image.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image> {% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}</s> "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "[MASK]"]
 
 
@@ -95,7 +86,7 @@ def build_tokenizer(words: Sequence[str]):
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         additional_special_tokens=["<image>", "[MASK]"], model_max_length=1024, padding_side="left",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = LLAVA_CHAT_TEMPLATE
     return fast
 
 
@@ -110,7 +101,7 @@ def build_processor(tokenizer, cfg: TinyVLMConfig):
                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=cfg.patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+                          chat_template=LLAVA_CHAT_TEMPLATE)
 
 
 def build_model(tokenizer, cfg: TinyVLMConfig):
@@ -146,82 +137,6 @@ def images_to_pixels(images: np.ndarray) -> torch.Tensor:
     """
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return (x - 0.5) / 0.5
-
-
-# ------------------------------------------------------------------------------ resuming a kill
-class ResumeState:
-    """Where a killed :func:`train_tiny_vlm` picks up: the latest saved step of either phase.
-
-    Every ``every`` steps (and at the end of each phase) a phase saves ``folder/<phase>-<step>.pt``
-    — model (and tower heads), optimiser, schedule and sampling-generator state and its loss
-    history — then ``folder/state.json`` naming that file, the phase, the step, the training
-    config and how many lines the training log had. Both are renamed into place, and
-    ``state.json`` is written last, so it only ever names a complete file. A state saved under a
-    different config is ignored. The ``.pt`` files hold tensors and plain containers only and are
-    read with ``torch.load(weights_only=True)``.
-    """
-
-    def __init__(self, folder: str | os.PathLike, config: dict, every: int, log_path: str | os.PathLike | None = None):
-        self.folder, self.config, self.every = Path(folder), config, int(every)
-        self.log_path = Path(log_path) if log_path else None
-
-    def latest(self) -> dict | None:
-        """``state.json`` of a complete save under this config, or ``None``."""
-        from .files import read_json
-        meta_path = self.folder / "state.json"
-        if not meta_path.is_file():
-            return None
-        meta = read_json(meta_path)
-        if meta.get("config") != self.config or not (self.folder / meta["file"]).is_file():
-            return None
-        return meta
-
-    def load(self, phase: str) -> dict | None:
-        """The saved state of ``phase`` if the latest save is of that phase, else ``None``."""
-        meta = self.latest()
-        if meta is None or meta["phase"] != phase:
-            return None
-        return torch.load(self.folder / meta["file"], weights_only=True)
-
-    def due(self, done: int, total: int) -> bool:
-        """Save after ``done`` of ``total`` steps? (every ``every`` steps, and at the end)"""
-        return self.every > 0 and (done % self.every == 0 or done == total)
-
-    def save(self, phase: str, step: int, state: dict) -> None:
-        from .files import atomic_torch_save, read_appended, write_json
-        name = f"{phase}-{step}.pt"
-        atomic_torch_save(self.folder / name, state)
-        log_lines = len(read_appended(self.log_path)) if self.log_path else 0
-        write_json(self.folder / "state.json", {"phase": phase, "step": step, "file": name,
-                                                "log_lines": log_lines, "config": self.config})
-        for old in self.folder.glob("*.pt"):
-            if old.name != name:
-                old.unlink()
-
-    def restore(self, phase: str, modules: dict, opt, sched, generator) -> tuple[int, list[dict]]:
-        """Load the latest saved state of ``phase`` into ``modules`` (name → module), the optimiser,
-        the schedule and the generator; returns ``(step to start at, loss history so far)``."""
-        saved = self.load(phase)
-        if not saved:
-            return 0, []
-        for name, module in modules.items():
-            module.load_state_dict(saved[name])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        generator.set_state(saved["generator"])
-        return saved["step"], saved["hist"]
-
-    def checkpoint(self, phase: str, done: int, total: int, modules: dict, opt, sched, generator,
-                   hist: list[dict]) -> None:
-        """Save what :meth:`restore` reads, if a save is due after ``done`` of ``total`` steps."""
-        if self.due(done, total):
-            self.save(phase, done, {**{name: m.state_dict() for name, m in modules.items()},
-                                    "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                    "generator": generator.get_state(), "step": done, "hist": hist})
-
-    def clear(self) -> None:
-        import shutil
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------- phase 1: the tower
@@ -351,8 +266,8 @@ def _messages(conversations: list[dict]) -> list[dict]:
 
 
 def _render(m: dict) -> str:
-    """One message exactly as :data:`CHAT_TEMPLATE` renders it (checked against it in the tests)."""
-    text = "".join("<image> " if c["type"] == "image" else c["text"] for c in m["content"])
+    """One message exactly as :data:`realign_lib.vlm.LLAVA_CHAT_TEMPLATE` renders it (checked in the tests)."""
+    text = "".join("<image>\n" if c["type"] == "image" else c["text"] for c in m["content"])
     return f"USER: {text} " if m["role"] == "user" else f"ASSISTANT: {text}</s> "
 
 

@@ -12,6 +12,9 @@ has the two things that make real VLMs hallucinate:
 Ground truth per image (:class:`Scene`) drives the detailed descriptions, yes/no questions, the
 LLaVA-Instruct-150K style training file, the POPE question files (random / popular / adversarial
 negatives sampled as POPE does) and the MME-style folders (existence, count, position, color).
+This module holds the world — scenes, rendering, texts, :func:`build_world`; the benchmark
+questions and the hallucination metrics on the world's ground truth are in
+:mod:`realign_lib.tinyworld_eval`. The prompts come from :mod:`realign_lib.prompts`.
 
 Everything here is a pure function of a seed; nothing runs at import.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,12 +30,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .files import read_jsonl, write_json, write_jsonl
+from .prompts import DESCRIBE_PROMPT, FIXED_PROMPTS, LMMS_EVAL_SUFFIX, MME_SUFFIX
 
 __all__ = [
     "OBJECTS", "SCENES", "COLOURS", "POSITIONS", "PARTNER", "TYPICAL", "USUAL_COLOUR",
     "ObjectInstance", "Scene", "sample_scene", "sample_scenes", "render_scene", "describe",
-    "plural", "training_questions", "mentioned_objects", "caption_hallucination", "partner_yes_rate", "llava_record", "pope_questions", "mme_questions",
-    "WorldConfig", "build_world", "load_annotations", "world_vocabulary", "FIXED_PROMPTS",
+    "plural", "existence_question", "training_questions", "llava_record",
+    "WorldConfig", "build_world", "load_annotations", "world_vocabulary", "span_lexicon", "save_png",
 ]
 
 IMAGE_SIZE = 64
@@ -81,14 +84,6 @@ POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at th
                    "bottom": "at the bottom", "center": "in the center"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 PLURAL = {"fish": "fish"}
-
-# Prompts the later stages send to the tiny VLM; their words must be in its vocabulary.
-DESCRIBE_PROMPT = "Describe the image in detail."
-MME_SUFFIX = "Please answer yes or no."
-LMMS_EVAL_SUFFIX = "Answer the question using a single word or phrase."
-COMPLETION_PROMPT = ("Please complete the following sentence based on the input image by filling in "
-                     "the masked segments.")
-FIXED_PROMPTS = (DESCRIBE_PROMPT, MME_SUFFIX, LMMS_EVAL_SUFFIX, COMPLETION_PROMPT)
 
 
 def plural(obj: str) -> str:
@@ -364,96 +359,6 @@ def llava_record(s: Scene, image_file: str, rng: np.random.Generator, n_question
     return {"id": s.id, "image": image_file, "conversations": conv}
 
 
-# ----------------------------------------------------------------------------------------- POPE
-def object_statistics(scenes: Sequence[Scene]) -> tuple[Counter, dict[str, Counter]]:
-    """Object frequencies (images containing each type) and pairwise co-occurrence counts."""
-    freq: Counter = Counter()
-    co: dict[str, Counter] = {o: Counter() for o in OBJECTS}
-    for s in scenes:
-        ts = s.types
-        freq.update(ts)
-        for a in ts:
-            for b in ts:
-                if a != b:
-                    co[a][b] += 1
-    return freq, co
-
-
-def pope_questions(scenes: Sequence[Scene], image_files: Sequence[str], split: str,
-                   stats_scenes: Sequence[Scene], seed: int) -> list[dict]:
-    """POPE question records for one split, in the official format.
-
-    Each image gets its ground-truth object types as "yes" questions and as many absent types as
-    "no" questions, chosen as POPE does: ``random`` — uniformly among absent objects; ``popular`` —
-    the most frequent objects (over ``stats_scenes``) that are absent; ``adversarial`` — the absent
-    objects that co-occur most often with the present ones. Yes and no questions alternate, so the
-    file is exactly half "yes".
-    """
-    if split not in ("random", "popular", "adversarial"):
-        raise ValueError(f"unknown POPE split {split!r}: use random, popular or adversarial")
-    freq, co = object_statistics(stats_scenes)
-    rng = np.random.default_rng([seed, {"random": 1, "popular": 2, "adversarial": 3}[split]])
-    out, qid = [], 1
-    for s, img in zip(scenes, image_files):
-        present = s.types
-        absent = [o for o in OBJECTS if o not in present]
-        k = min(len(present), len(absent))
-        if split == "random":
-            negs = [str(x) for x in rng.choice(absent, size=k, replace=False)]
-        elif split == "popular":
-            negs = sorted(absent, key=lambda o: (-freq[o], OBJECTS.index(o)))[:k]
-        else:
-            score = Counter()
-            for p in present:
-                score.update(co[p])
-            negs = sorted(absent, key=lambda o: (-score[o], -freq[o], OBJECTS.index(o)))[:k]
-        for pos, neg in zip(present[:k], negs):
-            for obj, label in ((pos, "yes"), (neg, "no")):
-                out.append({"question_id": qid, "image": img, "text": existence_question(obj), "label": label})
-                qid += 1
-    return out
-
-
-# ------------------------------------------------------------------------------------------ MME
-MME_TASKS = ("existence", "count", "position", "color")
-
-
-def mme_questions(s: Scene, task: str, rng: np.random.Generator) -> list[tuple[str, str]] | None:
-    """The two MME questions (one yes, one no) of ``task`` for scene ``s``, or None if it does not fit."""
-    sfx = " " + MME_SUFFIX
-    present = s.types
-    if task == "existence":
-        obj = present[int(rng.integers(len(present)))]
-        neg = str(rng.choice([o for o in OBJECTS if o not in present]))
-        return [(f"Is there a {obj} in this image?{sfx}", "Yes"), (f"Is there a {neg} in this image?{sfx}", "No")]
-    if task == "count":
-        obj = present[int(rng.integers(len(present)))]
-        true = s.count(obj)
-        wrong = true + 1 if true == 1 or rng.random() < 0.5 else true - 1
-
-        def q(n):
-            return (f"Is there one {obj} in this image?{sfx}" if n == 1 else
-                    f"Are there {NUMBER_WORDS[n]} {plural(obj)} in this image?{sfx}")
-        return [(q(true), "Yes"), (q(wrong), "No")]
-    if task == "position":
-        singles = [o for o in s.objects if s.count(o.type) == 1]
-        if not singles:
-            return None
-        o = singles[int(rng.integers(len(singles)))]
-        other = str(rng.choice([p for p in POSITIONS if p != o.position]))
-        return [(f"Is the {o.type} {POSITION_PHRASE[o.position]} of the image?{sfx}", "Yes"),
-                (f"Is the {o.type} {POSITION_PHRASE[other]} of the image?{sfx}", "No")]
-    if task == "color":
-        singles = [o for o in s.objects if s.count(o.type) == 1]
-        if not singles:
-            return None
-        o = singles[int(rng.integers(len(singles)))]
-        other = str(rng.choice([c for c in COLOURS if c != o.colour]))
-        return [(f"Is there a {o.colour} {o.type} in this image?{sfx}", "Yes"),
-                (f"Is there a {other} {o.type} in this image?{sfx}", "No")]
-    raise ValueError(f"unknown MME task {task!r}; tiny world supports {', '.join(MME_TASKS)}")
-
-
 # ------------------------------------------------------------------------------------ the world
 @dataclass
 class WorldConfig:
@@ -472,7 +377,8 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name} must be a positive integer, got {v!r}")
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
+def save_png(arr: np.ndarray, path: Path) -> None:
+    """Write an image array as PNG atomically (temporary sibling, then rename)."""
     tmp = path.with_name("." + path.name + ".tmp")
     Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
     os.replace(tmp, path)
@@ -483,7 +389,7 @@ def _render_chunk(args) -> int:
     for s in scenes:
         p = Path(folder) / f"{s.id}.png"
         if not p.exists():
-            _save_png(render_scene(s), p)
+            save_png(render_scene(s), p)
     return len(scenes)
 
 
@@ -521,8 +427,9 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     last, so its presence marks a complete world. ``workers``: rendering processes (default: the
     CPU count); the pixels do not depend on it.
     """
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    from .tinyworld_eval import object_statistics, write_mme_folders, write_pope_files
 
+    workers = workers if workers is not None else (os.cpu_count() or 1)
     out = Path(out_dir)
     done = out / "world.json"
     if done.is_file():
@@ -544,30 +451,8 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     _render_all(test, out / "test_images", progress, workers)
     test_files = [f"{s.id}.png" for s in test]
     write_jsonl(out / "annotations_test.jsonl", [s.to_dict() for s in test])
-    pope_files = {}
-    for split in ("random", "popular", "adversarial"):
-        qs = pope_questions(test, test_files, split, stats_scenes=train, seed=cfg.seed)
-        pope_files[split] = str(write_jsonl(out / "pope" / f"tiny_pope_{split}.json", qs))
-    mme_counts = {}
-    for t_i, task in enumerate(MME_TASKS):
-        scenes = sample_scenes(cfg.n_mme * 3, seed=cfg.seed * 1000 + 10 + t_i, prefix=f"mme_{task}_")
-        trng = np.random.default_rng([cfg.seed, 500 + t_i])
-        folder = out / "MME" / task
-        folder.mkdir(parents=True, exist_ok=True)
-        n = 0
-        mme_ann = []
-        for s in scenes:
-            qs = mme_questions(s, task, trng)
-            if qs is None:
-                continue
-            _save_png(render_scene(s), folder / f"{s.id}.png")
-            (folder / f"{s.id}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qs), encoding="utf-8")
-            mme_ann.append(s.to_dict())
-            n += 1
-            if n == cfg.n_mme:
-                break
-        write_jsonl(out / f"annotations_mme_{task}.jsonl", mme_ann)
-        mme_counts[task] = n
+    pope_files = write_pope_files(out / "pope", test, test_files, train, cfg.seed)
+    mme_counts = write_mme_folders(out, cfg.seed, cfg.n_mme)
     freq, co = object_statistics(train)
     summary = {
         "config": asdict(cfg),
@@ -608,60 +493,12 @@ def world_vocabulary() -> list[str]:
     return sorted(words)
 
 
-# ------------------------------------------------------------------------- hallucination checks
-def mentioned_objects(text: str) -> list[str]:
-    """Object types a text names (singular or plural), in order of first mention."""
-    import re
-
-    names = {o: o for o in OBJECTS}
-    names.update({plural(o): o for o in OBJECTS})
-    seen = []
-    for w in re.findall(r"[a-z]+", text.lower()):
-        o = names.get(w)
-        if o and o not in seen:
-            seen.append(o)
-    return seen
-
-
-def caption_hallucination(texts: Sequence[str], scenes: Sequence[Scene]) -> dict:
-    """CHAIR-style figures for descriptions of ``scenes``.
-
-    ``chair_i``: share of mentioned objects that are absent; ``chair_s``: share of descriptions
-    with at least one absent object; ``recall``: share of present object types mentioned;
-    ``partner_share``: share of hallucinated mentions that are the partner of a present object.
-    """
-    if len(texts) != len(scenes):
-        raise ValueError(f"{len(texts)} texts but {len(scenes)} scenes")
-    mentioned = hallucinated = with_h = present_total = recalled = partner = 0
-    for t, s in zip(texts, scenes):
-        m = mentioned_objects(t)
-        present = set(s.types)
-        bad = [o for o in m if o not in present]
-        mentioned += len(m)
-        hallucinated += len(bad)
-        with_h += bool(bad)
-        partner += sum(PARTNER[o] in present for o in bad)
-        present_total += len(present)
-        recalled += len(present & set(m))
-    return {"chair_i": hallucinated / max(mentioned, 1), "chair_s": with_h / max(len(texts), 1),
-            "recall": recalled / max(present_total, 1), "partner_share": partner / max(hallucinated, 1),
-            "n": len(texts)}
-
-
-def partner_yes_rate(questions: Sequence[dict], predictions: Sequence[str], scenes: Sequence[Scene]) -> dict:
-    """Yes-rate on POPE "no" questions, split by whether the absent object is a present one's partner.
-
-    ``questions``: POPE records (``image`` = ``<scene id>.png``); ``predictions``: parsed yes/no.
-    """
-    by_image = {f"{s.id}.png": s for s in scenes}
-    counts = {"partner": [0, 0], "other": [0, 0]}
-    for q, p in zip(questions, predictions):
-        if q["label"] != "no":
-            continue
-        obj = mentioned_objects(q["text"])[0]
-        s = by_image[q["image"]]
-        key = "partner" if PARTNER[obj] in s.types else "other"
-        counts[key][0] += p == "yes"
-        counts[key][1] += 1
-    return {f"absent_{k}_yes_rate": (v[0] / v[1] if v[1] else float("nan")) for k, v in counts.items()} | \
-        {f"absent_{k}_n": v[1] for k, v in counts.items()}
+def span_lexicon() -> dict[str, str]:
+    """The world's words by kind, for the random-swap comparison
+    (:func:`realign_lib.comparisons.span_kind`): ``object`` / ``objects`` (plural), ``colour``,
+    ``size``, ``position``, ``relation``, ``scene`` and ``number``."""
+    lex = {o: "object" for o in OBJECTS} | {plural(o): "objects" for o in OBJECTS}
+    lex |= {c: "colour" for c in COLOURS} | {"small": "size", "big": "size"}
+    lex |= {p: "position" for p in POSITION_PHRASE} | {"above": "relation", "below": "relation"}
+    lex |= {s: "scene" for s in SCENES} | {w: "number" for w in NUMBER_WORDS.values()}
+    return lex

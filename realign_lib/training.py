@@ -1,4 +1,4 @@
-"""rDPO training on the Hugging Face stack (stage 4; design notes §2 step 5, §5).
+"""rDPO training on the Hugging Face stack (stage 4): settings, data, scoring, reference log-probs.
 
 * :class:`PreferenceConfig` — the loss (``dpo`` / ``rdpo`` / ``mdpo`` / ``rdpo_released``) and the
   paper's hyper-parameters, turned into ``transformers.TrainingArguments`` and a ``peft.LoraConfig``;
@@ -11,15 +11,13 @@
   and the loss of :mod:`realign_lib.losses` with its metrics;
 * :func:`precompute_reference_logps` — the frozen reference's log-probs, once, cached as JSON lines
   keyed by sample id (resumable);
-* :class:`PreferenceTrainer` — a ``transformers.Trainer`` overriding the documented
-  ``compute_loss``, ``log`` and ``create_optimizer`` extension points; nothing of TRL or
-  transformers is patched.
 
+The trainer itself (:class:`realign_lib.trainer.PreferenceTrainer`, a ``transformers.Trainer``) and
+the training entry point (:func:`realign_lib.trainer.train`) live in :mod:`realign_lib.trainer`.
 Importing this module imports neither transformers nor peft.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -35,9 +33,8 @@ from .files import append_jsonl, read_appended, read_jsonl
 
 __all__ = [
     "LOSSES", "PreferenceConfig", "PreferenceDataset", "PreferenceCollator", "random_crop",
-    "language_model_linear_names", "score_pairs", "reference_keys", "reference_logps_for_batch",
-    "compute_preference_loss", "precompute_reference_logps",
-    "PreferenceTrainer",
+    "lora_target_names", "score_pairs", "reference_keys", "reference_logps_for_batch",
+    "compute_preference_loss", "precompute_reference_logps", "PROJECTOR_NAMES", "is_projector_param",
 ]
 
 LOSSES = ("dpo", "rdpo", "mdpo", "rdpo_released")
@@ -51,28 +48,35 @@ class PreferenceConfig:
     loss: str = field(default="rdpo", metadata={"help": "one of dpo, rdpo (paper), mdpo, rdpo_released "
                                                         "(the authors' released 'noisy' variant, for comparison)"})
     beta: float = field(default=0.1, metadata={"help": "β of the sigmoid preference losses"})
-    epochs: float = field(default=1.0, metadata={"help": "training epochs"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "training epochs (when max_steps is -1)"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate (AdamW)"})
     projector_learning_rate: float = field(default=2e-5, metadata={
         "help": "learning rate of the multi-modal projector, used only when the projector is trained"})
-    train_projector: bool = field(default=False, metadata={"help": "also train the multi-modal projector"})
+    train_projector: bool = field(default=False, metadata={
+        "help": "also train the multi-modal projector (fully, at projector_learning_rate)"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps for linear warm-up"})
+    warmup_steps: float = field(default=0.03, metadata={
+        "help": "linear warm-up: a number below 1 is a fraction of the steps (paper 0.03), else steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    per_device_batch_size: int = field(default=1, metadata={"help": "preference pairs per device and step"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "preference pairs per device and step"})
     gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimiser step"})
     bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 mixed precision; None = on if a bf16-capable GPU is present, else fp32"})
+        "help": "bf16 mixed precision; None: on if a bf16-capable GPU is present, else fp32"})
     sft_weight: float = field(default=0.0, metadata={
-        "help": "weight of an added NLL term on the chosen response (per-token mean); 0 = off"})
+        "help": "weight of an added NLL term on the chosen response (per-token mean); 0: off"})
     use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters instead of all weights"})
     lora_r: int = field(default=128, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha"})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha (paper 2 × lora_r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="language_model", metadata={
+        "help": "language_model: every linear layer of the language model (paper); all_linear: every linear "
+                "layer but the output head (vision tower and projector too); or comma-separated layer names "
+                "inside the language model, e.g. q_proj,k_proj,v_proj,o_proj (the authors' released scripts)"})
     precompute_ref: bool = field(default=True, metadata={
-        "help": "compute the reference log-probs once before training (cached); False = on the fly"})
-    seed: int = field(default=42, metadata={"help": "seed of training and of mDPO's random crops"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
+        "help": "compute the reference log-probs once before training (cached); False: on the fly"})
+    seed: int = field(default=0, metadata={"help": "seed of training (data order, LoRA init) and of mDPO's crops"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "optimiser steps; -1: num_train_epochs over all pairs (the paper: one epoch)"})
     logging_steps: int = field(default=1, metadata={"help": "log every this many optimiser steps"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every this many optimiser steps"})
     crop_min_area: float = field(default=0.01, metadata={"help": "mDPO: least fraction of the image kept"})
@@ -83,42 +87,51 @@ class PreferenceConfig:
             raise ValueError(f"PreferenceConfig.{name}={getattr(self, name)!r}: {why}")
 
         kinds = {"float": ((int, float), "a number"), "int": (int, "an integer"), "bool": (bool, "true or false"),
-                 "str": (str, "text"), "int | None": ((int, type(None)), "an integer or null"),
-                 "bool | None": ((bool, type(None)), "true, false or null")}
+                 "str": (str, "text"), "bool | None": ((bool, type(None)), "true, false or null")}
         for f in fields(self):  # wrong types get a clear message, not a TypeError from a comparison below
             want = kinds.get(str(f.type))
             v = getattr(self, f.name)
-            if want and (not isinstance(v, want[0]) or (isinstance(v, bool) and str(f.type) in ("float", "int",
-                                                                                                 "int | None"))):
+            if want and (not isinstance(v, want[0]) or (isinstance(v, bool) and str(f.type) in ("float", "int"))):
                 raise TypeError(f"PreferenceConfig.{f.name}={v!r}: must be {want[1]}")
 
         if self.loss not in LOSSES:
             bad("loss", f"must be one of {', '.join(LOSSES)}")
-        for name in ("beta", "learning_rate", "projector_learning_rate", "epochs"):
+        for name in ("beta", "learning_rate", "projector_learning_rate", "num_train_epochs"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "must be a positive number")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
                      "save_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             bad("lora_alpha", "must be positive")
-        if not 0 <= self.warmup_ratio < 1:
-            bad("warmup_ratio", "must be in [0, 1)")
+        if self.warmup_steps < 0 or (self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps)):
+            bad("warmup_steps", "must be a fraction in [0, 1) or a whole number of steps")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0")
         if self.sft_weight < 0 or not math.isfinite(self.sft_weight):
             bad("sft_weight", "must be >= 0")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            bad("max_steps", "must be a positive integer or None")
+        if self.max_steps != -1 and self.max_steps < 1:
+            bad("max_steps", "must be a positive integer, or -1 for num_train_epochs")
+        if not self.lora_target_modules.strip():
+            bad("lora_target_modules", "must be language_model, all_linear or layer names")
         if not 0 < self.crop_min_area <= self.crop_max_area <= 1:
             bad("crop_min_area", f"need 0 < crop_min_area <= crop_max_area ({self.crop_max_area}) <= 1")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             bad("bf16", "must be True, False or None")
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> "PreferenceConfig":
+        """Settings by field name; an unknown name raises, listing the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(sorted(names))}")
+        return cls(**settings)
 
     @property
     def third_kind(self) -> str | None:
@@ -135,47 +148,69 @@ class PreferenceConfig:
         from transformers import TrainingArguments
 
         kw: dict[str, Any] = dict(
-            output_dir=str(output_dir), num_train_epochs=self.epochs, learning_rate=self.learning_rate,
+            output_dir=str(output_dir), num_train_epochs=self.num_train_epochs, learning_rate=self.learning_rate,
             lr_scheduler_type=self.lr_scheduler_type,
-            # transformers 5 dropped warmup_ratio: a float in [0, 1) as warmup_steps is the ratio
-            warmup_steps=float(self.warmup_ratio),
-            weight_decay=self.weight_decay, per_device_train_batch_size=self.per_device_batch_size,
+            # transformers 5 has no warmup_ratio: a float in [0, 1) as warmup_steps is the ratio
+            warmup_steps=float(self.warmup_steps) if self.warmup_steps < 1 else int(self.warmup_steps),
+            weight_decay=self.weight_decay, per_device_train_batch_size=self.per_device_train_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps, bf16=self.use_bf16(),
-            seed=self.seed, logging_steps=self.logging_steps, save_steps=self.save_steps,
+            seed=self.seed, logging_steps=self.logging_steps, save_steps=self.save_steps, max_steps=self.max_steps,
             remove_unused_columns=False, report_to="none", optim="adamw_torch", use_cpu=not torch.cuda.is_available())
-        if self.max_steps is not None:
-            kw["max_steps"] = self.max_steps
         kw.update(overrides)
         kw["remove_unused_columns"] = False  # the collator needs the raw records
         return TrainingArguments(**kw)
 
     def lora_config(self, model):
-        """``peft.LoraConfig`` on every linear layer of the language model (not the vision tower / head)."""
+        """``peft.LoraConfig`` on the linear layers :attr:`lora_target_modules` names (see
+        :func:`lora_target_names`)."""
         from peft import LoraConfig
 
         extra = {}
         if self.train_projector:  # trained fully and saved with the adapter (so checkpoints resume it)
-            projector = [n for n, _ in model.named_modules() if n.split(".")[-1] in _PROJECTOR_NAMES]
+            projector = [n for n, _ in model.named_modules() if n.split(".")[-1] in PROJECTOR_NAMES]
             if not projector:
                 raise ValueError(f"PreferenceConfig.train_projector=True but {type(model).__name__} has no module "
-                                 f"named one of {_PROJECTOR_NAMES}")
+                                 f"named one of {PROJECTOR_NAMES}")
             extra["modules_to_save"] = projector
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=language_model_linear_names(model), bias="none", **extra)
+                          target_modules=lora_target_names(model, self.lora_target_modules), bias="none", **extra)
 
 
-_PROJECTOR_NAMES = ("multi_modal_projector", "aligner", "connector")
+PROJECTOR_NAMES = ("multi_modal_projector", "aligner", "connector")
 
 
-def language_model_linear_names(model) -> list[str]:
-    """Full names of the ``nn.Linear`` modules inside the language model (``lm_head`` excluded).
+def is_projector_param(name: str) -> bool:
+    """Whether a parameter (or module) name lies inside the multi-modal projector."""
+    return any(part in PROJECTOR_NAMES for part in name.split("."))
 
-    The language model is the sub-module named ``language_model`` (LLaVA, Qwen2-VL, Idefics3, Janus
-    in transformers 5); a text-only model has none, and then every linear layer but the head counts.
+
+_LANGUAGE_MODEL_NAMES = ("language_model", "text_model")  # LLaVA, Qwen2-VL, Janus | Idefics3, SmolVLM
+
+
+def lora_target_names(model, targets: str = "language_model") -> list[str]:
+    """Full names of the ``nn.Linear`` modules that get LoRA adapters (``lm_head`` never).
+
+    ``targets``: ``"language_model"`` — every linear layer inside the language model, the
+    sub-module named ``language_model`` (LLaVA, Qwen2-VL, Janus in transformers 5) or ``text_model``
+    (Idefics3, SmolVLM); a text-only model has none, and then every linear layer but the head
+    counts. ``"all_linear"`` — every linear layer but the head (vision tower and projector too).
+    Otherwise comma-separated layer names (``"q_proj,k_proj,v_proj,o_proj"``) matched against the
+    last part of each name inside the language model.
     """
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    inside = [n for n, _ in linear if "language_model" in n.split(".")]
-    names = inside or [n for n, _ in linear if not n.split(".")[-1] in ("lm_head", "output")]
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    not_head = [n for n in linear if n.split(".")[-1] not in ("lm_head", "output")]
+    inside = [n for n in linear if set(n.split(".")) & set(_LANGUAGE_MODEL_NAMES)] or not_head
+    if targets == "all_linear":
+        names = not_head
+    elif targets == "language_model":
+        names = inside
+    else:
+        wanted = {t.strip() for t in targets.split(",") if t.strip()}
+        names = [n for n in inside if n.split(".")[-1] in wanted]
+        missing = wanted - {n.split(".")[-1] for n in names}
+        if missing:
+            raise ValueError(f"lora_target_modules: no linear layer named {sorted(missing)} in the language model "
+                             f"of {type(model).__name__} (it has {sorted({n.split('.')[-1] for n in inside})})")
     if not names:
         raise ValueError(f"{type(model).__name__}: no linear layers found for LoRA")
     return names
@@ -485,133 +520,3 @@ def precompute_reference_logps(model, dataset: PreferenceDataset, collator: Pref
     if attach:
         dataset.attach_reference(result)
     return result
-
-
-# ---------------------------------------------------------------------------------------- trainer
-def _projector_param(name: str) -> bool:
-    return any(part in _PROJECTOR_NAMES for part in name.split("."))
-
-
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class PreferenceTrainer(Trainer):
-        """``transformers.Trainer`` for DPO / rDPO / mDPO on an image-text-to-text model.
-
-        ``PreferenceTrainer(model, cfg, train_dataset, processor, args=None, ref_model=None,
-        ref_cache=None)``: ``model`` is the policy (a peft model when ``cfg.use_lora``: pass the
-        base model and the adapters of :meth:`PreferenceConfig.lora_config` are added here);
-        ``args`` defaults to ``cfg.training_arguments(output_dir)`` — pass ``output_dir=`` then.
-        With ``cfg.precompute_ref`` the reference log-probs are computed in ``__init__`` and
-        cached in ``ref_cache`` (default ``<output_dir>/reference_logps.jsonl``); otherwise each
-        step runs the reference too. Without LoRA and without ``ref_model`` a frozen copy of the
-        model is the reference. Logs every term, reward, margin and accuracy (batch means since
-        the last log) besides the Trainer's loss and learning rate.
-        """
-
-        # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
-        loss_is_scaled_for_ga = False
-
-        def __init__(self, model, cfg: PreferenceConfig, train_dataset: PreferenceDataset, processor,
-                     args=None, ref_model=None, ref_cache: str | os.PathLike | None = None,
-                     output_dir: str | os.PathLike | None = None, **kwargs):
-            if args is None:
-                if output_dir is None:
-                    raise ValueError("pass args (TrainingArguments) or output_dir")
-                args = cfg.training_arguments(output_dir)
-            if args.remove_unused_columns:
-                raise ValueError("TrainingArguments.remove_unused_columns must be False: the collator needs "
-                                 "the raw preference records")
-            if cfg.use_lora and not hasattr(model, "disable_adapter"):
-                from peft import get_peft_model
-
-                model = get_peft_model(model, cfg.lora_config(model))
-            if cfg.train_projector and not cfg.use_lora:
-                for n, p in model.named_parameters():
-                    if _projector_param(n):
-                        p.requires_grad_(True)
-            if ref_model is None and not hasattr(model, "disable_adapter"):
-                ref_model = copy.deepcopy(model)
-            if ref_model is not None:
-                ref_model.eval().requires_grad_(False)
-            self.cfg, self.ref_model = cfg, ref_model
-            self._metrics: dict[str, list[float]] = {}
-            self._eval_metrics: dict[str, list[float]] = {}
-            collator = PreferenceCollator(processor, cfg)
-            super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                             processing_class=processor, **kwargs)
-            if self.ref_model is not None:
-                self.ref_model.to(self.args.device)
-            if cfg.precompute_ref:
-                cache = ref_cache if ref_cache is not None else Path(args.output_dir) / "reference_logps.jsonl"
-                precompute_reference_logps(self.model, train_dataset, collator, cfg, cache,
-                                           ref_model=self.ref_model,
-                                           batch_size=max(1, args.per_device_train_batch_size))
-
-        def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-            ref = None
-            if not any(k.startswith("ref_") for k in inputs):
-                ref = reference_logps_for_batch(self.accelerator.unwrap_model(model), inputs, self.cfg,
-                                                self.ref_model)
-            loss, metrics = compute_preference_loss(model, inputs, ref, self.cfg)
-            if model.training:
-                for k, v in metrics.items():
-                    self._metrics.setdefault(k, []).append(v)
-            return (loss, metrics) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            """Evaluation: the preference loss only (no logits); its metrics are logged as ``eval_*``."""
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss, metrics = self.compute_loss(model, inputs, return_outputs=True)
-            for k, v in metrics.items():
-                self._eval_metrics.setdefault(k, []).append(v)
-            return loss.detach(), None, None
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if self._metrics and "loss" in logs:  # a training log: add the averaged metrics
-                for k, vals in self._metrics.items():
-                    logs["pref/" + k if k == "loss" else k] = sum(vals) / len(vals)
-                self._metrics = {}
-            if self._eval_metrics and "eval_loss" in logs:
-                for k, vals in self._eval_metrics.items():
-                    if k != "loss":
-                        logs[f"eval_{k}"] = sum(vals) / len(vals)
-                self._eval_metrics = {}
-            super().log(logs, start_time)
-
-        def create_optimizer(self, model=None):
-            """AdamW as the Trainer builds it, with the projector at ``cfg.projector_learning_rate``."""
-            opt_model = self.model if model is None else model
-            if self.optimizer is None and self.cfg.train_projector and self.optimizer_cls_and_kwargs is None:
-                decay = set(self.get_decay_parameter_names(opt_model))
-                groups: dict[tuple, list] = {}
-                for n, p in opt_model.named_parameters():
-                    if p.requires_grad:
-                        lr = self.cfg.projector_learning_rate if _projector_param(n) else self.args.learning_rate
-                        wd = self.args.weight_decay if n in decay else 0.0
-                        groups.setdefault((lr, wd), []).append(p)
-                from transformers import Trainer as _T
-
-                cls, kw = _T.get_optimizer_cls_and_kwargs(self.args, opt_model)
-                kw = {k: v for k, v in kw.items() if k != "lr"}
-                self.optimizer = cls([{"params": ps, "lr": lr, "weight_decay": wd}
-                                      for (lr, wd), ps in groups.items()], lr=self.args.learning_rate, **kw)
-                return self.optimizer
-            return super().create_optimizer(model)
-
-    return PreferenceTrainer
-
-
-_TRAINER_CLASS = None
-
-
-def __getattr__(name: str):
-    global _TRAINER_CLASS
-    if name == "PreferenceTrainer":
-        if _TRAINER_CLASS is None:
-            _TRAINER_CLASS = _make_trainer_class()
-            _TRAINER_CLASS.__module__ = __name__
-            _TRAINER_CLASS.__qualname__ = "PreferenceTrainer"
-        return _TRAINER_CLASS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

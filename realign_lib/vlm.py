@@ -7,7 +7,9 @@
 * :func:`build_scoring_batch` + :func:`sequence_logprobs` — the summed log-probability of a given
   response, over the response tokens only (prompt and image tokens masked); differentiable, so
   the trainer uses the same two functions; :func:`response_logprobs` is the batched no-grad form;
-* :func:`image_embeddings` — pooled image features from the model's own vision tower.
+* :func:`image_embeddings` — pooled image features from the model's own vision tower;
+* :func:`to_device` — a processor batch moved to the model's device (floats in the model's dtype);
+* :data:`LLAVA_CHAT_TEMPLATE` — the LLaVA-1.5 chat template (llava-hf style) the tiny models carry.
 
 Nothing here knows which architecture it serves: tests run it on tiny random LLaVA-1.5,
 LLaVA-1.6, Qwen2-VL, Idefics3/SmolVLM and Janus models.
@@ -24,10 +26,31 @@ import torch
 
 __all__ = [
     "load_vlm", "check_local_checkpoint", "to_pil", "chat_prompt", "generate", "build_scoring_batch", "sequence_logprobs",
-    "response_logprobs", "image_embeddings", "model_inputs",
+    "response_logprobs", "image_embeddings", "model_inputs", "to_device", "LLAVA_CHAT_TEMPLATE",
 ]
 
 ImageLike = Any  # PIL image, path, or HxWx3 uint8 array
+
+# LLaVA-1.5 chat template in the llava-hf style: "USER: <image>\n{text} ASSISTANT:" — an optional system
+# text first, each user turn "USER: ", its image placeholder (where the user put the image) followed by a
+# newline, its text and a space; each assistant turn "ASSISTANT: {reply}</s> "; the generation prompt
+# "ASSISTANT:". The tiny VLM (realign_lib.tinyvlm) and the tiny random LLaVA (realign_lib.testing) use it.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }} "
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s> "
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -171,7 +194,13 @@ def model_inputs(processor, images: Sequence[ImageLike], texts: Sequence[str], p
         tok.padding_side = old
 
 
-def _to_device(batch, model) -> dict:
+def to_device(batch, model) -> dict:
+    """``batch`` (a processor's ``BatchFeature`` or any mapping) as a plain dict on ``model.device``.
+
+    Tensors move to the model's device, floating-point tensors (pixel values) are also cast to the
+    model's dtype so a bf16 model gets bf16 images; integer tensors (ids, masks) keep their dtype;
+    anything else is passed through unchanged. The input is not modified.
+    """
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v):
@@ -195,7 +224,7 @@ def generate(model, processor, images: Sequence[ImageLike], questions: Sequence[
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress, mininterval=5):
         qs = questions[start:start + batch_size]
         texts = [chat_prompt(processor, q) if chat else q for q in qs]
-        batch = _to_device(model_inputs(processor, images[start:start + batch_size], texts, "left"), model)
+        batch = to_device(model_inputs(processor, images[start:start + batch_size], texts, "left"), model)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         new = out[:, batch["input_ids"].shape[1]:]
@@ -257,7 +286,7 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
 
 def forward_logprobs(model, batch: dict) -> torch.Tensor:
     """``(B,)`` summed response log-probs for a batch from :func:`build_scoring_batch` (keeps grad)."""
-    inputs = {k: v for k, v in _to_device(batch, model).items() if k != "response_mask"}
+    inputs = {k: v for k, v in to_device(batch, model).items() if k != "response_mask"}
     logits = model(**inputs).logits
     return sequence_logprobs(logits, inputs["input_ids"], batch["response_mask"].to(logits.device))
 
@@ -305,7 +334,7 @@ def image_embeddings(model, processor, images: Sequence[ImageLike], batch_size: 
             feats_in = ip([[im] for im in pil], return_tensors="pt")
         else:
             feats_in = ip(pil, return_tensors="pt")
-        kwargs = {k: v for k, v in _to_device(feats_in, model).items() if k in params}
+        kwargs = {k: v for k, v in to_device(feats_in, model).items() if k in params}
         out = get_features(**kwargs)
         feats = getattr(out, "pooler_output", out)
         if torch.is_tensor(feats):

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from realign_lib import tiny_configs, train_cli, training
+from realign_lib import testing, training
+from realign_lib.stages import TrainingStage
+from realign_lib.trainer import PreferenceTrainer
 from realign_lib.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,19 +45,22 @@ def test_backbone_config_takes_one_rdpo_step(path, prefs, tmp_path):
     models = {cfg.parameters(s).get("model_path") for s in cfg.stages if s[:2] in ("01", "03", "04", "05")}
     assert models == {params["model_path"]}, f"{path.name}: stages name different models {models}"
     # the paper's settings (Re-Align §4.1)
-    assert (params["loss"], params["learning_rate"], params["beta"], params["lora_r"], params["max_steps"]) == \
-        ("rdpo", 1e-5, 0.1, 128, 0) and params["per_device_batch"] * params["grad_accum"] == 8
-    arch = tiny_configs.arch_of(params["model_path"])
-    reason = tiny_configs.unavailable_reason(arch)
+    stage = TrainingStage(**params)
+    assert (stage.loss, stage.learning_rate, stage.beta, stage.lora_r, stage.lora_alpha, stage.max_steps) == \
+        ("rdpo", 1e-5, 0.1, 128, 256, -1) and stage.per_device_train_batch_size * stage.gradient_accumulation_steps == 8
+    assert (stage.lr_scheduler_type, stage.warmup_steps, stage.num_train_epochs, stage.sft_weight) == \
+        ("cosine", 0.03, 1.0, 0.0)
+    arch = testing.arch_of(params["model_path"])
+    reason = testing.unavailable_reason(arch)
     if reason:
         pytest.skip(reason)
-    model, processor = tiny_configs.build_tiny(arch)
-    pc = train_cli.config_from_notebook({**params, "max_steps": 1, "grad_accum": 1, "per_device_batch": 2})
-    assert (pc.lora_alpha, pc.lr_scheduler_type, pc.warmup_ratio, pc.epochs) == (256, "cosine", 0.03, 1.0)
+    model, processor = testing.build_tiny(arch)
+    pc = TrainingStage(**{**params, "max_steps": 1, "gradient_accumulation_steps": 1,
+                          "per_device_train_batch_size": 2}).preference_config()
     ds = training.PreferenceDataset(str(prefs), root=prefs.parent)
     args = pc.training_arguments(tmp_path / "out", use_cpu=True, save_strategy="no", disable_tqdm=True,
                                  learning_rate=1e-2, warmup_steps=0)  # a visible step on a random tiny model
-    trainer = training.PreferenceTrainer(model, pc, ds, processor, args=args)
+    trainer = PreferenceTrainer(model, pc, ds, processor, args=args)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in n for n in before)
     trainer.train()

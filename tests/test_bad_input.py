@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from chat_server import ChatServer, Reply
-from realign_lib import data, masking as M, pope
+from realign_lib import data, maskers, masking_driver as D, pope
 from realign_lib.files import read_jsonl
 
 KEY_ENV = "REALIGN_BAD_INPUT_KEY"
@@ -179,13 +179,13 @@ def test_corrupt_image_given_to_a_model_names_the_file(tmp_path):
 # ------------------------------------------------------------------------------------------ masking
 @pytest.fixture(scope="module")
 def rule():
-    return M.RuleMasker()
+    return maskers.RuleMasker()
 
 
 def test_empty_chosen_is_a_counted_masking_failure_not_sent_to_the_backend(tmp_path, rule):
     samples = [{"id": "ok", "chosen": "a red car is on the left ."}, {"id": "empty", "chosen": ""},
                {"id": "blank", "chosen": "  "}, {"id": "dots", "chosen": "..."}]
-    counts = M.run_masking(samples, rule, tmp_path / "masked.jsonl")
+    counts = D.run_masking(samples, rule, tmp_path / "masked.jsonl")
     assert counts["valid"] == 1 and counts["invalid_by_reason"] == {"empty_input": 3}
     fails = read_jsonl(tmp_path / "masking_failures.jsonl")
     assert {f["id"]: f["reason"] for f in fails} == {"empty": "empty_input", "blank": "empty_input", "dots": "empty_input"}
@@ -194,14 +194,14 @@ def test_empty_chosen_is_a_counted_masking_failure_not_sent_to_the_backend(tmp_p
 
 def test_a_response_with_no_maskable_words_is_a_counted_failure(tmp_path, rule):
     samples = [{"id": "ok", "chosen": "a red car is on the left ."}, {"id": "yes", "chosen": "Yes, it is."}]
-    counts = M.run_masking(samples, rule, tmp_path / "masked.jsonl")
+    counts = D.run_masking(samples, rule, tmp_path / "masked.jsonl")
     assert counts["valid"] == 1 and counts["invalid_by_reason"] == {"no_mask": 1}
     assert read_jsonl(tmp_path / "masking_failures.jsonl")[0]["id"] == "yes"
 
 
 def _api_masker(url, **kw):
-    return M.OpenAIMasker("fake", base_url=url, api_key_env=KEY_ENV, max_retries=kw.pop("max_retries", 2),
-                          backoff_base=0.01, backoff_max=0.02, **kw)
+    return maskers.OpenAIMasker("fake", base_url=url, api_key_env=KEY_ENV, max_retries=kw.pop("max_retries", 2),
+                                backoff_base=0.01, backoff_max=0.02, **kw)
 
 
 @pytest.fixture
@@ -216,7 +216,7 @@ MASKED = "a [MASK] is on the [MASK] of a [MASK] ."
 
 def _mask_one(url, tmp_path, **kw):
     masker = _api_masker(url, **kw)
-    counts = M.run_masking([{"id": "s1", "chosen": TEXT}], masker, tmp_path / "masked.jsonl")
+    counts = D.run_masking([{"id": "s1", "chosen": TEXT}], masker, tmp_path / "masked.jsonl")
     fails = read_jsonl(tmp_path / "masking_failures.jsonl") if (tmp_path / "masking_failures.jsonl").exists() else []
     return counts, fails, masker
 
@@ -264,7 +264,7 @@ def test_endpoint_timeout_is_a_counted_api_error(key, tmp_path):
     assert masker.stats["timeout"] == 2
     # a rerun retries samples that failed on backend errors (not invalid ones) and records them once
     with ChatServer(lambda r: Reply(content=MASKED), key=key) as srv:
-        counts = M.run_masking([{"id": "s1", "chosen": TEXT}], _api_masker(srv.url), tmp_path / "masked.jsonl")
+        counts = D.run_masking([{"id": "s1", "chosen": TEXT}], _api_masker(srv.url), tmp_path / "masked.jsonl")
     assert counts["valid"] == 1 and len(read_jsonl(tmp_path / "masked.jsonl")) == 1
 
 
@@ -285,7 +285,7 @@ def test_pope_answer_that_is_neither_yes_nor_no_is_counted():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from realign_lib.tiny_configs import tiny_llava
+    from realign_lib.testing import tiny_llava
     return tiny_llava()
 
 
@@ -368,7 +368,7 @@ def test_train_cli_reports_a_bad_preferences_file_without_a_traceback(root, tmp_
 
     path = tmp_path / "preferences.jsonl"
     path.write_text('{"id": "p0", "prompt": "x"\n')
-    res = subprocess.run([sys.executable, "-m", "realign_lib.train_cli", "--preferences", str(path), "--model", "m",
+    res = subprocess.run([sys.executable, "-m", "realign_lib.cli", "train", "--preferences", str(path), "--model", "m",
                           "--output-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "preferences.jsonl:1: malformed JSON line" in res.stderr
@@ -384,29 +384,30 @@ def test_empty_preferences_file(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("beta", "high", "beta='high': must be a number"),
     ("use_lora", "yes", "use_lora='yes': must be true or false"),
-    ("max_steps", 2.5, "max_steps=2.5: must be an integer or null"),
-    ("per_device_batch_size", True, "per_device_batch_size=True: must be an integer"),
+    ("max_steps", 2.5, "max_steps=2.5: must be an integer"),
+    ("per_device_train_batch_size", True, "per_device_train_batch_size=True: must be an integer"),
 ])
 def test_training_config_wrong_types_name_the_field(field, value, message):
-    from realign_lib.train_cli import main
+    from realign_lib.cli import main
 
     with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from realign_lib.training import PreferenceConfig
         PreferenceConfig(**{field: value})
-    assert main(["--preferences", "p", "--model", "m", "--output-dir", "o", "--set", f"{field}={json.dumps(value)}"]) == 2
+    assert main(["train", "--preferences", "p", "--model", "m", "--output-dir", "o",
+                 "--set", f"{field}={json.dumps(value)}"]) == 2
 
 
 def test_train_cli_unknown_field_lists_the_valid_ones(capsys):
-    from realign_lib.train_cli import main
+    from realign_lib.cli import main
 
-    assert main(["--preferences", "p", "--model", "m", "--output-dir", "o", "--set", "learning_rat=1e-5"]) == 2
+    assert main(["train", "--preferences", "p", "--model", "m", "--output-dir", "o", "--set", "learning_rat=1e-5"]) == 2
     err = capsys.readouterr().err
-    assert "unknown PreferenceConfig field(s) ['learning_rat']" in err and "'learning_rate'" in err
+    assert "unknown PreferenceConfig field(s) ['learning_rat']" in err and " learning_rate," in err
 
 
 # --------------------------------------------------------------------------------- models and trust
 def _saved_tiny(tmp_path):
-    from realign_lib.tiny_configs import tiny_llava
+    from realign_lib.testing import tiny_llava
 
     model, processor = tiny_llava()
     out = tmp_path / "model"
@@ -460,7 +461,7 @@ def test_nonexistent_model_path(tmp_path):
 
 
 def test_sentence_model_not_loadable_offline(monkeypatch):
-    from realign_lib.induction import SentenceEncoder
+    from realign_lib.similarity import SentenceEncoder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match=r"(?s)could not load sentence model 'sentence-transformers/all-mpnet-base-v2'.*"
@@ -471,7 +472,7 @@ def test_sentence_model_not_loadable_offline(monkeypatch):
 def test_masking_llm_not_loadable_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match=r"(?s)could not load 'no-org/no-such-llm'.*Offline\? Pass a local folder"):
-        M.HFMasker("no-org/no-such-llm")
+        maskers.HFMasker("no-org/no-such-llm")
 
 
 def test_run_config_with_unknown_keys_and_wrong_types(tmp_path):
@@ -482,5 +483,5 @@ def test_run_config_with_unknown_keys_and_wrong_types(tmp_path):
     with pytest.raises(ValueError, match=r"run.yaml: stages.04_training: unknown parameter 'los'; 04_training takes:"):
         load_config(p)
     p.write_text("run_dir: r\nstages:\n  '04_training':\n    max_steps: many\n")
-    with pytest.raises(TypeError, match=r"stages.04_training.max_steps must be int \(default 300\), got 'many'"):
+    with pytest.raises(TypeError, match=r"stages.04_training: 04_training.max_steps='many': must be an integer \(default -1\)"):
         load_config(p)

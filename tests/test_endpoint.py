@@ -10,6 +10,9 @@ from PIL import Image
 from chat_server import ChatServer, Reply
 
 from realign_lib import data, induction as ind
+from realign_lib.fillers import EndpointFiller
+from realign_lib.prompts import COMPLETION_PROMPT
+from realign_lib.similarity import SentenceEncoder
 from realign_lib.endpoint import ChatEndpoint, EndpointFailure, image_data_url, user_message
 
 KEY = "sk-test-endpoint-0123456789"
@@ -70,11 +73,11 @@ def test_induction_fills_through_a_vlm_server(images, monkeypatch, tmp_path):
         masked = text.split("\n", 1)[1]
         return masked.replace("[MASK]", colour)
 
-    prompt_of = lambda m: f"{ind.COMPLETION_PROMPT}\n{m}"  # noqa: E731
+    prompt_of = lambda m: f"{COMPLETION_PROMPT}\n{m}"  # noqa: E731
     srv = VLMServer(reply, fail={prompt_of("a [MASK] kite ."): [500, 500, 500]})  # every try of rank 1 fails
     try:
         ep = _endpoint(srv.url, max_concurrency=2)
-        filler = ind.EndpointFiller(ep)
+        filler = EndpointFiller(ep)
         red, blue = str(images / "img" / "red.png"), str(images / "img" / "blue.png")
         items = [
             ind.Item("s0", "describe", str(images / "img" / "red.png"), "a red ball .", "a [MASK] ball .",
@@ -82,7 +85,7 @@ def test_induction_fills_through_a_vlm_server(images, monkeypatch, tmp_path):
             ind.Item("s1", "describe", str(images / "img" / "red.png"), "a red kite .", "a [MASK] kite .",
                      [ind.Candidate(1, "img/blue.png", blue), ind.Candidate(2, "img/blue.png", blue)]),
         ]
-        enc = ind.SentenceEncoder(batch_size=8)
+        enc = SentenceEncoder(batch_size=8)
         summary = ind.induce(items, filler, enc, 0.95, tmp_path / "p.jsonl", tmp_path / "s.jsonl", progress=False)
         recs = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
         by = {r["id"]: r for r in recs}

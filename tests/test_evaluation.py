@@ -143,7 +143,7 @@ def test_mme_scores_by_hand(tmp_path):
 
 
 def test_answer_mme_with_a_real_model_resumes(mme_side_by_side, tmp_path):
-    from realign_lib.tiny_configs import tiny_llava
+    from realign_lib.testing import tiny_llava
 
     model, proc = tiny_llava()
     recs = ev.load_mme(mme_side_by_side)

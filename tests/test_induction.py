@@ -1,6 +1,6 @@
 """Stage 3 (hallucination induction): slot filling, the τ loop, resumption, output formats.
 
-Real models throughout: a random tiny LLaVA-1.5 (``tiny_configs.tiny_llava``, word-level
+Real models throughout: a random tiny LLaVA-1.5 (``testing.tiny_llava``, word-level
 tokenizer) fills the masks and the packaged all-MiniLM-L6-v2 judges similarity. The τ loop is
 steered without stubs: a sample whose chosen text *is* the model's fill under an image gets
 cosine exactly 1 there (refused), any other text gets less.
@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from realign_lib import comparisons as comp
+from realign_lib import fillers, similarity
 from realign_lib import induction as ind
 from realign_lib.files import read_appended
-from realign_lib.tinyworld import ObjectInstance, Scene
+from realign_lib.prompts import COMPLETION_PROMPT, MASK
+from realign_lib.tinyworld import ObjectInstance, Scene, span_lexicon
+from realign_lib.tinyworld_eval import absent_object_stats
 
 PROMPT = "describe the image in detail ."
 PREF_KEYS = {"id", "prompt", "images", "retrieved_image", "chosen", "rejected", "masked", "similarity", "rank",
@@ -37,14 +41,14 @@ def mask_words(chosen: str, phrases) -> tuple[str, list[dict]]:
         pos = start + len(ph)
     out, pos = [], 0
     for sp in spans:
-        out += [chosen[pos:sp["start"]], ind.MASK]
+        out += [chosen[pos:sp["start"]], MASK]
         pos = sp["end"]
     return "".join(out + [chosen[pos:]]), spans
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from realign_lib.tiny_configs import tiny_llava
+    from realign_lib.testing import tiny_llava
     return tiny_llava()
 
 
@@ -63,13 +67,13 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return ind.SentenceEncoder(batch_size=8)
+    return similarity.SentenceEncoder(batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def filler(tiny):
     model, proc = tiny
-    return ind.MaskFiller(model, proc, mode="slot", max_span_tokens=3, stop_margin=0.0, batch_size=4)
+    return fillers.MaskFiller(model, proc, mode="slot", max_span_tokens=3, stop_margin=0.0, batch_size=4)
 
 
 def img(run, k):
@@ -108,8 +112,12 @@ def test_split_join_and_spans():
     flags = ind.changed_words("the kite is below the ball .", "the tree is above the ball .", m)
     assert [w for w, c in flags if c] == ["tree", "above"]
     assert " ".join(w for w, _ in flags) == "the tree is above the ball ."
-    assert ind.span_kind("big yellow star") == "size+colour+object" and ind.span_kind("on the left") == "position"
-    assert np.allclose(ind.cosine_rows(np.array([[1.0, 0], [1, 1]]), np.array([[2.0, 0], [1, -1]])), [1, 0])
+    lex = span_lexicon()  # the tiny world's words; without a lexicon, a generic English one
+    assert comp.span_kind("big yellow star", lex) == "size+colour+object"
+    assert comp.span_kind("on the left", lex) == "position"
+    assert comp.span_kind("big yellow star") == "size+colour+word" and comp.span_kind("on the left") == "position"
+    assert comp.span_kind("two dogs") == "number+word" and comp.span_kind("next to") == "relation"
+    assert np.allclose(similarity.cosine_rows(np.array([[1.0, 0], [1, 1]]), np.array([[2.0, 0], [1, -1]])), [1, 0])
 
 
 def test_build_items_joins_the_stages_by_id(tmp_path):
@@ -120,11 +128,14 @@ def test_build_items_joins_the_stages_by_id(tmp_path):
              "neighbours": [{"rank": 2, "id": "s3", "image": "s3.png", "score": 0.9},
                             {"rank": 1, "id": "s2", "image": "s2.png", "score": 0.95}]}
             for s in samples if s["id"] != "s1"]
-    items, missing = ind.build_items(samples, masked, nbrs, tmp_path, top_k=5)
+    items, missing = ind.build_items(samples, masked, nbrs, tmp_path, top_k=2)
     assert [it.id for it in items] == ["s0", "s2"] and missing == {"no_masked_record": 1, "no_neighbours": 1}
     assert [(c.rank, c.image) for c in items[0].candidates] == [(1, "imgs/s2.png"), (2, "imgs/s3.png")]
     assert items[0].candidates[0].path == str(tmp_path / "imgs/s2.png") and items[0].image == "imgs/s0.png"
     assert len(ind.build_items(samples, masked, nbrs, tmp_path, top_k=1, limit=1)[0][0].candidates) == 1
+    # asking stage 03 for more neighbours than stage 01 kept is an error, not a shorter list
+    with pytest.raises(ValueError, match=r"top_k=5, but stage 01 kept at most 2 neighbours per image"):
+        ind.build_items(samples, masked, nbrs, tmp_path, top_k=5)
 
 
 def test_read_appended_drops_a_half_written_line(tmp_path):
@@ -150,7 +161,7 @@ def test_analysis_helpers():
     assert sum(h["counts_accepted"]) == 2 and sum(h["counts_refused"]) == 5 and h["n"] == 7
     star = ObjectInstance("star", "yellow", "left", 6.0, 1.0)
     scenes = {"a": Scene("a", "night", [star], 0), "b": Scene("b", "night", [star], 0)}
-    st = ind.absent_object_stats(recs, scenes, image_scene=lambda p: Scene("r", "street", [ObjectInstance(
+    st = absent_object_stats(recs, scenes, image_scene=lambda p: Scene("r", "street", [ObjectInstance(
         "car", "red", "top", 6.0, 1.0)], 0))
     assert st["responses_with_absent"] == 0.5 and st["absent_mentions"] == 2
     assert st["partner_share"] == 0.5 and st["absent_in_retrieved_share"] == 0.5  # moon: partner; car: retrieved
@@ -159,11 +170,11 @@ def test_analysis_helpers():
 def test_corrupt_image_is_seeded_and_keeps_size():
     arr = (np.random.default_rng(1).random((40, 30, 3)) * 255).astype(np.uint8)
     for kind in ("crop", "noise"):
-        a = ind.corrupt_image(arr, kind, np.random.default_rng(5))
-        b = ind.corrupt_image(arr, kind, np.random.default_rng(5))
+        a = comp.corrupt_image(arr, kind, np.random.default_rng(5))
+        b = comp.corrupt_image(arr, kind, np.random.default_rng(5))
         assert a.shape == arr.shape and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, arr)
     with pytest.raises(ValueError, match="noise"):
-        ind.corrupt_image(arr, "blur", np.random.default_rng(0))
+        comp.corrupt_image(arr, "blur", np.random.default_rng(0))
 
 
 # --------------------------------------------------------------------------------- slot filling
@@ -171,8 +182,9 @@ def test_slot_filling_keeps_the_scaffold_and_changes_only_the_spans(tiny, run_di
     model, proc = tiny
     masked = [mask_words(t, ph)[0] for t, ph in TEXTS] + ["[MASK] dog and a [MASK]"]
     images = [img(run_dir, k % 4) for k in range(len(masked))]
-    fills = ind.slot_fill(model, proc, images, [PROMPT] * len(masked), masked, max_span_tokens=3, return_spans=True)
-    texts = ind.slot_fill(model, proc, images, [PROMPT] * len(masked), masked, max_span_tokens=3)
+    fills = fillers.slot_fill(model, proc, images, [PROMPT] * len(masked), masked, max_span_tokens=3,
+                              stop_margin=0.0, return_spans=True)
+    texts = fillers.slot_fill(model, proc, images, [PROMPT] * len(masked), masked, max_span_tokens=3, stop_margin=0.0)
     for m, f, t in zip(masked, fills, texts):
         segs, slots = ind.split_masked(m)
         assert len(f) == len(slots) and all(x.strip() for x in f)           # every slot filled, none empty
@@ -180,8 +192,9 @@ def test_slot_filling_keeps_the_scaffold_and_changes_only_the_spans(tiny, run_di
         assert t == ind.join_filled(segs, f)                                 # scaffold kept character for character
         pattern = "".join(re.escape(s) + ("(.+)" if i < len(f) else "") for i, s in enumerate(segs))
         assert re.fullmatch(pattern, t, flags=re.S)
-        assert ind.MASK not in t and "<image>" not in t
-    assert ind.slot_fill(model, proc, images[:2], [PROMPT] * 2, ["no masks here .", masked[0]])[0] == "no masks here ."
+        assert MASK not in t and "<image>" not in t
+    assert fillers.slot_fill(model, proc, images[:2], [PROMPT] * 2,
+                             ["no masks here .", masked[0]])[0] == "no masks here ."
 
 
 def test_batched_slot_filling_equals_one_at_a_time(tiny, run_dir):
@@ -189,20 +202,20 @@ def test_batched_slot_filling_equals_one_at_a_time(tiny, run_dir):
     masked = [mask_words(t, ph)[0] for t, ph in TEXTS]
     images = [img(run_dir, k) for k in (0, 1, 2, 3)]
     prompts = [PROMPT, "what is in the picture ?", PROMPT, "describe the image ."]  # different prompt lengths: padding
-    batched = ind.slot_fill(model, proc, images, prompts, masked, max_span_tokens=4, stop_margin=2.0)
-    single = [ind.slot_fill(model, proc, [i], [p], [m], max_span_tokens=4, stop_margin=2.0)[0]
+    batched = fillers.slot_fill(model, proc, images, prompts, masked, max_span_tokens=4, stop_margin=2.0)
+    single = [fillers.slot_fill(model, proc, [i], [p], [m], max_span_tokens=4, stop_margin=2.0)[0]
               for i, p, m in zip(images, prompts, masked)]
     assert batched == single
 
 
 def test_instruction_mode_sends_the_completion_prompt(tiny, run_dir):
     model, proc = tiny
-    f = ind.MaskFiller(model, proc, mode="instruction", max_new_tokens=5)
+    f = fillers.MaskFiller(model, proc, mode="instruction", max_new_tokens=5)
     out = f([img(run_dir, 0)], [PROMPT], ["a [MASK] cat ."])
     assert len(out) == 1 and isinstance(out[0], str)
-    assert ind.COMPLETION_PROMPT.startswith("Please complete the following sentence based on the input image")
+    assert COMPLETION_PROMPT.startswith("Please complete the following sentence based on the input image")
     with pytest.raises(ValueError, match="fill mode"):
-        ind.MaskFiller(model, proc, mode="chat")
+        fillers.MaskFiller(model, proc, mode="chat")
 
 
 # ------------------------------------------------------------------------------------ the τ loop
@@ -314,16 +327,16 @@ def test_random_swap_changes_only_masked_spans(encoder, run_dir):
         masked_records.append({"id": f"w{i}", "chosen": text, "masked": m, "spans": spans, "backend": "test"})
         items.append(ind.Item(f"w{i}", PROMPT, f"images/img{i % 4}.png", text, m,
                               [ind.Candidate(1, "images/img3.png", img(run_dir, 3))]))
-    recs, skipped = ind.random_swap_records(items, masked_records, encoder, seed=0)
-    again, _ = ind.random_swap_records(items[::-1], masked_records, encoder, seed=0)
+    recs, skipped = comp.random_swap_records(items, masked_records, encoder, seed=0)
+    again, _ = comp.random_swap_records(items[::-1], masked_records, encoder, seed=0)
     assert sorted(map(json.dumps, recs)) == sorted(map(json.dumps, again))  # seeded per sample, order-free
-    one = ind.random_swap("a red cat .", [{"start": 2, "end": 5, "text": "red"}],
-                          {"colour+word": {}, "colour": {"red": 5, "Red": 1, "blue": 1}}, np.random.default_rng(0))
+    one = comp.random_swap("a red cat .", [{"start": 2, "end": 5, "text": "red"}],
+                           {"colour+word": {}, "colour": {"red": 5, "Red": 1, "blue": 1}}, np.random.default_rng(0))
     assert one == "a blue cat ."  # the span's own text (any case) is never drawn
     pool = {}
     for m in masked_records:
         for sp in m["spans"]:
-            pool.setdefault(ind.span_kind(sp["text"]), []).append(sp["text"])
+            pool.setdefault(comp.span_kind(sp["text"]), []).append(sp["text"])
     assert recs and len(recs) + len(skipped) == len(items)
     for r in recs:
         assert set(r) == PREF_KEYS and r["rejected"] != r["chosen"] and r["retrieved_image"] == "images/img3.png"
@@ -333,12 +346,12 @@ def test_random_swap_changes_only_masked_spans(encoder, run_dir):
                            r["rejected"])
         assert got, r
         for sp, new in zip(spans, got.groups()):
-            assert new == sp["text"] or new in pool[ind.span_kind(sp["text"])]
+            assert new == sp["text"] or new in pool[comp.span_kind(sp["text"])]
 
 
 def test_corrupted_image_comparison_has_the_same_format(filler, encoder, run_dir, tmp_path):
     items = [make_item(run_dir, f"c{i}", i, [1]) for i in range(3)]
-    citems = ind.corrupted_candidates(items, run_dir, "stage/corrupt", kind="crop", attempts=2, seed=0)
+    citems = comp.corrupted_candidates(items, run_dir, "stage/corrupt", kind="crop", attempts=2, seed=0)
     assert [c.image for c in citems[0].candidates] == ["stage/corrupt/c0_1.png", "stage/corrupt/c0_2.png"]
     s = ind.induce(citems, filler, encoder, 0.9999, tmp_path / "c.jsonl", tmp_path / "cs.jsonl", progress=False)
     recs = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]

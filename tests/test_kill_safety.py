@@ -5,7 +5,7 @@ tests/test_notebooks.py), then run again; its final outputs must equal an uninte
 the same seed: same records, none duplicated, none missing.
 
 Every job here is a real model: a random tiny LLaVA-1.5 saved to disk (so every process loads the
-same weights), the packaged all-MiniLM-L6-v2 as judge, `python -m realign_lib.train_cli` as trainer.
+same weights), the packaged all-MiniLM-L6-v2 as judge, `python -m realign_lib.cli train` as trainer.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def n_lines(*paths: Path) -> int:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny LLaVA-1.5 saved with save_pretrained (safetensors)."""
-    from realign_lib.tiny_configs import tiny_llava
+    from realign_lib.testing import tiny_llava
 
     out = tmp_path_factory.mktemp("tiny_llava")
     model, processor = tiny_llava()
@@ -123,7 +123,7 @@ def test_tiny_vlm_killed_in_each_phase_resumes_to_the_same_weights(root, small_w
 
 
 def test_tiny_vlm_resume_state_is_ignored_under_another_config(tmp_path):
-    from realign_lib.tinyvlm import ResumeState
+    from realign_lib.resume import ResumeState
 
     saved = ResumeState(tmp_path, {"seed": 0}, every=5)
     saved.save("tower", 5, {"step": 5, "w": torch.ones(3)})
@@ -141,10 +141,12 @@ INDUCE_JOB = """
 import sys
 from pathlib import Path
 from realign_lib import induction as ind, vlm
+from realign_lib.fillers import MaskFiller
+from realign_lib.similarity import SentenceEncoder
 
 model_dir, image_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 model, processor = vlm.load_vlm(model_dir, device="cpu")
-filler = ind.MaskFiller(model, processor, mode="slot", max_span_tokens=3, stop_margin=0.0, batch_size=4)
+filler = MaskFiller(model, processor, mode="slot", max_span_tokens=3, stop_margin=0.0, batch_size=4)
 texts = ["a [MASK] is on the left of the [MASK] .", "there are [MASK] and one [MASK] in the picture .",
          "the [MASK] is to the right of a [MASK] .", "a [MASK] is on the [MASK] ."]
 chosen = ["a red cat is on the left of the blue car .", "there are two dogs and one tree in the picture .",
@@ -155,7 +157,7 @@ for i in range(32):
              for r in range(3)]
     items.append(ind.Item(f"s{i:02d}", "describe the image in detail .", f"img{i % 8}.png", chosen[i % 4],
                           texts[i % 4], cands))
-ind.induce(items, filler, ind.SentenceEncoder(batch_size=8), tau=float(sys.argv[4]), out_path=out / "preferences.jsonl",
+ind.induce(items, filler, SentenceEncoder(batch_size=8), tau=float(sys.argv[4]), out_path=out / "preferences.jsonl",
            skipped_path=out / "skipped.jsonl", signature={"model": "tiny"}, chunk_size=4, progress=False)
 """
 
@@ -198,9 +200,9 @@ def _preferences(folder: Path, images: Path, n: int = 24) -> Path:
 
 
 def _train_cmd(prefs, images, model_dir, out):
-    sets = ["loss=rdpo", "max_steps=16", "save_steps=4", "per_device_batch_size=2", "gradient_accumulation_steps=1",
-            "lora_r=4", "lora_alpha=8", "learning_rate=5e-3", "warmup_ratio=0.0", "seed=3", "sft_weight=1.0"]
-    return [sys.executable, "-m", "realign_lib.train_cli", "--preferences", str(prefs), "--root", str(images),
+    sets = ["loss=rdpo", "max_steps=16", "save_steps=4", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
+            "lora_r=4", "lora_alpha=8", "learning_rate=5e-3", "warmup_steps=0.0", "seed=3", "sft_weight=1.0"]
+    return [sys.executable, "-m", "realign_lib.cli", "train", "--preferences", str(prefs), "--root", str(images),
             "--model", str(model_dir), "--output-dir", str(out)] + [x for s in sets for x in ("--set", s)]
 
 
@@ -215,7 +217,7 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(root, mo
     reference log-probs all cached, later steps under way). The rerun resumes from the last complete
     checkpoint (optimizer, scheduler, RNG, data position) and ends with the uninterrupted run's
     adapter weights and training log (every step once)."""
-    from realign_lib.train_cli import latest_checkpoint
+    from realign_lib.trainer import latest_checkpoint
 
     prefs = _preferences(tmp_path, images)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -250,31 +252,32 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(root, mo
 def test_training_ignores_an_unfinished_checkpoint_and_a_torn_reference_cache(root, model_dir, images, tmp_path):
     """Kill points simulated on files: a checkpoint folder whose save was cut short (no completion mark)
     and a reference cache whose last line is half written. Neither is read as complete."""
-    from realign_lib import train_cli
+    from realign_lib import trainer as preference_trainer
+    from realign_lib.training import PreferenceConfig
 
     prefs = _preferences(tmp_path, images, n=8)
     out = tmp_path / "out"
-    settings = {"loss": "rdpo", "max_steps": 4, "save_steps": 2, "per_device_batch_size": 2, "lora_r": 4,
-                "lora_alpha": 8, "learning_rate": 5e-3, "warmup_ratio": 0.0, "seed": 1}
-    cfg = train_cli.make_config(settings)
-    first = train_cli.train(prefs, model_dir, out, cfg, root=images, keep_checkpoints=True, log=lambda m: None)
+    settings = {"loss": "rdpo", "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "lora_r": 4,
+                "lora_alpha": 8, "learning_rate": 5e-3, "warmup_steps": 0.0, "seed": 1}
+    cfg = PreferenceConfig(**settings)
+    first = preference_trainer.train(prefs, model_dir, out, cfg, root=images, keep_checkpoints=True, log=lambda m: None)
     assert first["resumed_from_step"] is None
     cache = out / "reference_logps.jsonl"
     lines = cache.read_text().splitlines(keepends=True)
     cache.write_text("".join(lines[:5]) + lines[5][:20])  # 5 whole records + a torn one
     ck4 = out / "checkpoints" / "checkpoint-4"
-    (ck4 / train_cli.CHECKPOINT_DONE).unlink()  # as if killed while checkpoint 4 was being written
-    assert train_cli.latest_checkpoint(out / "checkpoints").name == "checkpoint-2"
+    (ck4 / preference_trainer.CHECKPOINT_DONE).unlink()  # as if killed while checkpoint 4 was being written
+    assert preference_trainer.latest_checkpoint(out / "checkpoints").name == "checkpoint-2"
     msgs = []
-    again = train_cli.train(prefs, model_dir, out, cfg, root=images, log=msgs.append)
+    again = preference_trainer.train(prefs, model_dir, out, cfg, root=images, log=msgs.append)
     assert again["resumed_from_step"] == 2 and any("checkpoint-2" in m for m in msgs)
     assert len(read_appended(cache)) == 8 and cache.read_text().endswith("\n")  # torn line cut, 3 recomputed
     assert again["final"]["loss"] == pytest.approx(first["final"]["loss"], rel=1e-4)
     # other settings: the checkpoints are not resumed from but discarded
-    train_cli.train(prefs, model_dir, tmp_path / "out2", cfg, root=images, keep_checkpoints=True, log=lambda m: None)
-    cfg2 = train_cli.make_config({**settings, "learning_rate": 1e-3})
+    preference_trainer.train(prefs, model_dir, tmp_path / "out2", cfg, root=images, keep_checkpoints=True, log=lambda m: None)
+    cfg2 = PreferenceConfig(**{**settings, "learning_rate": 1e-3})
     msgs = []
-    third = train_cli.train(prefs, model_dir, tmp_path / "out2", cfg2, root=images, log=msgs.append)
+    third = preference_trainer.train(prefs, model_dir, tmp_path / "out2", cfg2, root=images, log=msgs.append)
     assert third["resumed_from_step"] is None and any("other settings" in m for m in msgs)
 
 

@@ -15,8 +15,11 @@ import time
 import pytest
 from chat_server import ChatServer as SharedChatServer, Reply
 
+from realign_lib import maskers
 from realign_lib import masking as M
-from realign_lib.masking import MASK, InvalidMasking, check_masking, validate_masking
+from realign_lib import masking_driver as D
+from realign_lib.masking import InvalidMasking, check_masking, validate_masking
+from realign_lib.prompts import MASK, MASK_PROMPT, ONE_SHOT_EXAMPLE
 
 ORIG = "in this field scene there is a red house at the bottom , a green tree on the left ."
 
@@ -94,17 +97,17 @@ def test_viable_prefix_is_necessary_for_validity():
 
 
 def test_one_shot_and_free_form_constants():
-    assert M.MASK_PROMPT == ("Please mask any words of the segments related to the objects, attributes, and logical "
-                             "relationships of the input image in the following description by replacing them with "
-                             "[MASK].")
-    check_masking(*M.ONE_SHOT_EXAMPLE)
-    assert len(M.FREE_FORM_EXAMPLES) >= 20 and all(MASK not in t for t in M.FREE_FORM_EXAMPLES)
+    assert MASK_PROMPT == ("Please mask any words of the segments related to the objects, attributes, and logical "
+                           "relationships of the input image in the following description by replacing them with "
+                           "[MASK].")
+    check_masking(*ONE_SHOT_EXAMPLE)
+    assert len(D.FREE_FORM_EXAMPLES) >= 20 and all(MASK not in t for t in D.FREE_FORM_EXAMPLES)
 
 
 # ------------------------------------------------------------------------------ rule backend
 @pytest.fixture(scope="module")
 def rule():
-    return M.RuleMasker()
+    return maskers.RuleMasker()
 
 
 def _masked_words(text, spans):
@@ -116,7 +119,7 @@ def test_rule_masks_objects_attributes_relations_on_tiny_world(rule):
 
     scenes = sample_scenes(60, seed=5)
     texts = [describe(s) for s in scenes]
-    results = M.mask_texts(texts, rule)
+    results = D.mask_texts(texts, rule)
     assert all(r.ok for r in results), [(r.text, r.reason) for r in results if not r.ok]
     for s, r in zip(scenes, results):
         assert check_masking(r.text, r.masked) == r.spans
@@ -132,7 +135,7 @@ def test_rule_masks_objects_attributes_relations_on_tiny_world(rule):
                 assert rel in masked
         assert {"there", "is", "a", "the"} & set(kept) or "shows" in kept  # the scaffold stays
         assert not {"the", "a", "and", "is", "with", "on", "at", "in"} & masked
-    stats = M.summarize_results(results)
+    stats = D.summarize_results(results)
     assert stats["validity_rate"] == 1.0 and 0.25 < stats["mask_rate"] < 0.6
     assert set(rule.category_counts) == {"object", "attribute", "relation"}
 
@@ -140,21 +143,21 @@ def test_rule_masks_objects_attributes_relations_on_tiny_world(rule):
 def test_rule_masks_free_form_text(rule):
     text = ("Two giraffes are standing next to a tall acacia tree on a dry savanna. The larger giraffe is eating "
             "leaves from the upper branches, while a small white bird sits above it.")
-    r = M.mask_texts([text], rule)[0]
+    r = D.mask_texts([text], rule)[0]
     assert r.ok, r.reason
     masked = _masked_words(text, r.spans)
     assert {"Two", "giraffes", "tall", "acacia", "tree", "dry", "savanna", "larger", "giraffe", "leaves", "upper",
             "branches", "small", "white", "bird", "above", "next", "to"} <= masked
     assert not {"are", "standing", "is", "eating", "while", "sits", "The", "a", "from", "it"} & masked
     assert "next to" in [s.text for s in r.spans]  # a relation is its own segment
-    word = M.RuleMasker(nlp=rule.nlp, granularity="word").mask_batch([text])[0]
+    word = maskers.RuleMasker(nlp=rule.nlp, granularity="word").mask_batch([text])[0]
     assert word.count(MASK) > r.masked.count(MASK)
-    stats = M.summarize_results(M.mask_texts(list(M.FREE_FORM_EXAMPLES), rule))
+    stats = D.summarize_results(D.mask_texts(list(D.FREE_FORM_EXAMPLES), rule))
     assert stats["validity_rate"] == 1.0 and 0.25 < stats["mask_rate"] < 0.7
 
 
 def test_rule_does_not_mask_verbs_like_left(rule):
-    r = M.mask_texts(["The man left the room through a wooden door on the left ."], rule)[0]
+    r = D.mask_texts(["The man left the room through a wooden door on the left ."], rule)[0]
     assert r.masked == "The [MASK] left the [MASK] through a [MASK] on the [MASK] ."
 
 
@@ -162,20 +165,20 @@ def test_rule_does_not_mask_verbs_like_left(rule):
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        M.default_smollm2_gguf()
+        maskers.default_smollm2_gguf()
     except FileNotFoundError as err:
         pytest.skip(f"SmolLM2 GGUF file not found ({err})")
-    return M.HFMasker(batch_size=4)
+    return maskers.HFMasker(batch_size=4)
 
 
 def test_hf_masker_runs_smollm2_and_passes_on_only_valid_output(smollm2, tmp_path):
     assert smollm2.name == "hf:SmolLM2-135M-Instruct.Q4_1.gguf"
     prompt = smollm2.prompt("a red car .", attempt=1)
-    assert M.MASK_PROMPT in prompt and M.ONE_SHOT_EXAMPLE[1] in prompt and prompt.rstrip().endswith("assistant")
+    assert MASK_PROMPT in prompt and ONE_SHOT_EXAMPLE[1] in prompt and prompt.rstrip().endswith("assistant")
     samples = [{"id": "t1", "chosen": ORIG},
                {"id": "t2", "chosen": "the image shows a sea background with a white boat on the left ."},
                {"id": "t3", "chosen": "A black cat sits on a wooden fence."}]
-    counts = M.run_masking(samples, smollm2, tmp_path / "masked.jsonl", batch_size=3)
+    counts = D.run_masking(samples, smollm2, tmp_path / "masked.jsonl", batch_size=3)
     assert counts["tried"] == 3 and counts["valid"] + counts["invalid"] == 3
     assert counts["retried"] == counts["invalid"] + counts["recovered_by_retry"]  # every invalid one had a 2nd try
     recs = [json.loads(x) for x in open(tmp_path / "masked.jsonl")]
@@ -210,7 +213,7 @@ class ChatServer(SharedChatServer):
         return sum(self.text_of(r) == text for r in self.requests)
 
     def _respond(self, req) -> Reply:
-        if not req.text.startswith(M.MASK_PROMPT):
+        if not req.text.startswith(MASK_PROMPT):
             return Reply(status=400, body=json.dumps({"error": {"message": "unexpected request"}}))
         text = self.text_of(req)
         with self.lock:
@@ -232,7 +235,7 @@ class ChatServer(SharedChatServer):
 def _api_masker(url, **kw):
     kw = {"api_key_env": "REALIGN_TEST_KEY", "max_retries": 3, "backoff_base": 0.01, "backoff_max": 0.05,
           "timeout": 5.0, "max_concurrency": 3, **kw}
-    return M.OpenAIMasker("test-model", base_url=url, **kw)
+    return maskers.OpenAIMasker("test-model", base_url=url, **kw)
 
 
 TEXTS = {
@@ -271,7 +274,7 @@ def test_openai_masker_against_a_real_http_server(tmp_path, monkeypatch):
     with ChatServer(script) as srv:
         masker = _api_masker(srv.url, timeout=0.5)
         assert KEY not in repr(masker)
-        counts = M.run_masking(samples, masker, out, batch_size=7)
+        counts = D.run_masking(samples, masker, out, batch_size=7)
         stats = dict(masker.stats)
         masker.close()
         assert {r.authorization for r in srv.requests} == {f"Bearer {KEY}"}  # key from the environment, as Bearer
@@ -279,7 +282,7 @@ def test_openai_masker_against_a_real_http_server(tmp_path, monkeypatch):
         assert srv.count(TEXTS["good"]) == 1
         assert srv.count(TEXTS["wrong"]) == 2  # invalid -> retried once with the one-shot example -> skipped
         second = [r for r in srv.requests if srv.text_of(r) == TEXTS["wrong"]][1].body["messages"]
-        assert len(second) == 3 and second[1]["content"] == M.ONE_SHOT_EXAMPLE[1]
+        assert len(second) == 3 and second[1]["content"] == ONE_SHOT_EXAMPLE[1]
         assert srv.count(TEXTS["limited"]) == 2 and srv.count(TEXTS["broken"]) == 3
         assert srv.count(TEXTS["garbage"]) == 2 and srv.count(TEXTS["slow"]) == 2
         assert srv.count(TEXTS["down"]) == 4  # 1 + max_retries, then given up
@@ -303,11 +306,11 @@ def test_openai_masker_against_a_real_http_server(tmp_path, monkeypatch):
     # rerun: valid ids and invalid ones are skipped; the backend error is tried again (server is up now)
     with ChatServer(default=lambda text: ("ok", "three [MASK] sit on a [MASK] .")) as srv:
         masker = _api_masker(srv.url)
-        again = M.run_masking(samples, masker, out)
+        again = D.run_masking(samples, masker, out)
         masker.close()
         assert [srv.text_of(r) for r in srv.requests] == [TEXTS["down"]]
     assert again["tried"] == 1 and again["valid"] == 1 and again["skipped_done"] == 5 and again["skipped_failed"] == 1
-    summary = M.summarize_files(out)
+    summary = D.summarize_files(out)
     assert summary["valid"] == 6 and summary["failed"] == 1 and summary["failures_by_reason"] == {"text_changed": 1}
 
 
@@ -375,25 +378,25 @@ def _samples(n):
 def test_run_masking_resumes_after_an_interruption(tmp_path, rule):
     samples = _samples(10) + [{"id": "one", "chosen": "apples"}]  # "apples" -> all masked -> failure
     full = tmp_path / "full" / "masked.jsonl"
-    first = M.run_masking(samples, rule, full, batch_size=3)
+    first = D.run_masking(samples, rule, full, batch_size=3)
     assert first["valid"] == 10 and first["invalid_by_reason"] == {"all_masked": 1} and first["retried"] == 0
 
     part = tmp_path / "part" / "masked.jsonl"
-    M.run_masking(samples, rule, part, batch_size=3)
+    D.run_masking(samples, rule, part, batch_size=3)
     lines = full.read_text().splitlines(keepends=True)
     part.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])  # 4 records + a half-written line
-    again = M.run_masking(samples, rule, part, batch_size=3)
+    again = D.run_masking(samples, rule, part, batch_size=3)
     assert again["repaired_bytes"] > 0 and again["skipped_done"] == 4 and again["tried"] == 6
     recs = [json.loads(x) for x in part.read_text().splitlines()]
     assert len(recs) == len({r["id"] for r in recs}) == 10
     assert part.read_text() == full.read_text()  # identical to the uninterrupted run
 
-    third = M.run_masking(samples, rule, part)  # nothing left to do
+    third = D.run_masking(samples, rule, part)  # nothing left to do
     assert third["tried"] == 0 and third["skipped_done"] == 10 and third["skipped_failed"] == 1
     with pytest.raises(ValueError, match="another backend"):
-        M.run_masking(samples, FirstWordMasker(), part)
+        D.run_masking(samples, FirstWordMasker(), part)
     with pytest.raises(ValueError, match="duplicate"):
-        M.run_masking(samples + samples[:1], rule, tmp_path / "x.jsonl")
+        D.run_masking(samples + samples[:1], rule, tmp_path / "x.jsonl")
 
 
 def test_run_masking_survives_sigkill(tmp_path, root):
@@ -401,14 +404,14 @@ def test_run_masking_survives_sigkill(tmp_path, root):
     script = tmp_path / "job.py"
     script.write_text(
         "import sys, time\n"
-        "from realign_lib import masking as M\n"
+        "from realign_lib import masking as M, masking_driver as D\n"
         "class Slow(M.Masker):\n"
         "    name = 'first-word'\n"
         "    def mask_batch(self, texts, attempt=0):\n"
         "        time.sleep(0.1)\n"
         "        return [t.split(' ', 1)[0] + ' [MASK]' for t in texts]\n"
         "samples = [{'id': f's{i:02d}', 'chosen': f'word{i} and a red car number {i} .'} for i in range(40)]\n"
-        "M.run_masking(samples, Slow(), sys.argv[1], batch_size=2)\n")
+        "D.run_masking(samples, Slow(), sys.argv[1], batch_size=2)\n")
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.Popen([sys.executable, str(script), str(out)], cwd=root, env=env)
     deadline = time.time() + 30
@@ -418,18 +421,18 @@ def test_run_masking_survives_sigkill(tmp_path, root):
     proc.wait()
     n_before = out.read_text().count("\n")
     assert 6 <= n_before < 40, "the job finished before it could be killed"
-    counts = M.run_masking(_samples(40), FirstWordMasker(), out, batch_size=7)
+    counts = D.run_masking(_samples(40), FirstWordMasker(), out, batch_size=7)
     assert counts["skipped_done"] == n_before and counts["tried"] == 40 - n_before
     ref = tmp_path / "ref.jsonl"
-    M.run_masking(_samples(40), FirstWordMasker(), ref, batch_size=5)
+    D.run_masking(_samples(40), FirstWordMasker(), ref, batch_size=5)
     assert out.read_text() == ref.read_text()
 
 
 def test_make_masker_names_backends(monkeypatch):
     with pytest.raises(ValueError, match="rule, hf or openai"):
-        M.make_masker("gpt")
+        maskers.make_masker("gpt")
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR"):
-        M.make_masker("openai", api_model="m", api_key_env="NO_SUCH_KEY_VAR")
+        maskers.make_masker("openai", api_model="m", api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(ValueError, match="model name"):
-        M.make_masker("openai", api_model="")
+        maskers.make_masker("openai", api_model="")

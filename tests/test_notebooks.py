@@ -172,7 +172,7 @@ def test_cli_refuses_a_bad_config_clearly(root, tmp_path):
     bad.write_text("run_dir: r\nstages:\n  '00_tiny_world':\n    n_train: lots\n")
     res = subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", "--config", str(bad)], cwd=root,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "n_train must be int" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "n_train='lots': must be an integer" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
@@ -182,7 +182,7 @@ def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
     run = tmp_path / "run"
     pm.execute_notebook(str(root / "notebooks" / "00_real_data.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters={"run_dir": str(run), "llava_json": small_world["train_json"],
-                                    "image_folder": small_world["train_images"], "max_samples": 25},
+                                    "image_folder": small_world["train_images"], "n_samples": 25},
                         kernel_name="python3", language="python", cwd=str(root), progress_bar=False)
     samples = [json.loads(x) for x in open(run / "data" / "samples.jsonl")]
     assert len(samples) == 25 and len({s["id"] for s in samples}) == 25
@@ -220,7 +220,8 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     import shutil
 
     from chat_server import ChatServer, Reply
-    from realign_lib.masking import MASK_PROMPT, RuleMasker
+    from realign_lib.maskers import RuleMasker
+    from realign_lib.prompts import MASK_PROMPT
 
     rule = RuleMasker()
     refused = set()

@@ -61,9 +61,9 @@ def test_bad_inputs_are_named():
 def test_embeddings_resume_from_finished_chunks(tmp_path):
     from PIL import Image
 
-    from realign_lib import tiny_configs
+    from realign_lib import testing
 
-    model, proc = tiny_configs.tiny_llava()
+    model, proc = testing.tiny_llava()
     paths = []
     rng = np.random.default_rng(0)
     for i in range(7):

@@ -7,6 +7,7 @@ import torch
 
 from realign_lib import tinyvlm as tv
 from realign_lib import tinyworld as tw
+from realign_lib.prompts import FIXED_PROMPTS
 from realign_lib import vlm
 
 
@@ -24,7 +25,7 @@ def test_tokenizer_round_trips_world_text(parts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == text
-    for prompt in tw.FIXED_PROMPTS:
+    for prompt in FIXED_PROMPTS:
         assert tok.unk_token_id not in tok(prompt, add_special_tokens=False)["input_ids"], prompt
     assert tok.tokenize("a [MASK] star") == ["a", "[MASK]", "star"]
 
@@ -43,7 +44,9 @@ def test_encoding_matches_chat_template_and_masks_prompts(parts):
     convs = [tw.llava_record(s, "x.png", rng, 2)["conversations"] for s in scenes]
     image_id = tok.convert_tokens_to_ids("<image>")
     for conv, (ids, labels) in zip(convs, tv.encode_conversations(convs, tok, 16)):
-        ref = tok(tok.apply_chat_template(tv._messages(conv), tokenize=False), add_special_tokens=False)["input_ids"]
+        rendered = tok.apply_chat_template(tv._messages(conv), tokenize=False)
+        assert "".join(tv._render(m) for m in tv._messages(conv)) == rendered
+        ref = tok(rendered, add_special_tokens=False)["input_ids"]
         expanded = [t for r in ref for t in ([image_id] * 16 if r == image_id else [r])]
         assert ids == expanded
         assert ids.count(image_id) == 16 and len(ids) == len(labels)
@@ -51,6 +54,20 @@ def test_encoding_matches_chat_template_and_masks_prompts(parts):
         answers = " ".join(t["value"].lower().replace(".", " .").replace("  ", " ").strip() + " </s>"
                            for t in conv if t["from"] == "gpt")
         assert sorted(learnt.split(" </s>")) == sorted(answers.split(" </s>"))  # only assistant replies are learnt
+
+
+def test_one_llava_template_shared_with_the_tiny_random_llava(parts):
+    from realign_lib import testing
+
+    _, tok, proc, _ = parts
+    assert tok.chat_template == proc.chat_template == vlm.LLAVA_CHAT_TEMPLATE
+    assert testing.tiny_llava()[1].chat_template == vlm.LLAVA_CHAT_TEMPLATE
+    prompt = vlm.chat_prompt(proc, "Is there a star in the image?")
+    assert prompt == "USER: <image>\nIs there a star in the image? ASSISTANT:"
+    # the word-level tokenizer splits on any whitespace: "<image>\n" and the earlier "<image> " give the same ids
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids == tok(prompt.replace("<image>\n", "<image> "), add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
 
 
 def test_training_lowers_loss_and_saves_a_hub_style_checkpoint(small_world, tmp_path):

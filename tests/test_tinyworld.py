@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from realign_lib import tinyworld as tw
+from realign_lib import tinyworld_eval as twe
 from realign_lib.files import read_jsonl
 
 
@@ -45,7 +46,7 @@ def test_world_has_the_promised_variety_and_priors():
 def test_description_names_exactly_the_present_objects():
     for s in tw.sample_scenes(300, seed=2):
         text = tw.describe(s)
-        assert set(tw.mentioned_objects(text)) == set(s.types), text
+        assert set(twe.mentioned_objects(text)) == set(s.types), text
         for o in s.objects:
             assert o.colour in text and tw.POSITION_PHRASE[o.position] in text
 
@@ -83,15 +84,15 @@ def test_pope_files_official_format_and_sampling(small_world):
         assert len({q["question_id"] for q in qs}) == len(qs)
         assert sum(q["label"] == "yes" for q in qs) * 2 == len(qs)
         for q in qs:
-            obj = tw.mentioned_objects(q["text"])[0]
+            obj = twe.mentioned_objects(q["text"])[0]
             assert (obj in ann[q["image"]].types) == (q["label"] == "yes")
         negs = [q for q in qs if q["label"] == "no"]
-        partner_share[split] = np.mean([tw.PARTNER[tw.mentioned_objects(q["text"])[0]] in ann[q["image"]].types
+        partner_share[split] = np.mean([tw.PARTNER[twe.mentioned_objects(q["text"])[0]] in ann[q["image"]].types
                                         for q in negs])
     # adversarial negatives are the co-occurring objects: far more partners than random negatives
     assert partner_share["adversarial"] > partner_share["random"] + 0.3
     freq = Counter(small_world["object_frequency"])
-    popular_negs = Counter(tw.mentioned_objects(q["text"])[0] for q in read_jsonl(small_world["pope"]["popular"])
+    popular_negs = Counter(twe.mentioned_objects(q["text"])[0] for q in read_jsonl(small_world["pope"]["popular"])
                            if q["label"] == "no")
     top = [o for o, _ in freq.most_common(3)]
     assert popular_negs.most_common(1)[0][0] in top
@@ -99,8 +100,8 @@ def test_pope_files_official_format_and_sampling(small_world):
 
 def test_mme_folder_layout(small_world):
     root = Path(small_world["mme_root"])
-    assert sorted(p.name for p in root.iterdir()) == sorted(tw.MME_TASKS)
-    for task in tw.MME_TASKS:
+    assert sorted(p.name for p in root.iterdir()) == sorted(twe.MME_TASKS)
+    for task in twe.MME_TASKS:
         txts = sorted((root / task).glob("*.txt"))
         assert len(txts) == 8
         for t in txts:
@@ -114,7 +115,7 @@ def test_mme_folder_layout(small_world):
 def test_mme_answers_are_true():
     rng = np.random.default_rng(1)
     for s in tw.sample_scenes(100, seed=9):
-        qs = tw.mme_questions(s, "color", rng)
+        qs = twe.mme_questions(s, "color", rng)
         if qs:
             (yes_q, _), (no_q, _) = qs
             colour, obj = yes_q.split()[3], yes_q.split()[4]
@@ -134,7 +135,7 @@ def test_build_world_reuses_a_complete_world(small_world, tmp_path):
 def test_caption_hallucination_counts():
     s = tw.Scene(id="x_000001", scene="night", seed=0, objects=[
         tw.ObjectInstance("star", "yellow", "left", 5, 1)])
-    m = tw.caption_hallucination(["a yellow star and a white moon .", "a star ."], [s, s])
+    m = twe.caption_hallucination(["a yellow star and a white moon .", "a star ."], [s, s])
     assert m["chair_i"] == pytest.approx(1 / 3) and m["chair_s"] == 0.5 and m["recall"] == 1.0
     assert m["partner_share"] == 1.0
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import losses, tiny_configs, training, vlm
+from realign_lib import losses, testing, training, vlm
+from realign_lib.trainer import PreferenceTrainer
 from realign_lib.training import PreferenceCollator, PreferenceConfig, PreferenceDataset
 
 PROMPTS = ["what is in the image ?", "describe the picture", "what colour is the car ?", "is there a dog ?"]
@@ -19,7 +20,7 @@ REJECTED = ["a blue dog on the right .", "one cat and a house", "the car is red 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_configs.tiny_llava()
+    return testing.tiny_llava()
 
 
 @pytest.fixture()
@@ -49,8 +50,8 @@ def test_config_checks_name_the_field():
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         PreferenceConfig(gradient_accumulation_steps=0)
     cfg = PreferenceConfig()
-    assert (cfg.beta, cfg.lora_r, cfg.lora_alpha, cfg.learning_rate, cfg.projector_learning_rate, cfg.epochs,
-            cfg.per_device_batch_size, cfg.gradient_accumulation_steps, cfg.sft_weight, cfg.precompute_ref,
+    assert (cfg.beta, cfg.lora_r, cfg.lora_alpha, cfg.learning_rate, cfg.projector_learning_rate, cfg.num_train_epochs,
+            cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.sft_weight, cfg.precompute_ref,
             cfg.weight_decay) == (0.1, 128, 256, 1e-5, 2e-5, 1.0, 1, 8, 0.0, True, 0.0)
     args = cfg.training_arguments("unused_out")
     assert args.remove_unused_columns is False and args.lr_scheduler_type.value == "cosine"
@@ -59,9 +60,34 @@ def test_config_checks_name_the_field():
 
 def test_lora_targets_only_language_model(tiny):
     model, _ = tiny
-    names = training.language_model_linear_names(model)
+    names = training.lora_target_names(model, "language_model")
     assert names and all(".language_model." in n for n in names)
     assert not any("vision_tower" in n or "lm_head" in n or "projector" in n for n in names)
+
+
+def test_lora_targets_as_the_config_names_them(tiny):
+    model, _ = tiny
+    lm = training.lora_target_names(model, "language_model")
+    qkvo = training.lora_target_names(model, "q_proj,k_proj,v_proj,o_proj")  # the authors' released scripts
+    assert qkvo and set(qkvo) < set(lm) and {n.split(".")[-1] for n in qkvo} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    every = training.lora_target_names(model, "all_linear")
+    assert set(lm) < set(every) and any("vision_tower" in n for n in every) and any("projector" in n for n in every)
+    assert not any(n.endswith("lm_head") for n in every)
+    with pytest.raises(ValueError, match=r"no linear layer named \['qproj'\]"):
+        training.lora_target_names(model, "qproj")
+    cfg = PreferenceConfig(lora_target_modules="q_proj,v_proj")
+    assert sorted(cfg.lora_config(model).target_modules) == sorted(training.lora_target_names(model, "q_proj,v_proj"))
+
+
+def test_lora_targets_find_idefics3s_text_model():
+    """Idefics3 / SmolVLM call their language model ``text_model``: LoRA stays inside it."""
+    reason = testing.unavailable_reason("idefics3")
+    if reason:
+        pytest.skip(reason)
+    model, _ = testing.build_tiny("idefics3")
+    names = training.lora_target_names(model, "language_model")
+    assert names and all(".text_model." in n for n in names)
+    assert not any("vision" in n or "connector" in n for n in names)
 
 
 def test_collator_rows(tiny, prefs):
@@ -184,7 +210,7 @@ def test_one_step_matches_trl_dpo_trainer(tiny, prefs, tmp_path):
     tok = processor.tokenizer
 
     # kit: one scoring batch, reference = frozen copy, losses.dpo, one SGD step
-    other = tiny_configs.tiny_llava(seed=1)[0]  # a reference unlike the policy, so the loss is not log 2
+    other = testing.tiny_llava(seed=1)[0]  # a reference unlike the policy, so the loss is not log 2
     kit, ref = copy.deepcopy(base).train(), copy.deepcopy(other).eval()
     cfg = PreferenceConfig(loss="dpo", beta=beta)
     batch = PreferenceCollator(processor, cfg)(items)
@@ -222,15 +248,15 @@ def test_one_step_matches_trl_dpo_trainer(tiny, prefs, tmp_path):
 
 def _run_trainer(model, processor, prefs, out, **cfg_kw):
     cfg = PreferenceConfig(**{"loss": "rdpo", "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3,
-                              "gradient_accumulation_steps": 1, "max_steps": 3, "warmup_ratio": 0.0,
+                              "gradient_accumulation_steps": 1, "max_steps": 3, "warmup_steps": 0.0,
                               "lr_scheduler_type": "constant", **cfg_kw})
     args = cfg.training_arguments(out, use_cpu=True, save_steps=2, dataloader_num_workers=0, disable_tqdm=True)
-    return training.PreferenceTrainer(model, cfg, PreferenceDataset(prefs), processor, args=args)
+    return PreferenceTrainer(model, cfg, PreferenceDataset(prefs), processor, args=args)
 
 
 def test_trainer_three_steps_logs_and_resumes(prefs, tmp_path):
-    model, processor = tiny_configs.tiny_llava()
-    trainer = _run_trainer(model, processor, prefs, tmp_path / "run", per_device_batch_size=4)  # same 4 each step
+    model, processor = testing.tiny_llava()
+    trainer = _run_trainer(model, processor, prefs, tmp_path / "run", per_device_train_batch_size=4)  # same 4 each step
     assert (tmp_path / "run" / "reference_logps.jsonl").is_file()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -246,8 +272,8 @@ def test_trainer_three_steps_logs_and_resumes(prefs, tmp_path):
     assert (ckpt / "trainer_state.json").is_file()
 
     # resume from checkpoint-2 in a fresh trainer: it runs only step 3 and continues the log
-    model2, _ = tiny_configs.tiny_llava()
-    resumed = _run_trainer(model2, processor, prefs, tmp_path / "run", per_device_batch_size=4)
+    model2, _ = testing.tiny_llava()
+    resumed = _run_trainer(model2, processor, prefs, tmp_path / "run", per_device_train_batch_size=4)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 3
     logs2 = [h for h in resumed.state.log_history if "loss" in h]
@@ -256,9 +282,9 @@ def test_trainer_three_steps_logs_and_resumes(prefs, tmp_path):
 
 
 def test_trainer_on_the_fly_reference_mdpo(prefs, tmp_path):
-    model, processor = tiny_configs.tiny_llava()
+    model, processor = testing.tiny_llava()
     trainer = _run_trainer(model, processor, prefs, tmp_path / "run", loss="mdpo", precompute_ref=False, max_steps=2,
-                           per_device_batch_size=2)
+                           per_device_train_batch_size=2)
     assert not (tmp_path / "run" / "reference_logps.jsonl").exists()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -269,7 +295,7 @@ def test_trainer_on_the_fly_reference_mdpo(prefs, tmp_path):
 
 
 def test_projector_trained_at_its_own_learning_rate(prefs, tmp_path):
-    model, processor = tiny_configs.tiny_llava()
+    model, processor = testing.tiny_llava()
     trainer = _run_trainer(model, processor, prefs, tmp_path / "run", train_projector=True,
                            projector_learning_rate=1e-2, max_steps=1)
     opt = trainer.create_optimizer()
@@ -288,7 +314,7 @@ def test_projector_trained_at_its_own_learning_rate(prefs, tmp_path):
 
 
 def test_full_finetune_uses_frozen_copy_as_reference(prefs, tmp_path):
-    model, processor = tiny_configs.tiny_llava()
+    model, processor = testing.tiny_llava()
     trainer = _run_trainer(model, processor, prefs, tmp_path / "run", use_lora=False, max_steps=2,
                            loss="dpo", sft_weight=1.0, precompute_ref=False, gradient_accumulation_steps=2)
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model

@@ -1,10 +1,10 @@
 """``realign_lib.vlm`` on tiny random models of five real VLM architectures.
 
 For each of LLaVA-1.5, LLaVA-1.6, Qwen2-VL, Idefics3/SmolVLM and Janus (built offline by
-``realign_lib.tiny_configs``): batched generation, batched response log-probabilities against a
+``realign_lib.testing``): batched generation, batched response log-probabilities against a
 by-hand computation on single un-padded samples, image embeddings, and save → ``load_vlm``
 round trips. An architecture the environment cannot build is skipped with the reason. Without
-torchvision, Qwen2-VL runs with ``tiny_configs.Qwen2VLImageOnlyProcessor`` (checked on its own below).
+torchvision, Qwen2-VL runs with ``testing.Qwen2VLImageOnlyProcessor`` (checked on its own below).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import tiny_configs, vlm
+from realign_lib import testing, vlm
 
-NAMES = list(tiny_configs.TINY_BUILDERS)
+NAMES = list(testing.TINY_BUILDERS)
 
 QUESTIONS = [
     "what is in the image ?",
@@ -41,10 +41,10 @@ def _images(n: int = 3, seed: int = 0) -> list[np.ndarray]:
 @pytest.fixture(scope="module", params=NAMES)
 def tiny(request):
     name = request.param
-    reason = tiny_configs.unavailable_reason(name)
+    reason = testing.unavailable_reason(name)
     if reason:
         pytest.skip(f"{name}: {reason}")
-    model, processor = tiny_configs.TINY_BUILDERS[name]()
+    model, processor = testing.TINY_BUILDERS[name]()
     return name, model, processor
 
 
@@ -113,7 +113,7 @@ def test_padding_side_is_respected(tiny, side):
     """The requested side wins over a processor's own default (Janus pads left by default), also
     when the tokenizer was not created with ``padding_side`` (as with many hub checkpoints)."""
     name = tiny[0]
-    _, processor = tiny_configs.TINY_BUILDERS[name]()
+    _, processor = testing.TINY_BUILDERS[name]()
     processor.tokenizer.init_kwargs.pop("padding_side", None)
     texts = [vlm.chat_prompt(processor, q) for q in (QUESTIONS[0], QUESTIONS[2])]
     mask = vlm.model_inputs(processor, _images(2), texts, side)["attention_mask"]
@@ -148,7 +148,7 @@ def test_image_embeddings(tiny):
 def test_save_and_load_by_path(tiny, tmp_path):
     name, model, processor = tiny
     rng = torch.get_rng_state()
-    path = tiny_configs.save_tiny(name, tmp_path / name)
+    path = testing.save_tiny(name, tmp_path / name)
     assert torch.equal(torch.get_rng_state(), rng), f"{name}: building changed the global torch RNG state"
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors")), f"{name}: not saved as safetensors"
     assert not list(path.glob("*.bin")), f"{name}: pickle weights written"
@@ -182,10 +182,10 @@ def test_missing_path_raises(tiny, tmp_path):
 def test_unknown_processor_class_raises(tmp_path):
     """``AutoProcessor`` silently returns a bare tokenizer when the folder's recorded processor class is
     unknown in this process (e.g. an unregistered custom class); ``load_vlm`` must refuse that."""
-    reason = tiny_configs.unavailable_reason("llava")
+    reason = testing.unavailable_reason("llava")
     if reason:
         pytest.skip(reason)
-    path = tiny_configs.save_tiny("llava", tmp_path / "llava")
+    path = testing.save_tiny("llava", tmp_path / "llava")
     config = path / "processor_config.json"
     saved = json.loads(config.read_text())
     saved["processor_class"] = "NoSuchProcessor"
@@ -202,11 +202,11 @@ def test_qwen2_vl_image_only_processor(tmp_path):
 
     if is_torchvision_available():
         pytest.skip("torchvision is installed: tiny_qwen2_vl uses the stock Qwen2VLProcessor")
-    reason = tiny_configs.unavailable_reason("qwen2_vl")
+    reason = testing.unavailable_reason("qwen2_vl")
     if reason:
         pytest.skip(reason)
-    _, processor = tiny_configs.tiny_qwen2_vl()
-    cls = tiny_configs.Qwen2VLImageOnlyProcessor
+    _, processor = testing.tiny_qwen2_vl()
+    cls = testing.Qwen2VLImageOnlyProcessor
     assert type(processor) is cls and isinstance(processor, Qwen2VLProcessor)
     assert cls.get_attributes() == ["image_processor", "tokenizer"]
     assert isinstance(processor.image_processor, Qwen2VLImageProcessorPil)

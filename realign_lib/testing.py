@@ -1,4 +1,6 @@
-"""Tiny, randomly initialised models of real VLM architectures, built fully offline.
+"""Test support: tiny, randomly initialised models of real VLM architectures, built fully offline.
+
+For tests and benchmarks only (nothing in the pipeline imports it).
 
 Each builder returns ``(model, processor)``: a genuine ``transformers`` model class of the named
 architecture (hidden size 32, one or two layers, 32-pixel images, seeded weights) and the
@@ -8,7 +10,8 @@ so :mod:`realign_lib.vlm` drives them exactly as it drives a hub checkpoint. Not
 downloaded; nothing is trained. They exist to test code paths (padding, masking, image-token
 handling, save/load), not to answer questions.
 
-* :func:`tiny_llava` — LLaVA-1.5: ``LlavaForConditionalGeneration`` (CLIP tower) + ``LlavaProcessor``;
+* :func:`tiny_llava` — LLaVA-1.5: ``LlavaForConditionalGeneration`` (CLIP tower) + ``LlavaProcessor``
+  with :data:`realign_lib.vlm.LLAVA_CHAT_TEMPLATE`, the tiny VLM's template too;
 * :func:`tiny_llava_next` — LLaVA-1.6: ``LlavaNextForConditionalGeneration`` (any-resolution tiles);
 * :func:`tiny_qwen2_vl` — Qwen2-VL: ``Qwen2VLForConditionalGeneration`` (dynamic resolution, M-RoPE);
   without torchvision its processor is :class:`Qwen2VLImageOnlyProcessor` (see there);
@@ -20,7 +23,7 @@ handling, save/load), not to answer questions.
 — and hence :func:`realign_lib.vlm.load_vlm` — load it back from the folder.
 
 Importing this module imports no ``transformers`` class; each builder imports what it needs
-(``tiny_configs.Qwen2VLImageOnlyProcessor`` is created on first access).
+(``testing.Qwen2VLImageOnlyProcessor`` is created on first access).
 """
 from __future__ import annotations
 
@@ -115,37 +118,21 @@ _STD = [0.5, 0.5, 0.5]
 
 
 # ---------------------------------------------------------------------------------- LLaVA-1.5
-LLAVA_TEMPLATE = (  # llava-hf/llava-1.5 style: "USER: <image>\n{text} ASSISTANT:"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
-    "else message['content'][0]['text'] }} "
-    "{% elif message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}</s> "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-
 def tiny_llava(seed: int = TINY_SEED, image_size: int = 32, patch_size: int = 8, hidden: int = 32):
     """LLaVA-1.5: CLIP vision tower (CLS + 16 patches), GELU projector, Llama LM; ``LlavaProcessor``."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
-    tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], LLAVA_TEMPLATE,
+    from .vlm import LLAVA_CHAT_TEMPLATE
+
+    tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], LLAVA_CHAT_TEMPLATE,
                      unk="<unk>", pad="<pad>", bos="<s>", eos="</s>", extra={"image_token": "<image>"})
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                crop_size={"height": image_size, "width": image_size},
                                image_mean=_MEAN, image_std=_STD, do_convert_rgb=True)
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=LLAVA_TEMPLATE)
+                          chat_template=LLAVA_CHAT_TEMPLATE)
     vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
                               num_attention_heads=2, image_size=image_size, patch_size=patch_size,
                               projection_dim=hidden)

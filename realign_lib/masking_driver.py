@@ -1,0 +1,264 @@
+"""Stage 2 driver: run a masking backend over samples, check every output, resume after a kill.
+
+:func:`run_masking` drives a backend (:mod:`realign_lib.maskers`) over samples into a resumable,
+append-only ``masked.jsonl`` (one record per valid sample) and ``masking_failures.jsonl`` (one
+per skipped sample, with reason). Every output passes the one check of the method,
+:func:`realign_lib.masking.check_masking`; invalid outputs are counted, retried once with a
+one-shot example where a retry can help (the LLM backends), then skipped — never passed on
+(:func:`mask_texts`). :func:`evaluate_masker` measures a backend without writing anything, e.g.
+on :data:`FREE_FORM_EXAMPLES`; :func:`summarize_results` and :func:`summarize_files` count.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .files import append_jsonl, iter_jsonl, repair_jsonl_tail
+from .masking import BackendFailure, Masker, Span, validate_masking, word_count
+
+__all__ = [
+    "FREE_FORM_EXAMPLES", "MaskResult", "mask_texts", "summarize_results", "evaluate_masker", "run_masking",
+    "summarize_files",
+]
+
+#: Twenty LLaVA-style detailed descriptions (written for this kit) to test the maskers off the tiny world.
+FREE_FORM_EXAMPLES: tuple[str, ...] = (
+    "The image shows a busy city street with several cars driving along the road. A red double-decker bus "
+    "is stopped at the curb on the left, and a few pedestrians are waiting at the crosswalk in front of it.",
+    "A young woman in a yellow raincoat is walking a small white dog along a wet sidewalk. Behind her, "
+    "tall brick buildings line the street, and a green umbrella lies open next to a bench.",
+    "In this kitchen, a wooden table sits in the middle of the room with four chairs around it. On top of "
+    "the table there is a bowl of oranges, two glasses and a silver laptop.",
+    "The picture captures a baseball game in progress. The batter, wearing a blue helmet, is swinging at "
+    "the ball while the catcher crouches behind home plate and the umpire watches closely.",
+    "A black cat is sitting on a windowsill above a radiator, looking out at the snowy garden. Three potted "
+    "plants are arranged to the right of the cat.",
+    "Two giraffes are standing near a tall acacia tree on a dry savanna. The larger giraffe is eating "
+    "leaves from the upper branches, while the smaller one stands beside it.",
+    "The bathroom has white tiled walls, a porcelain sink below a round mirror, and a blue towel hanging "
+    "on a rack next to the shower.",
+    "A man with a gray beard is riding a bicycle down a narrow cobblestone street. A brown leather bag is "
+    "strapped to the back of the bicycle, and several pigeons are standing on the ground ahead of him.",
+    "This is a close-up of a plate of food: a grilled salmon fillet sits on a bed of rice, with steamed "
+    "broccoli on the left side and a slice of lemon on top.",
+    "A group of children are playing soccer on a grassy field. One boy in a red shirt is about to kick the "
+    "ball toward the goal, and a girl is running behind him.",
+    "The living room features a large gray sofa with three orange cushions, a glass coffee table in front "
+    "of it, and a flat-screen television mounted on the wall across from the sofa.",
+    "An airplane is parked at the gate of an airport, and a baggage cart with several suitcases is waiting "
+    "beneath its wing. A worker in an orange vest stands between the cart and the plane.",
+    "Several boats are docked in a small harbor at sunset. The water reflects the pink and purple sky, and "
+    "a lighthouse can be seen on a rocky hill in the distance.",
+    "A skateboarder is performing a trick on a concrete ramp in a skate park. He is wearing a black "
+    "t-shirt, and a few spectators are watching from behind a metal fence.",
+    "The desk holds a computer monitor, a black keyboard, a wireless mouse and a cup of coffee. A small "
+    "potted cactus sits to the left of the monitor.",
+    "A herd of brown cows is grazing in a green pasture surrounded by a wooden fence. In the background, "
+    "there is a red barn under a cloudy sky.",
+    "Two people are sitting on a park bench under a large oak tree. The woman is reading a book, and the "
+    "man next to her is feeding bread to a flock of ducks near the pond.",
+    "A pizza with pepperoni, mushrooms and green peppers is sitting on a wooden cutting board. A knife and "
+    "a bottle of olive oil are placed beside the board.",
+    "The train is stopped at a platform where a few passengers are boarding. The train is painted yellow "
+    "and blue, and a large clock hangs above the platform.",
+    "A little girl is holding a red balloon while standing on a sandy beach. Behind her, the ocean waves "
+    "are rolling in, and a white sailboat is visible near the horizon.",
+)
+
+
+# ------------------------------------------------------------------------------------ the driver
+@dataclass
+class MaskResult:
+    """Outcome for one text: ``ok`` with the canonical ``masked`` text and spans, or the reason."""
+
+    text: str
+    ok: bool
+    masked: str | None = None
+    spans: list[Span] = field(default_factory=list)
+    reason: str | None = None
+    detail: str = ""
+    output: str | None = None
+    attempts: int = 0
+    kind: str | None = None  # "invalid" | "backend_error" when not ok
+    attempt_reasons: list[str] = field(default_factory=list)
+
+
+def mask_texts(texts: Sequence[str], masker: Masker, max_attempts: int | None = None) -> list[MaskResult]:
+    """Mask ``texts``, check every output with :func:`~realign_lib.masking.check_masking`, retry the invalid ones.
+
+    ``max_attempts`` defaults to 2 for backends where a retry can help (LLMs: the second attempt
+    adds a one-shot example) and 1 for the deterministic rule masker. Backend failures (API gave
+    up after its own retries) are not retried here.
+    """
+    attempts = max_attempts or (2 if masker.retry_useful else 1)
+    results: list[MaskResult | None] = [None] * len(texts)
+    history: list[list[str]] = [[] for _ in texts]
+    todo = []
+    for i, t in enumerate(texts):  # an empty or word-less response is not sent to the backend at all
+        if word_count(t or ""):
+            todo.append(i)
+        else:
+            results[i] = MaskResult(t, False, reason="empty_input", detail=f"chosen response {t!r}", attempts=0,
+                                    kind="invalid", attempt_reasons=["empty_input"])
+    for attempt in range(attempts):
+        if not todo:
+            break
+        raws = masker.mask_batch([texts[i] for i in todo], attempt=attempt)
+        if len(raws) != len(todo):
+            raise RuntimeError(f"{masker.name} returned {len(raws)} outputs for {len(todo)} texts")
+        again = []
+        for i, raw in zip(todo, raws):
+            if isinstance(raw, BackendFailure):
+                history[i].append(raw.reason)
+                results[i] = MaskResult(texts[i], False, reason=raw.reason, detail=raw.detail, attempts=attempt + 1,
+                                        kind="backend_error", attempt_reasons=history[i])
+                continue
+            chk = validate_masking(texts[i], raw)
+            if chk.ok:
+                results[i] = MaskResult(texts[i], True, masked=chk.masked, spans=chk.spans, output=raw,
+                                        attempts=attempt + 1, attempt_reasons=history[i])
+            else:
+                history[i].append(chk.reason)
+                results[i] = MaskResult(texts[i], False, reason=chk.reason, detail=chk.detail, output=raw,
+                                        attempts=attempt + 1, kind="invalid", attempt_reasons=history[i])
+                if chk.reason != "original_has_mask":
+                    again.append(i)
+        todo = again
+    return results  # type: ignore[return-value]
+
+
+def summarize_results(results: Sequence[MaskResult]) -> dict:
+    """Counts over :func:`mask_texts` results: tried, valid, invalid by reason, retried, rates."""
+    valid = [r for r in results if r.ok]
+    words = sum(word_count(r.text) for r in valid)
+    masked_words = sum(word_count(s.text) for r in valid for s in r.spans)
+    return {
+        "tried": len(results),
+        "valid": len(valid),
+        "invalid": len(results) - len(valid),
+        "invalid_by_reason": dict(Counter(r.reason for r in results if not r.ok)),
+        "backend_errors": sum(r.kind == "backend_error" for r in results),
+        "retried": sum(r.attempts > 1 for r in results),
+        "recovered_by_retry": sum(r.ok and r.attempts > 1 for r in results),
+        "invalid_attempts_by_reason": dict(Counter(x for r in results for x in r.attempt_reasons)),
+        "validity_rate": len(valid) / len(results) if results else None,
+        "mask_rate": masked_words / words if words else None,
+        "masks_per_text": sum(len(r.spans) for r in valid) / len(valid) if valid else None,
+    }
+
+
+def evaluate_masker(masker: Masker, texts: Sequence[str], n_examples: int = 3) -> dict:
+    """Validity and mask rate of ``masker`` on ``texts`` (nothing written), with a few valid and
+    invalid outputs as examples and the seconds it took."""
+    t0 = time.time()
+    results = mask_texts(texts, masker)
+    out = summarize_results(results)
+    out["seconds"] = round(time.time() - t0, 2)
+    out["valid_examples"] = [{"chosen": r.text, "masked": r.masked} for r in results if r.ok][:n_examples]
+    out["invalid_examples"] = [{"chosen": r.text, "output": r.output, "reason": r.reason}
+                               for r in results if not r.ok][:n_examples]
+    return out
+
+
+def _failure_record(sid: str, r: MaskResult, backend: str) -> dict:
+    return {"id": sid, "chosen": r.text, "reason": r.reason, "kind": r.kind, "detail": r.detail[:500],
+            "output": None if r.output is None else r.output[:2000], "attempts": r.attempts, "backend": backend}
+
+
+def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.PathLike,
+                failures_path: str | os.PathLike | None = None, batch_size: int = 32, max_attempts: int | None = None,
+                retry_failed: bool = False, text_key: str = "chosen", progress: bool = False) -> dict:
+    """Mask ``samples[i][text_key]`` into an append-only, resumable JSON-lines file.
+
+    ``out_path`` (``masked.jsonl``) gets one record per valid sample — ``{"id", "chosen", "masked",
+    "spans": [{"start", "end", "text"}], "backend"}`` — appended and fsynced batch by batch; ids
+    already there are skipped on a rerun, and a half-written last line from a killed run is cut
+    first. Skipped samples go to ``failures_path`` (default: ``masking_failures.jsonl`` beside it)
+    with reason, detail and the rejected output; on a rerun, ids that failed as *invalid* are not
+    tried again unless ``retry_failed``, ids that failed on *backend errors* are. A file written
+    by another backend is refused (move it away or use another run folder).
+
+    Returns this call's counts (see :func:`summarize_results`) plus ``skipped_done``,
+    ``skipped_failed``, ``repaired_bytes`` and ``seconds``.
+    """
+    t0 = time.time()
+    out_path = Path(out_path)
+    failures_path = Path(failures_path) if failures_path else out_path.parent / "masking_failures.jsonl"
+    ids = [str(s["id"]) for s in samples]
+    dup = [k for k, c in Counter(ids).items() if c > 1]
+    if dup:
+        raise ValueError(f"duplicate sample ids (stage 3 joins on id): {dup[:5]}")
+    repaired = repair_jsonl_tail(out_path) + repair_jsonl_tail(failures_path)
+    done: set[str] = set()
+    if out_path.is_file():
+        for rec in iter_jsonl(out_path):
+            if rec.get("backend") != masker.name:
+                raise ValueError(f"{out_path} holds maskings by {rec.get('backend')!r}, not {masker.name!r}; move it "
+                                 f"away (or use another run folder) to mask with another backend")
+            done.add(str(rec["id"]))
+    failed_invalid: set[str] = set()
+    if failures_path.is_file() and not retry_failed:
+        failed_invalid = {str(r["id"]) for r in iter_jsonl(failures_path)
+                          if r.get("kind") == "invalid" and r.get("backend") == masker.name}
+    todo = [s for s in samples if str(s["id"]) not in done and str(s["id"]) not in failed_invalid]
+    all_results: list[MaskResult] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"masking ({masker.name})")
+    for b in range(0, len(todo), batch_size):
+        chunk = todo[b:b + batch_size]
+        results = mask_texts([str(s[text_key]) for s in chunk], masker, max_attempts=max_attempts)
+        good = [{"id": str(s["id"]), "chosen": r.text, "masked": r.masked, "spans": [x.to_dict() for x in r.spans],
+                 "backend": masker.name} for s, r in zip(chunk, results) if r.ok]
+        bad = [_failure_record(str(s["id"]), r, masker.name) for s, r in zip(chunk, results) if not r.ok]
+        if good:
+            append_jsonl(out_path, good)
+        if bad:
+            append_jsonl(failures_path, bad)
+        all_results += results
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if not out_path.exists():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.touch()
+    counts = summarize_results(all_results)
+    counts.update({"backend": masker.name, "skipped_done": len(done & set(ids)),
+                   "skipped_failed": len(failed_invalid & set(ids) - done), "repaired_bytes": repaired,
+                   "seconds": round(time.time() - t0, 3)})
+    return counts
+
+
+def summarize_files(out_path: str | os.PathLike, failures_path: str | os.PathLike | None = None,
+                    ids: Iterable[str] | None = None) -> dict:
+    """Whole-file figures (resume-proof): valid records, ids that only ever failed, validity rate,
+    mask rate (masked words / words over valid records), masks per text and their histogram.
+    ``ids``: count only these sample ids (e.g. the samples of a small run)."""
+    out_path = Path(out_path)
+    failures_path = Path(failures_path) if failures_path else out_path.parent / "masking_failures.jsonl"
+    keep = None if ids is None else {str(i) for i in ids}
+    recs = [r for r in iter_jsonl(out_path) if keep is None or r["id"] in keep] if out_path.is_file() else []
+    ok_ids = {r["id"] for r in recs}
+    fails: dict[str, dict] = {}
+    if failures_path.is_file():
+        for r in iter_jsonl(failures_path):
+            if r["id"] not in ok_ids and (keep is None or r["id"] in keep):
+                fails[r["id"]] = r  # last failure of each id
+    words = sum(word_count(r["chosen"]) for r in recs)
+    masked_words = sum(word_count(s["text"]) for r in recs for s in r["spans"])
+    n_masks = Counter(len(r["spans"]) for r in recs)
+    total = len(recs) + len(fails)
+    return {
+        "valid": len(recs), "failed": len(fails), "validity_rate": len(recs) / total if total else None,
+        "mask_rate": masked_words / words if words else None, "words": words, "masked_words": masked_words,
+        "masks_per_text": sum(k * v for k, v in n_masks.items()) / len(recs) if recs else None,
+        "masks_per_text_hist": {str(k): n_masks[k] for k in sorted(n_masks)},
+        "failures_by_reason": dict(Counter(r["reason"] for r in fails.values())),
+        "backends": sorted({r["backend"] for r in recs}),
+    }
