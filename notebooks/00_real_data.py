@@ -20,7 +20,9 @@
 # VLM, it reads **LLaVA-Instruct-150K** (`llava_instruct_150k.json`: a list of `{"id", "image",
 # "conversations"}`) and its **COCO** image folder, and writes the same `data/samples.jsonl`
 # (`id`, `image`, `prompt`, `chosen`, `image_root`) that stages 01–03 read. The paper used about
-# 11k images. Each sample is the first human → gpt exchange of a record whose image exists;
+# 11k *images*: LLaVA-Instruct-150K has about 158k records over about 80k images (a record's id is its
+# image stem), so by default one record per image is kept (`records_per_image`), and only the sampled
+# images are opened. Each sample is the first human → gpt exchange of a record whose image exists;
 # records without one are counted, never silently dropped. With `chosen_source = "openai"` a VLM
 # behind an OpenAI-compatible endpoint (e.g. vLLM) answers each prompt instead, looking at the image.
 #
@@ -35,7 +37,8 @@ llava_json = ""  # LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150
 image_folder = ""  # its images (COCO train2017 files such as 000000033471.jpg)
 n_samples = 6000  # samples handed to stages 01-03
 prompt_contains = ""  # keep only records whose first question contains this text; empty: all
-shuffle = True  # a seeded random subset; False: the file's first records
+shuffle = True  # a seeded random subset of the images; False: the file's first images
+records_per_image = 1  # records kept per image (the paper samples images: 1); more keep further conversations under the ids <id>_1, <id>_2
 chosen_source = "llava"  # llava (the dataset's answers) | openai (a VLM behind an OpenAI-compatible endpoint answers)
 api_base_url = ""  # openai backend: base URL, e.g. http://localhost:8000/v1 (vLLM); empty: OpenAI
 api_model = ""  # openai backend: the served model name
@@ -45,7 +48,6 @@ n_show = 6  # examples shown in the notebook
 
 # %%
 import json
-import random
 import time
 from pathlib import Path
 
@@ -65,11 +67,14 @@ for p, what in ((Path(llava_json), "llava_json"), (Path(image_folder), "image_fo
         raise FileNotFoundError(f"{what} {p} does not exist")
 if small_run:
     n_samples = min(n_samples or 20, 20)
-# read all usable records, then take a seeded subset, so the subset does not depend on file order
-samples, counts = samples_from_llava(llava_json, image_folder, limit=None if shuffle else (n_samples or None),
-                                     prompt_contains=prompt_contains or None)
-if shuffle and n_samples and len(samples) > n_samples:
-    samples = sorted(random.Random(seed).sample(samples, n_samples), key=lambda s: s["id"])
+# group the records by image (one per image by default, as the paper samples images), take a seeded
+# subset of the images, and open only the images taken (not the whole COCO folder)
+samples, counts = samples_from_llava(llava_json, image_folder, limit=n_samples or None,
+                                     prompt_contains=prompt_contains or None, records_per_image=records_per_image,
+                                     shuffle_seed=seed if shuffle else None)
+samples = sorted(samples, key=lambda s: s["id"])
+print(f"{counts['records']} records over {counts['images']} images; {counts['duplicate_records']} further records "
+      f"on an image left out (records_per_image {records_per_image}); {counts['images_opened']} images opened")
 if not samples:
     raise ValueError(f"no usable samples in {llava_json} with images under {image_folder}: {counts}")
 image_root = str(Path(image_folder).resolve())

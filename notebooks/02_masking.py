@@ -56,6 +56,8 @@ max_samples = 0  # use the first N samples of stage 00; 0: all
 batch_size = 64  # inputs per batched model call
 n_show = 6  # examples shown in the notebook
 compare_backends = True  # also measure the other offline backends (the local LLM takes minutes on a CPU)
+max_mask_words = 10  # validity check: the most words one [MASK] may cover; 0: no bound
+stoplist = True  # rule backend: never mask the set phrases and abstract words of maskers.STOPLIST (In addition, a total of, excitement, teamwork)
 
 # %%
 import hashlib
@@ -63,9 +65,6 @@ import shutil
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
@@ -111,7 +110,8 @@ t_start = time.time()
 # %%
 t0 = time.time()
 masker = maskers.make_masker(backend, hf_model=hf_model, api_base_url=api_base_url, api_model=api_model,
-                             api_key_env=api_key_env, max_concurrency=max_concurrency, batch_size=batch_size)
+                             api_key_env=api_key_env, max_concurrency=max_concurrency, batch_size=batch_size,
+                             **({"stoplist": stoplist} if backend == "rule" else {}))
 t_load = time.time() - t0
 print(f"{masker!r} ready in {t_load:.1f} s")
 
@@ -132,7 +132,7 @@ if previous and previous != {masker.name}:
 # rerunning after an interruption continues where it stopped.
 
 # %%
-counts = run_masking(samples, masker, masked_path, failures_path, batch_size=batch_size)
+counts = run_masking(samples, masker, masked_path, failures_path, batch_size=batch_size, max_mask_words=max_mask_words)
 summary = summarize_files(masked_path, failures_path, ids=[s["id"] for s in samples])
 t_mask = counts["seconds"]
 print(f"this run: tried {counts['tried']}, valid {counts['valid']}, invalid {counts['invalid']} "
@@ -209,11 +209,12 @@ for name, text_sets in sets.items():
         if key not in cache:
             if m is None:
                 try:
-                    m = maskers.make_masker(name, hf_model=hf_model, batch_size=batch_size)
+                    m = maskers.make_masker(name, hf_model=hf_model, batch_size=batch_size,
+                                            **({"stoplist": stoplist} if name == "rule" else {}))
                 except (FileNotFoundError, OSError) as err:
                     res[set_name] = {"unavailable": str(err)[:200]}
                     continue
-            cache[key] = {"backend": m.name, **evaluate_masker(m, texts)}
+            cache[key] = {"backend": m.name, **evaluate_masker(m, texts, max_mask_words=max_mask_words)}
             write_json(eval_path, cache)
         r = cache[key]
         res[set_name] = {"n": r["tried"], "validity_rate": r["validity_rate"], "mask_rate": r["mask_rate"],

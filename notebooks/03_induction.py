@@ -59,6 +59,7 @@ max_span_tokens = 6  # slot mode: longest fill per [MASK]
 stop_margin = 5.0  # slot mode: end a span once the next scaffold token is within this many nats of the best (0: argmax)
 corruption = "crop"  # comparison: crop (keep 1-20 % of the area, as mDPO) | noise (Gaussian)
 comparisons = True  # also build the random-swap and corrupted-image comparison sets
+min_length_ratio = 0.5  # refuse a candidate with fewer words than this share of the chosen response (a cut-off reply); 0: off
 n_show = 6  # examples shown in the notebook
 
 # %%
@@ -68,9 +69,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
@@ -112,7 +110,7 @@ if fill_backend == "openai":
     if fill_mode != "instruction":
         raise ValueError("fill_backend openai fills with the completion prompt: set fill_mode instruction")
     filler = fillers.EndpointFiller(ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
-                                                 max_concurrency=max_concurrency, max_tokens=256))
+                                                 max_concurrency=max_concurrency, max_tokens=2048))
     model_label = f"openai:{api_model}@{api_base_url or 'api.openai.com'}"
 elif fill_backend == "local":
     model, processor = vlm.load_vlm(model_dir)
@@ -139,13 +137,15 @@ print(f"loaded in {t_load:.1f} s; sentence model {encoder.name}")
 
 # %%
 summary = induction.induce(items, filler, encoder, tau, stage_dir / "preferences.jsonl", stage_dir / "skipped.jsonl",
-                           signature={"generator": "re-align", **settings}, chunk_size=1024, on_change="restart")
+                           signature={"generator": "re-align", **settings}, chunk_size=1024, on_change="restart",
+                           min_length_ratio=min_length_ratio)
 prefs = read_jsonl(stage_dir / "preferences.jsonl")
 skipped = read_jsonl(stage_dir / "skipped.jsonl")
 by_rank = induction.acceptance_by_rank(prefs, skipped, top_k)
 print(f"{len(prefs)} pairs from {len(items)} samples ({len(prefs) / max(len(items), 1):.1%}); skipped "
       f"{dict(Counter(s['reason'] for s in skipped))}; {summary['fills']} fills computed in {summary['seconds']:.0f} s "
-      f"(fill {summary['seconds_fill']:.0f} s, similarity {summary['seconds_similarity']:.0f} s)")
+      f"(fill {summary['seconds_fill']:.0f} s, similarity {summary['seconds_similarity']:.0f} s); "
+      f"{summary['too_short']} candidates refused as cut short (min_length_ratio {min_length_ratio})")
 print("acceptance by rank:", [f"#{r['rank']} {r['accepted']}/{r['tried']}" for r in by_rank])
 
 # %% [markdown]
@@ -268,7 +268,7 @@ if comparisons:
                             stage_dir / "comparison_corrupted_image_skipped.jsonl",
                             signature={"generator": "corrupted_image", "corruption": corruption, "seed": seed,
                                        **settings},
-                            chunk_size=1024, on_change="restart")
+                            chunk_size=1024, on_change="restart", min_length_ratio=min_length_ratio)
     t_corrupt = time.time() - t0
     results["corrupted_image"] = read_jsonl(stage_dir / "comparison_corrupted_image.jsonl")
     comparison_summary["corrupted_image"] = {"pairs": csum["pairs"], "skipped": csum["skipped"],

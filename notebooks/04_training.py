@@ -33,7 +33,9 @@
 # `realign_lib.training.PreferenceConfig` with the same name (the `TrainingArguments` name where one
 # exists), and its default is the paper's: rDPO, β 0.1, one epoch (`max_steps = -1`), lr 1e-5
 # (projector 2e-5 when `train_projector`), cosine schedule, warm-up 0.03, batch 1 × 8, LoRA r 128 /
-# α 256 on the language model's linear layers, bf16 on a GPU that supports it.
+# α 256 on the language model's linear layers, bf16 on a GPU that supports it; on a CUDA GPU also
+# activation (gradient) checkpointing and four data-loader workers (GPU guide: `docs/gpu.md`; the
+# authors' released settings: `configs/release.yaml`).
 #
 # **The tiny world's settings** (`configs/tiny_world.yaml`, which the main command runs) differ:
 #
@@ -77,6 +79,9 @@ lora_r = 128  # LoRA rank
 lora_alpha = 256  # LoRA alpha (paper 2 × lora_r)
 lora_dropout = 0.05  # LoRA dropout
 lora_target_modules = "language_model"  # language_model | all_linear | layer names, e.g. q_proj,k_proj,v_proj,o_proj (authors' scripts)
+activation_checkpointing = None  # gradient (activation) checkpointing, non-reentrant; None: on for a CUDA GPU, off on a CPU
+dataloader_num_workers = None  # worker processes building the scoring batches; None: 4 on a CUDA GPU, 0 on a CPU
+model_max_length = 0  # cut each scored sequence (image tokens included) to this many tokens (authors' scripts: 1048); 0: no limit
 precompute_ref = True  # compute the reference log-probs once before training (cached); False: on the fly
 max_steps = -1  # optimiser steps; -1: num_train_epochs over all pairs (the paper: one epoch)
 logging_steps = 1  # log every this many optimiser steps
@@ -95,9 +100,6 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch

@@ -14,7 +14,9 @@ The method
 * ``realign_lib.comparisons``    — comparison sets: random word swap, corrupted images
 * ``realign_lib.losses``         — DPO, rDPO, mDPO as pure functions of log-probs
 * ``realign_lib.training``       — ``PreferenceConfig``, data, scoring, reference log-probs (stage 04)
+* ``realign_lib.reference``      — the reference's log-probs, cached by content and model identity
 * ``realign_lib.trainer``        — ``PreferenceTrainer`` and ``train()``
+* ``realign_lib.export``         — a merged checkpoint for vLLM / lmms-eval
 * ``realign_lib.pope`` / ``realign_lib.evaluation`` — POPE and MME with the official scoring (stage 05)
 
 Models, data, running
@@ -22,7 +24,8 @@ Models, data, running
 * ``realign_lib.data`` / ``realign_lib.endpoint`` — LLaVA-Instruct samples; an OpenAI-compatible client
 * ``realign_lib.stages``         — one dataclass per notebook: parameters, defaults, checks
 * ``realign_lib.config`` / ``realign_lib.cli`` — YAML recipes; ``realign run`` and ``realign train``
-* ``realign_lib.files``          — crash-safe JSON / JSON-lines helpers
+* ``realign_lib.files``          — crash-safe JSON / JSON-lines helpers, the run-folder lock
+* ``realign_lib.fingerprints``   — what caches depend on: model identity, weights digests, file stamps
 
 The tiny world (imports the method, never the reverse)
 * ``realign_lib.tinyworld`` / ``realign_lib.tinyworld_eval`` — synthetic scenes; their POPE / MME files, metrics

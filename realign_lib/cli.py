@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(args) -> int:
     """``realign run``: every stage of the recipe in order (see the module docstring)."""
-    import papermill as pm
-
-    from .files import write_json
+    from .files import RunLock
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -121,7 +119,30 @@ def run_main(args) -> int:
         if not stages:
             print(f"realign: no stage {sorted(wanted)} in {args.config}", file=sys.stderr)
             return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(f"run_dir {run_dir} is a file, not a folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir, log=lambda m: print(m, flush=True)).__enter__()
+    except (OSError, RuntimeError) as err:
+        print(f"realign: cannot use run_dir {run_dir}: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run_stages(cfg, stages, args)
+    except KeyboardInterrupt:
+        print("\nrealign: interrupted. Run the same command again to continue: finished stages are skipped and "
+              "the interrupted one resumes from what it saved.", file=sys.stderr)
+        return 130
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_stages(cfg, stages: list[str], args) -> int:
+    import papermill as pm
+
+    from .files import write_json
+
+    run_dir = Path(cfg.run_dir)
     write_json(run_dir / "config.json", {"config": args.config, "overrides": args.overrides, "run_dir": cfg.run_dir,
                                          "seed": cfg.seed, "shared": cfg.shared, "stages": cfg.stages})
     t0 = time.time()
@@ -131,6 +152,8 @@ def run_main(args) -> int:
             run_stage(stage, cfg.parameters(stage), run_dir, redo=args.redo, log=lambda m: print(m, flush=True),
                       upstream=upstream_digest(stage, list(cfg.stages), run_dir))
         except pm.PapermillExecutionError as err:
+            if err.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too (the whole process group)
+                raise KeyboardInterrupt from None
             print(f"realign: stage {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
                   f"  executed notebook with the traceback: {run_dir / stage / (stage.split('/')[0] + '.ipynb')}",
                   file=sys.stderr)

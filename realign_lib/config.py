@@ -107,15 +107,20 @@ class RunConfig:
 
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ValueError(f"{self.source}: 'run_dir' must be a non-empty string (a folder path)")
+        self.run_dir = os.path.expanduser(self.run_dir)  # "~/runs/x" is the home folder, not a folder named "~"
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise TypeError(f"{self.source}: 'seed' must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.stages, dict):
-            raise TypeError(f"{self.source}: 'stages' must be a mapping of stage name: parameters")
         known = stage_fields()
         for key in self.shared:
             if key not in known:
                 raise ValueError(f"{self.source}: unknown top-level key {key!r}; allowed: {', '.join(_TOP)} and any "
                                  f"stage parameter ({', '.join(sorted(k for k in known if k not in _TOP))})")
+        if not isinstance(self.stages, dict):
+            raise TypeError(f"{self.source}: 'stages' must be a mapping of stage name: parameters, got "
+                            f"{type(self.stages).__name__} (see configs/tiny_world.yaml)")
+        if not self.stages:
+            raise ValueError(f"{self.source}: no stages to run: a recipe needs 'stages:' with at least one stage "
+                             f"(see configs/tiny_world.yaml)")
         expanded: dict[str, dict] = {}
         for stage, params in self.stages.items():
             if params is None:

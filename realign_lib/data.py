@@ -3,8 +3,9 @@
 A *sample* is ``{"id", "image", "prompt", "chosen"}``: the image file (relative to an image root),
 the user's question without the ``<image>`` tag, and the reference answer (the chosen response).
 ``samples_from_llava`` reads LLaVA-Instruct-150K (``[{"id", "image", "conversations": [...]}]``)
-and keeps the first human/gpt exchange of each record whose image exists and decodes, so the tiny
-world's file and the real one (with a COCO train2017 folder) give the same kind of samples.
+and keeps the first human/gpt exchange of one record per image (as the paper samples images),
+opening only the images it takes, so the tiny world's file and the real one (with a COCO
+train2017 folder) give the same kind of samples.
 :func:`load_samples` reads the resulting ``samples.jsonl`` back with every record checked.
 """
 from __future__ import annotations
@@ -44,24 +45,55 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+def _parse_record(i: int, rec, prompt_contains: str | None) -> tuple[dict | None, str | None]:
+    """One LLaVA record → ``(sample without image check, None)`` or ``(None, skip reason)``."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+        return None, "not_a_record"
+    conv = rec.get("conversations") or []
+    if (not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv[:2])
+            or conv[0].get("from") != "human" or conv[1].get("from") != "gpt"):
+        return None, "no_exchange"
+    if not str(conv[1].get("value", "")).strip():
+        return None, "empty_chosen"
+    prompt = str(conv[0].get("value", "")).replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
+    if prompt_contains and prompt_contains not in prompt:
+        return None, "filtered"
+    return {"id": str(rec.get("id", i)), "image": rec["image"], "prompt": prompt,
+            "chosen": str(conv[1]["value"]).strip()}, None
+
+
 def samples_from_llava(json_path: str | os.PathLike, image_root: str | os.PathLike, limit: int | None = None,
-                       prompt_contains: str | None = None, check_images: bool = True) -> tuple[list[dict], dict]:
+                       prompt_contains: str | None = None, check_images: bool = True, records_per_image: int = 1,
+                       shuffle_seed: int | None = None) -> tuple[list[dict], dict]:
     """Samples from a LLaVA-Instruct JSON file, plus counts of what was kept and skipped (and why).
 
+    LLaVA-Instruct-150K has about 158k records over about 80k images, and a record's id is its
+    image stem. The paper samples *images*: by default one record per image is kept (the first
+    in the file); ``records_per_image`` > 1 keeps up to that many, the second and later under the
+    ids ``<id>_1``, ``<id>_2``…, so every sample id is unique. Images are then taken in file order,
+    or in a seeded random order (``shuffle_seed``), and ONLY the images taken are opened, until
+    ``limit`` samples are kept — the whole file is never decoded.
+
     ``prompt_contains`` keeps only records whose first question contains that text (for example
-    ``"Describe"`` for detailed descriptions); ``limit`` stops after that many samples. A record is
-    skipped, and counted under its reason (:data:`SKIP_REASONS`), when it is not a record with an
-    image, has no question/answer exchange or an empty answer, or when its image path leaves the
-    image folder, is missing or (``check_images``) cannot be decoded. The counts include
-    ``examples``: the first few skipped records' positions and ids per reason, to look them up.
+    ``"Describe"`` for detailed descriptions). A record is skipped, and counted under its reason
+    (:data:`SKIP_REASONS`), when it is not a record with an image, has no question/answer exchange
+    or an empty answer, or when its image path leaves the image folder, is missing or
+    (``check_images``) cannot be decoded. The counts include ``records`` (in the file), ``images``
+    (distinct image paths among usable records), ``duplicate_records`` (usable records beyond
+    ``records_per_image`` on one image, left out), ``images_opened`` and ``examples``: the first
+    few skipped records' positions and ids per reason, to look them up.
     """
+    import random
+
     if not Path(image_root).is_dir():
         raise FileNotFoundError(f"image folder {image_root} not found (for LLaVA-Instruct-150K: COCO train2017)")
+    if records_per_image < 1:
+        raise ValueError(f"records_per_image={records_per_image}: must be at least 1")
     data = read_json(json_path)
     if not isinstance(data, list):
         raise ValueError(f"{json_path}: expected a JSON list of LLaVA-Instruct records")
     root = Path(image_root)
-    samples, skipped = [], {k: 0 for k in SKIP_REASONS}
+    skipped = {k: 0 for k in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
 
     def skip(reason: str, i: int, rec) -> None:
@@ -70,36 +102,45 @@ def samples_from_llava(json_path: str | os.PathLike, image_root: str | os.PathLi
             rid = rec.get("id") if isinstance(rec, dict) else None
             examples[reason].append(f"record {i}" + (f" (id {rid})" if rid is not None else ""))
 
+    by_image: dict[str, list[tuple[int, dict]]] = {}
+    duplicates = 0
     for i, rec in enumerate(data):
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            skip("not_a_record", i, rec)
+        sample, reason = _parse_record(i, rec, prompt_contains)
+        if reason:
+            skip(reason, i, rec)
             continue
-        conv = rec.get("conversations") or []
-        if (not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv[:2])
-                or conv[0].get("from") != "human" or conv[1].get("from") != "gpt"):
-            skip("no_exchange", i, rec)
+        group = by_image.setdefault(sample["image"], [])
+        if len(group) >= records_per_image:
+            duplicates += 1
             continue
-        if not str(conv[1].get("value", "")).strip():
-            skip("empty_chosen", i, rec)
-            continue
-        prompt = str(conv[0].get("value", "")).replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
-        if prompt_contains and prompt_contains not in prompt:
-            skip("filtered", i, rec)
-            continue
+        if group:
+            sample["id"] = f"{sample['id']}_{len(group)}"
+        group.append((i, sample))
+    images = list(by_image)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(images)
+    samples, opened = [], 0
+    for image in images:
+        i, first = by_image[image][0]
         try:
-            path = safe_join(root, rec["image"])
+            path = safe_join(root, image)
         except ValueError:
-            skip("unsafe_path", i, rec)
+            for j, smp in by_image[image]:
+                skip("unsafe_path", j, smp)
             continue
+        opened += 1
         problem = image_problem(path) if check_images else (None if path.is_file() else "missing_image")
         if problem:
-            skip(problem, i, rec)
+            for j, smp in by_image[image]:
+                skip(problem, j, smp)
             continue
-        samples.append({"id": str(rec.get("id", i)), "image": rec["image"], "prompt": prompt,
-                        "chosen": conv[1]["value"].strip()})
+        samples += [smp for _, smp in by_image[image]]
         if limit and len(samples) >= limit:
+            samples = samples[:limit]
             break
-    return samples, {"kept": len(samples), **skipped, "examples": examples}
+    counts = {"kept": len(samples), "records": len(data), "images": len(images), "duplicate_records": duplicates,
+              "images_opened": opened, **skipped, "examples": examples}
+    return samples, counts
 
 
 def load_samples(path: str | os.PathLike) -> list[dict]:

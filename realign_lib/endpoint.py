@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["EndpointFailure", "ChatEndpoint", "message_content", "image_data_url", "user_message"]
+__all__ = ["EndpointFailure", "ChatEndpoint", "scrub_secret", "message_content", "image_data_url", "user_message"]
 
 
 @dataclass
@@ -69,6 +69,29 @@ def user_message(text: str, image=None) -> dict:
                                         {"type": "text", "text": text}]}
 
 
+def scrub_secret(text: str, secret: str, min_run: int = 6) -> str:
+    """``text`` with each run of ``min_run`` or more characters that also stands in ``secret`` replaced
+    by ``***``: the whole key, however it is quoted or escaped around it, and the partly masked forms
+    error messages print (``sk-abc…****…1a2b3c``). A secret shorter than ``min_run`` is replaced
+    where it stands whole."""
+    if not secret or not text:
+        return text
+    if len(secret) < min_run:
+        return text.replace(secret, "***")
+    out, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and text[i:j + 1] in secret:  # the longest run from i that is part of the key
+            j += 1
+        if j - i >= min_run:
+            out.append("***")
+            i = j
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 class ChatEndpoint:
     """An OpenAI-compatible chat-completions endpoint (see the module docstring)."""
 
@@ -80,7 +103,7 @@ class ChatEndpoint:
 
         if not model:
             raise ValueError("an OpenAI-compatible endpoint needs a model name (api_model in the config)")
-        key = os.environ.get(api_key_env or "")
+        key = (os.environ.get(api_key_env or "") or "").strip()  # a .env with CRLF endings leaves "\r"
         if not key:
             raise ValueError(f"environment variable {api_key_env!r} is not set: the API key is read only from the "
                              f"environment (for a local server without authentication set it to any value, "
@@ -109,8 +132,8 @@ class ChatEndpoint:
             self.stats[key] += n
 
     def scrub(self, text: str) -> str:
-        """``text`` with the key replaced by ``***``."""
-        return text.replace(self._key_hint, "***") if self._key_hint else text
+        """``text`` with every trace of the key replaced by ``***`` (see :func:`scrub_secret`)."""
+        return scrub_secret(text, self._key_hint)
 
     def _delay(self, n: int, err) -> float:
         delay = min(self.backoff_max, self.backoff_base * 2 ** n) * (1 + 0.1 * random.random())
@@ -123,9 +146,11 @@ class ChatEndpoint:
             delay = max(delay, min(retry_after, self.backoff_max))
         return delay
 
-    def complete(self, messages: list[dict], parse: Callable[[str], Any] | None = None) -> Any:
+    def complete(self, messages: list[dict], parse: Callable[[str], Any] | None = None,
+                 with_finish: bool = False) -> Any:
         """One chat completion (temperature 0): ``parse(content)`` (default: the text) or an
-        :class:`EndpointFailure` after the retries."""
+        :class:`EndpointFailure` after the retries. ``with_finish``: ``(parsed, finish_reason)``
+        instead (``"length"`` when the reply was cut off by ``max_tokens``; counted in ``stats``)."""
         oa = self._openai
         kw: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
         if self.max_tokens:
@@ -137,8 +162,14 @@ class ChatEndpoint:
             self._count("requests")
             status_err = None
             try:
-                content = message_content(self._client.chat.completions.create(**kw))
-                return parse(content) if parse is not None else content
+                resp = self._client.chat.completions.create(**kw)
+                content = message_content(resp)
+                parsed = parse(content) if parse is not None else content
+                if not with_finish:
+                    return parsed
+                finish = getattr(resp.choices[0], "finish_reason", None)
+                self._count(f"finish_{finish}")
+                return parsed, finish
             except (oa.AuthenticationError, oa.PermissionDeniedError, oa.NotFoundError) as err:
                 raise RuntimeError(f"{self.name} at {self.base_url or 'api.openai.com'}: {type(err).__name__} "
                                    f"({self.scrub(str(err))[:300]}); check the model name, the base URL and the "

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import append_jsonl, read_appended
+from .files import append_jsonl, read_appended, read_text
 
 __all__ = [
     "MME_PERCEPTION", "MME_COGNITION", "IMAGE_SUFFIXES", "load_mme", "parse_mme_answer", "clean_prediction",
@@ -43,7 +43,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # ------------------------------------------------------------------------------------------ MME
 def _read_question_file(path: Path) -> list[tuple[str, str]]:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
@@ -168,7 +168,7 @@ def write_mme_results(answered: dict[str, list[dict]], out_dir: str | os.PathLik
 def score_mme_file(path: str | os.PathLike) -> dict:
     """Score one ``<subtask>.txt``: acc, acc+, score (= 100·acc + 100·acc+), other answers, compliance."""
     path = Path(path)
-    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln != ""]
+    lines = [ln for ln in read_text(path).split("\n") if ln != ""]
     if len(lines) % 2:
         raise ValueError(f"{path}: {len(lines)} lines; MME result files hold two lines per image")
     correct = both = other = compliant = 0

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = ["atomic_write_text", "atomic_save_npy", "atomic_torch_save", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl",
-           "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join"]
+           "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join", "RunLock",
+           "read_text"]
 
 
 @contextmanager
@@ -86,7 +87,7 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
@@ -107,6 +108,24 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
         os.fsync(fh.fileno())
 
 
+def _utf8(raw: bytes, path, lineno: int | None = None) -> str:
+    """``raw`` decoded as UTF-8, or an error naming the file, line and column of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        if lineno is None:
+            lineno = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                         f"{err.start - line_start + 1}); save the file as UTF-8") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content; a byte that is not UTF-8 raises naming file, line and column."""
+    path = Path(path)
+    return _utf8(path.read_bytes(), path)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read JSON lines; blank lines are ignored; a malformed line raises naming file and line."""
     return list(iter_jsonl(path))
@@ -116,8 +135,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -177,7 +197,7 @@ def read_appended(path: str | os.PathLike, repair: bool = True) -> list[dict]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     out = []
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_utf8(data[:end], path).splitlines(), 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -196,3 +216,72 @@ def safe_join(root: str | os.PathLike, name: str, where: str = "") -> Path:
         raise ValueError(f"{where + ': ' if where else ''}image path {name!r} leads outside the image folder "
                          f"{root}; image paths must be relative to it and stay inside it")
     return p
+
+
+class RunLock:
+    """One process per run folder: ``with RunLock(run_dir):`` holds ``<run_dir>/.realign.lock``
+    (created exclusively, holding the pid). A second holder fails at once naming the first; a lock
+    whose process is gone (killed, machine restarted) is taken over."""
+
+    def __init__(self, folder: str | os.PathLike, log=None):
+        self.path = Path(folder) / ".realign.lock"
+        self.log = log
+
+    def __enter__(self) -> "RunLock":
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None and self._recent():  # being written by a run that just started
+                    holder = {"pid": "?", "host": "?", "since": "just now"}
+                if holder is not None and (holder.get("pid") == "?" or self._alive(holder)):
+                    raise RuntimeError(f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+                                       f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or "
+                                       f"stop it — two runs in one folder would mix their files") from None
+                if self.log:
+                    self.log(f"{self.path}: taking over a stale lock ({holder})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(me))
+            return self
+        raise RuntimeError(f"{self.path}: could not take the lock")
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # half written or gone: treat as stale
+
+    def _recent(self, seconds: float = 5.0) -> bool:
+        import time
+
+        try:
+            return time.time() - self.path.stat().st_mtime < seconds
+        except OSError:
+            return False
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        import socket
+
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname():
+            return True  # another machine's run (a shared folder): never taken over
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from .induction import join_filled, split_masked
 from .prompts import COMPLETION_PROMPT, MASK
 
-__all__ = ["FILL_MODES", "MaskFiller", "EndpointFiller", "instruction_fill", "slot_fill"]
+__all__ = ["FILL_MODES", "MaskFiller", "EndpointFiller", "new_token_budget", "instruction_fill", "slot_fill"]
 
 FILL_MODES = ("slot", "instruction")  # slot: the tiny VLM's default; instruction: real chat VLMs'
 
@@ -64,6 +64,15 @@ def _banned_ids(model, processor) -> list[int]:
         ids.add(mask_id)
     ids.discard(tok.eos_token_id)
     return sorted(i for i in ids if i is not None and 0 <= i)
+
+
+def new_token_budget(tok, masked: Sequence[str], cap: int = 0, ratio: float = 1.5, margin: int = 32) -> int:
+    """``max_new_tokens`` for filling ``masked``: ``ratio`` × the longest masked text's tokens +
+    ``margin`` (a filled text is about as long as its masked text; a fixed 256 cut long answers
+    short, and a cut candidate is "dissimilar" because it is short), at most ``cap`` (0: no cap)."""
+    longest = max((len(tok(m, add_special_tokens=False)["input_ids"]) for m in masked), default=0)
+    budget = int(longest * ratio) + margin
+    return min(budget, cap) if cap else budget
 
 
 class _SlotState:
@@ -117,6 +126,8 @@ class MaskFiller:
     prompted by each sample's own ``prompts[i]``; ``mode="instruction"`` (default for real chat
     VLMs) sends ``COMPLETION_PROMPT`` + the masked sentence and takes the reply (``prompts`` is
     then unused). See the module docstring for why. Greedy, batched ``batch_size`` at a time.
+    Instruction mode generates at most :func:`new_token_budget` tokens, from the masked texts'
+    length (``max_new_tokens`` > 0 caps it).
     """
 
     model: Any
@@ -124,7 +135,7 @@ class MaskFiller:
     mode: str = "slot"
     max_span_tokens: int = 6
     stop_margin: float = 5.0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 0
     batch_size: int = 64
     completion_prompt: str = COMPLETION_PROMPT
 
@@ -178,13 +189,16 @@ class EndpointFiller:
         return ["" if isinstance(o, EndpointFailure) else o.strip().strip('"').strip() for o in out]
 
 
-def instruction_fill(model, processor, images: Sequence, masked: Sequence[str], max_new_tokens: int = 256,
+def instruction_fill(model, processor, images: Sequence, masked: Sequence[str], max_new_tokens: int = 0,
                      batch_size: int = 16, completion_prompt: str = COMPLETION_PROMPT) -> list[str]:
-    """The paper's completion: ``"<completion prompt>\\n<masked sentence>"`` with the image; the reply."""
+    """The paper's completion: ``"<completion prompt>\\n<masked sentence>"`` with the image; the reply.
+    At most :func:`new_token_budget` new tokens (from the masked texts' length; ``max_new_tokens``
+    > 0 caps it)."""
     from .vlm import generate
 
     questions = [f"{completion_prompt}\n{m}" for m in masked]
-    replies = generate(model, processor, list(images), questions, max_new_tokens=max_new_tokens,
+    budget = new_token_budget(_tok(processor), masked, cap=max_new_tokens)
+    replies = generate(model, processor, list(images), questions, max_new_tokens=budget,
                        batch_size=batch_size)
     return [r.strip().strip('"').strip() for r in replies]
 

@@ -48,7 +48,7 @@ from .prompts import MASK
 
 __all__ = [
     "split_masked", "join_filled", "spans_from_masked", "slot_texts", "changed_words", "stable_seed",
-    "Candidate", "Item", "build_items", "induce", "acceptance_by_rank", "similarity_histogram",
+    "too_short", "Candidate", "Item", "build_items", "induce", "acceptance_by_rank", "similarity_histogram",
 ]
 
 
@@ -255,11 +255,24 @@ def _fill_and_score(now: list[Item], cands: list[Candidate], fill, encoder,
     return texts, sim
 
 
-def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict) -> tuple[dict, dict]:
+def _words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def too_short(chosen: str, candidate: str, min_length_ratio: float = 0.5) -> bool:
+    """True when ``candidate`` has fewer than ``min_length_ratio`` × the words of ``chosen`` (a reply
+    cut off, or a refusal): its low similarity would come from its length, not from a hallucination."""
+    return _words(candidate) < min_length_ratio * _words(chosen)
+
+
+def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict,
+               min_length_ratio: float = 0.5) -> tuple[dict, dict]:
     """The rank passes over one chunk: rank 1 for every pending item in one batched call, then
-    rank 2 for those not accepted, …; returns ``(accepted, skipped)`` records by id."""
+    rank 2 for those not accepted, …; returns ``(accepted, skipped)`` records by id. A candidate
+    :func:`too_short` is never accepted (counted in ``stats["too_short"]``)."""
     accepted: dict[str, dict] = {}
     skipped: dict[str, dict] = {}
+    short: dict[str, int] = {it.id: 0 for it in chunk}
     sims: dict[str, list[float]] = {it.id: [] for it in chunk}
     last: dict[str, str] = {}
     pending = []
@@ -274,9 +287,12 @@ def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict) -> tup
         now = [it for it in pending if level < len(it.candidates)]
         for it in pending:
             if level >= len(it.candidates):
-                skipped[it.id] = {"id": it.id, "reason": "none_below_tau" if it.candidates else "no_candidates",
-                                  "ranks_tried": len(sims[it.id]), "similarities": sims[it.id],
-                                  "last_candidate": last.get(it.id)}
+                reason = "none_below_tau" if it.candidates else "no_candidates"
+                if it.candidates and short[it.id] == len(sims[it.id]):
+                    reason = "too_short"  # every candidate was cut short
+                skipped[it.id] = {"id": it.id, "reason": reason, "ranks_tried": len(sims[it.id]),
+                                  "similarities": sims[it.id], "last_candidate": last.get(it.id),
+                                  **({"too_short": short[it.id]} if short[it.id] else {})}
         if not now:
             break
         cands = [it.candidates[level] for it in now]
@@ -286,7 +302,11 @@ def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict) -> tup
             s = None if np.isnan(s) else round(float(s), 6)
             sims[it.id].append(s)
             last[it.id] = text
-            if s is not None and s < tau:
+            if s is not None and min_length_ratio and too_short(it.chosen, text, min_length_ratio):
+                short[it.id] += 1
+                stats["too_short"] += 1
+                pending.append(it)
+            elif s is not None and s < tau:
                 accepted[it.id] = {"id": it.id, "prompt": it.prompt, "images": [it.image],
                                    "retrieved_image": c.image, "chosen": it.chosen, "rejected": text,
                                    "masked": it.masked, "similarity": s, "rank": c.rank,
@@ -317,7 +337,8 @@ def _rewrite_canonical(out_path: Path, skipped_path: Path, order: dict[str, int]
 
 def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]], encoder, tau: float,
            out_path, skipped_path, signature: dict | None = None, chunk_size: int = 1024,
-           on_change: str = "error", log: Callable[[str], None] = print, progress: bool = True) -> dict:
+           on_change: str = "error", log: Callable[[str], None] = print, progress: bool = True,
+           min_length_ratio: float = 0.5) -> dict:
     """Algorithm 1, step 4, batched across samples, resumable; returns a summary.
 
     ``fill(images_abs, prompts, masked) -> candidates`` (a :class:`~realign_lib.fillers.MaskFiller`);
@@ -329,12 +350,15 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     rerun skips ids found in either file; finally both files are rewritten in item order
     (atomically; records of ids not in ``items`` dropped). ``signature``: the settings, kept
     beside the output; a rerun with other settings raises, or with ``on_change="restart"``
-    starts over.
+    starts over. ``min_length_ratio``: a candidate with fewer words than this share of the chosen
+    response's is refused whatever its similarity (:func:`too_short`; 0 turns the guard off);
+    ``summary["too_short"]`` counts them.
     """
     out_path, skipped_path = Path(out_path), Path(skipped_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sig_path = out_path.with_name(out_path.stem + ".settings.json")
-    _check_signature(sig_path, {"tau": tau, **(signature or {})}, [out_path, skipped_path], on_change, log)
+    _check_signature(sig_path, {"tau": tau, "min_length_ratio": min_length_ratio, **(signature or {})},
+                     [out_path, skipped_path], on_change, log)
     done = {r["id"] for r in read_appended(out_path)} | {r["id"] for r in read_appended(skipped_path)}
     order = {it.id: i for i, it in enumerate(items)}
     if len(order) != len(items):
@@ -343,12 +367,12 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     if done:
         log(f"resuming: {len(items) - todo_total} of {len(items)} samples already finished")
     t0, n_done = time.time(), 0
-    stats = {"fills": 0, "fill": 0.0, "similarity": 0.0}
+    stats = {"fills": 0, "fill": 0.0, "similarity": 0.0, "too_short": 0}
     for c0 in range(0, len(items), chunk_size):
         chunk = [it for it in items[c0:c0 + chunk_size] if it.id not in done]
         if not chunk:
             continue
-        accepted, skipped = _run_chunk(chunk, fill, encoder, tau, stats)
+        accepted, skipped = _run_chunk(chunk, fill, encoder, tau, stats, min_length_ratio)
         key = lambda r: order[r["id"]]  # noqa: E731
         append_jsonl(out_path, sorted(accepted.values(), key=key))
         append_jsonl(skipped_path, sorted(skipped.values(), key=key))
@@ -359,7 +383,8 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
             log(f"{n_done}/{todo_total} samples, {el:.0f} s ({n_done / max(el, 1e-9):.0f} samples/s)")
     n_pairs, n_skipped = _rewrite_canonical(out_path, skipped_path, order)
     return {"n_items": len(items), "pairs": n_pairs, "skipped": n_skipped, "computed": n_done,
-            "fills": stats["fills"], "seconds": round(time.time() - t0, 2), "seconds_fill": round(stats["fill"], 2),
+            "fills": stats["fills"], "too_short": stats["too_short"], "seconds": round(time.time() - t0, 2),
+            "seconds_fill": round(stats["fill"], 2),
             "seconds_similarity": round(stats["similarity"], 2)}
 
 

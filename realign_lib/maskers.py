@@ -35,7 +35,7 @@ from .prompts import MASK_PROMPT, ONE_SHOT_EXAMPLE
 
 __all__ = [
     "META_NOUNS", "POSITION_WORDS", "RELATION_WORDS", "COLOUR_WORDS", "COUNT_WORDS", "NON_ATTRIBUTE_ADJS",
-    "load_spacy", "RuleMasker", "default_smollm2_gguf", "resolve_hf_model", "HFMasker", "OpenAIMasker", "make_masker",
+    "STOPLIST", "SENTENCE_END", "load_spacy", "RuleMasker", "default_smollm2_gguf", "resolve_hf_model", "HFMasker", "OpenAIMasker", "make_masker",
 ]
 
 
@@ -55,6 +55,76 @@ COUNT_WORDS = frozenset("""one two three four five six seven eight nine ten elev
 few multiple numerous couple pair single double triple both""".split())
 NON_ATTRIBUTE_ADJS = frozenset("""other such same own various visible able possible likely overall main certain
 different similar whole entire additional about""".split())
+#: Never masked by the rule masker (``stoplist=True``): set phrases whose nouns or adjectives name
+#: nothing in the image ("In addition" → not "In [MASK]", "a total of" → not "a [MASK] of") and
+#: abstract words that no retrieved image can contradict ("excitement", "teamwork"). One entry per
+#: line, a word or a phrase, matched case-insensitively on whole spaCy tokens; extend it with
+#: ``RuleMasker(extra_stoplist=[...])``.
+STOPLIST: tuple[str, ...] = tuple(line.strip() for line in """
+in addition
+a total of
+in total
+as well as
+as well
+in general
+for example
+for instance
+in fact
+at least
+at the same time
+of course
+in particular
+such as
+kind of
+sort of
+a bit
+a little
+all in all
+overall
+excitement
+teamwork
+fun
+enjoyment
+joy
+happiness
+camaraderie
+sense
+feeling
+experience
+moment
+activity
+activities
+attention
+interest
+leisure
+relaxation
+adventure
+purpose
+purposes
+safety
+convenience
+ambiance
+ambience
+vibe
+mood
+spirit
+energy
+emotion
+emotions
+importance
+presence
+opportunity
+life
+lifestyle
+community
+culture
+tradition
+environment
+everyday
+daily
+""".strip().splitlines())
+#: Tokens that end a sentence (or a clause the way a sentence end does): no mask crosses them.
+SENTENCE_END = frozenset(".!?;:")
 
 
 def load_spacy(name: str | None = None, disable: Sequence[str] = ("ner", "lemmatizer")):
@@ -89,6 +159,9 @@ class RuleMasker(Masker):
     from the words next to it ("a small dog behind the car" → "a [MASK] [MASK] the [MASK]");
     ``"word"`` masks each word apart.
     Tokens joined without spaces between two masked ones (``black-and-white``) are masked whole.
+    No mask covers or crosses a whitespace token (a paragraph break) or a sentence end, and the
+    words of :data:`STOPLIST` (set phrases, abstract words; ``stoplist=False`` drops it) and of
+    ``extra_stoplist`` are never masked.
     ``category_counts`` counts masked tokens per category over the masker's life.
     """
 
@@ -96,11 +169,13 @@ class RuleMasker(Masker):
     retry_useful = False
 
     def __init__(self, nlp=None, model: str | None = None, granularity: str = "segment", batch_size: int = 64,
-                 n_process: int = 1):
+                 n_process: int = 1, stoplist: bool = True, extra_stoplist: Sequence[str] = ()):
         if granularity not in ("segment", "word"):
             raise ValueError(f"granularity must be 'segment' or 'word', got {granularity!r}")
         self.nlp = nlp if nlp is not None else load_spacy(model)
         self.granularity = granularity
+        phrases = (list(STOPLIST) if stoplist else []) + [str(p) for p in extra_stoplist]
+        self.stop_phrases = sorted({tuple(p.lower().split()) for p in phrases if p.split()}, key=len, reverse=True)
         self.batch_size, self.n_process = batch_size, n_process
         self.category_counts: Counter = Counter()
 
@@ -135,15 +210,38 @@ class RuleMasker(Masker):
             return None if low in NON_ATTRIBUTE_ADJS else "attribute"
         return None
 
+    def stopped(self, doc) -> list[bool]:
+        """Per token: True where it belongs to a stoplist phrase (:data:`STOPLIST` + ``extra_stoplist``)."""
+        low = [t.lower_ for t in doc]
+        out = [False] * len(doc)
+        for i in range(len(doc)):
+            for ph in self.stop_phrases:
+                if tuple(low[i:i + len(ph)]) == ph:
+                    out[i:i + len(ph)] = [True] * len(ph)
+                    break
+        return out
+
+    @staticmethod
+    def _boundary(tok) -> bool:
+        """A token no mask may cover or cross: whitespace ("\n\n") or a sentence end."""
+        return tok.is_space or tok.text in SENTENCE_END
+
     def doc_spans(self, doc) -> list[tuple[int, int, list[str]]]:
-        """Character spans ``(start, end, categories)`` to mask in one parsed text."""
-        cats = [self.token_category(t) for t in doc]
+        """Character spans ``(start, end, categories)`` to mask in one parsed text.
+
+        No span covers or crosses a whitespace token (spaCy's "\n\n" between paragraphs) or a
+        sentence end (``. ! ? ; :``), and stoplist tokens are never masked.
+        """
+        stop = self.stopped(doc)
+        cats = [None if stop[k] else self.token_category(t) for k, t in enumerate(doc)]
         sel = [c is not None for c in cats]
-        # tokens glued without whitespace between two selected ones ("black-and-white", "t-shirt")
+        # tokens glued without whitespace between two selected ones ("black-and-white", "t-shirt"),
+        # never across a whitespace token or a sentence end
         i = 0
         while i < len(doc):
             j = i
-            while j + 1 < len(doc) and doc[j].whitespace_ == "":
+            while (j + 1 < len(doc) and doc[j].whitespace_ == "" and not self._boundary(doc[j])
+                   and not self._boundary(doc[j + 1])):
                 j += 1
             chosen = [k for k in range(i, j + 1) if sel[k]]
             if len(chosen) >= 2:
@@ -322,7 +420,8 @@ class OpenAIMasker(Masker):
     config; the key is read ONLY from the environment variable ``api_key_env`` and never stored
     or shown. Requests, retries with back-off, bounded concurrency and ``stats`` are those of
     :class:`realign_lib.endpoint.ChatEndpoint`; a reply that is not a readable chat completion
-    is retried like a 5xx, and 401/403/404 abort the run.
+    is retried like a 5xx, and 401/403/404 abort the run. A reply cut off by the token limit
+    (``finish_reason`` ``length``) is refused as ``truncated``, never checked as a masking.
     """
 
     retry_useful = True
@@ -356,8 +455,13 @@ class OpenAIMasker(Masker):
     def _one(self, text: str, attempt: int) -> str | BackendFailure:
         from .endpoint import EndpointFailure
 
-        out = self._ep.complete(self.messages(text, attempt), parse=lambda c: extract_reply(c, text))
-        return BackendFailure(out.reason, out.detail) if isinstance(out, EndpointFailure) else out
+        out = self._ep.complete(self.messages(text, attempt), parse=lambda c: extract_reply(c, text), with_finish=True)
+        if isinstance(out, EndpointFailure):
+            return BackendFailure(out.reason, out.detail)
+        reply, finish = out
+        if finish == "length":  # cut off: the last mask would cover the rest of the text
+            return BackendFailure("truncated", f"finish_reason length; reply ends {reply[-60:]!r}")
+        return reply
 
     def mask_batch(self, texts: Sequence[str], attempt: int = 0) -> list[str | BackendFailure]:
         return self._ep.map_each(lambda t: self._one(t, attempt), texts)

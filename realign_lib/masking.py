@@ -26,8 +26,8 @@ from typing import Iterable, Sequence
 from .prompts import MASK
 
 __all__ = [
-    "REASONS", "Span", "InvalidMasking", "MaskCheck", "check_masking", "validate_masking", "apply_spans",
-    "word_count", "extract_reply", "is_viable_prefix", "BackendFailure", "Masker",
+    "REASONS", "MAX_MASK_WORDS", "Span", "InvalidMasking", "MaskCheck", "normalize_reply", "check_masking",
+    "validate_masking", "apply_spans", "word_count", "extract_reply", "is_viable_prefix", "BackendFailure", "Masker",
 ]
 
 #: Why a masking was refused (``check_masking``) or never produced (``BackendFailure``).
@@ -40,7 +40,14 @@ REASONS = {
     "all_masked": "every word is masked; nothing of the original is left",
     "original_has_mask": "the original text itself contains [MASK]",
     "api_error": "the endpoint failed after all retries (HTTP status, time-out, unreadable reply)",
+    "truncated": "the reply was cut off by the token limit (finish_reason length); its last mask would swallow the rest",
+    "long_mask": "a mask covers more words than max_mask_words (a dropped sentence, a cut-off reply)",
+    "crosses_sentence": "a mask covers a sentence end or a paragraph break (a dropped or merged sentence)",
 }
+
+#: Default bound on the words one ``[MASK]`` may cover (the rule masker's longest span on 200
+#: multi-paragraph descriptions is 5 words; a dropped sentence is 12-30).
+MAX_MASK_WORDS = 10
 
 _WORD = re.compile(r"\w+")
 
@@ -164,7 +171,52 @@ def _match(original: str, pieces: list[tuple[str, bool]], words: bool) -> list[t
     return gaps
 
 
-def check_masking(original: str, masked: str) -> list[Span]:
+# ------------------------------------------------------------------ harmless formats, normalised
+_CURLY = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
+_MASK_VARIANT = re.compile(r"\[\s*mask\s*\]", re.I)
+_PREAMBLE = re.compile(r"^\s*(?:(?:sure|okay|ok|certainly)[,!.]?\s*)?(?:here(?:'s|\u2019s| is)\b[^\n:]{0,60}"
+                       r"|(?:the\s+)?masked\s+(?:text|description|version|response|sentence|caption|output)s?)"
+                       r"\s*:\s*", re.I)
+_SENTENCE_INSIDE = re.compile(r"[.!?][\"')\]]*\s+\S|\n\s*\n|\s.*[.!?][\"')\]]*$", re.S)
+
+
+def _squeeze(text: str) -> tuple[str, list[int]]:
+    """``text`` with each whitespace run as one space and curly quotes straight, and for each of its
+    characters (plus one past the end) the index in ``text`` it comes from."""
+    out, where, i = [], [], 0
+    while i < len(text):
+        where.append(i)
+        if text[i].isspace():
+            while i < len(text) and text[i].isspace():
+                i += 1
+            out.append(" ")
+        else:
+            out.append(text[i].translate(_CURLY))
+            i += 1
+    where.append(len(text))
+    return "".join(out), where
+
+
+def normalize_reply(original: str, masked: str) -> str:
+    """``masked`` with the harmless formats of real LLM replies undone, ready for :func:`check_masking`.
+
+    A preamble ("Masked text:", "Here is the masked description:") that the original does not
+    have is dropped; ``[mask]``/``[ Mask ]`` become ``[MASK]``; curly quotes become straight; each
+    whitespace run becomes one space (paragraph breaks removed or added, spaces doubled); a reply
+    that is the same text twice is taken once. The original is compared in the same squeezed form
+    and spans are mapped back to its own characters, so nothing of the reply reaches the data.
+    """
+    text = _MASK_VARIANT.sub(MASK, masked or "")
+    if not _PREAMBLE.match(original):
+        text = _PREAMBLE.sub("", text, count=1)
+    text = _squeeze(text)[0].strip()
+    n, o = len(text), _squeeze(original)[0].strip()
+    if n % 2 and text[n // 2] == " " and text[:n // 2] == text[n // 2 + 1:] and o != text:
+        text = text[:n // 2]
+    return text
+
+
+def check_masking(original: str, masked: str, max_mask_words: int = MAX_MASK_WORDS) -> list[Span]:
     """The spans of ``original`` that ``masked`` replaces by ``[MASK]``; raises :class:`InvalidMasking`.
 
     Valid means: ``masked`` is ``original`` with one or more spans of whole words replaced by
@@ -172,25 +224,32 @@ def check_masking(original: str, masked: str) -> list[Span]:
     because LLMs do it and it changes no word: whitespace at the two ends of the text and
     whitespace directly around a ``[MASK]`` (a missing, extra or different space next to a mask).
     ``[MASK][MASK]`` with nothing between counts as one mask. At least one word must be left
-    unmasked. Spans are trimmed of surrounding whitespace and never empty.
+    unmasked. Spans are trimmed of surrounding whitespace and never empty. The harmless formats of
+    :func:`normalize_reply` (preamble, ``[mask]``, curly quotes, whitespace, a doubled reply) are
+    accepted. Bounded: a mask may not cover more than ``max_mask_words`` words (0: no bound) nor a
+    sentence end followed by more text, a paragraph break, nor end several words with a sentence
+    end (a dropped sentence; ``crosses_sentence``).
     """
     if MASK in original:
         raise InvalidMasking("original_has_mask", "the original already contains [MASK]")
     if not masked or not masked.strip():
         raise InvalidMasking("empty_output", "empty text")
+    masked = normalize_reply(original, masked)
+    squeezed, where = _squeeze(original)
     if MASK not in masked:
-        if masked.strip() == original.strip():
+        if masked.strip() == squeezed.strip():
             raise InvalidMasking("no_mask", "unchanged text")
         raise InvalidMasking("text_changed", "no [MASK] and the text differs from the original")
     pieces = _pieces(masked)
-    gaps = _match(original, pieces, words=True)
+    gaps = _match(squeezed, pieces, words=True)
     if isinstance(gaps, str):
-        loose = _match(original, pieces, words=False)
+        loose = _match(squeezed, pieces, words=False)
         if not isinstance(loose, str):
             raise InvalidMasking("partial_word", gaps)
         raise InvalidMasking("text_changed", gaps)
     spans = []
     for a, b in gaps:
+        a, b = where[a], where[b - 1] + 1 if b > a else where[a]
         while a < b and original[a].isspace():
             a += 1
         while b > a and original[b - 1].isspace():
@@ -199,13 +258,19 @@ def check_masking(original: str, masked: str) -> list[Span]:
     kept = apply_spans(original, spans).replace(MASK, " ")
     if not _WORD.search(kept):
         raise InvalidMasking("all_masked", f"{len(spans)} mask(s) cover every word")
+    for s in spans:
+        if _SENTENCE_INSIDE.search(s.text):
+            raise InvalidMasking("crosses_sentence", f"a mask covers {s.text[:80]!r}")
+        if max_mask_words and word_count(s.text) > max_mask_words:
+            raise InvalidMasking("long_mask", f"a mask covers {word_count(s.text)} words (at most {max_mask_words}): "
+                                              f"{s.text[:80]!r}")
     return spans
 
 
-def validate_masking(original: str, masked: str | None) -> MaskCheck:
+def validate_masking(original: str, masked: str | None, max_mask_words: int = MAX_MASK_WORDS) -> MaskCheck:
     """Non-raising :func:`check_masking`: a :class:`MaskCheck` with the canonical masked text or the reason."""
     try:
-        spans = check_masking(original, masked or "")
+        spans = check_masking(original, masked or "", max_mask_words)
     except InvalidMasking as err:
         return MaskCheck(ok=False, reason=err.reason, detail=err.detail)
     return MaskCheck(ok=True, spans=spans, masked=apply_spans(original, spans))
@@ -244,7 +309,7 @@ _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
 def extract_reply(reply: str | None, original: str = "") -> str:
     """The masked text inside an LLM reply: whitespace, a Markdown code fence and one pair of
     surrounding quotes removed (quotes only when the original is not itself quoted). Nothing else —
-    a preamble such as "Here is the masked text:" stays and fails the check."""
+    a preamble stays here; :func:`check_masking` drops the known ones (:func:`normalize_reply`)."""
     text = (reply or "").strip()
     m = re.fullmatch(r"```[\w-]*\n?(.*?)\n?```", text, flags=re.S)
     if m:

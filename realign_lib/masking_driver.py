@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .files import append_jsonl, iter_jsonl, repair_jsonl_tail
-from .masking import BackendFailure, Masker, Span, validate_masking, word_count
+from .masking import MAX_MASK_WORDS, BackendFailure, Masker, Span, validate_masking, word_count
 
 __all__ = [
     "FREE_FORM_EXAMPLES", "MaskResult", "mask_texts", "summarize_results", "evaluate_masker", "run_masking",
@@ -87,12 +87,15 @@ class MaskResult:
     attempt_reasons: list[str] = field(default_factory=list)
 
 
-def mask_texts(texts: Sequence[str], masker: Masker, max_attempts: int | None = None) -> list[MaskResult]:
+def mask_texts(texts: Sequence[str], masker: Masker, max_attempts: int | None = None,
+               max_mask_words: int = MAX_MASK_WORDS) -> list[MaskResult]:
     """Mask ``texts``, check every output with :func:`~realign_lib.masking.check_masking`, retry the invalid ones.
 
     ``max_attempts`` defaults to 2 for backends where a retry can help (LLMs: the second attempt
     adds a one-shot example) and 1 for the deterministic rule masker. Backend failures (API gave
-    up after its own retries) are not retried here.
+    up after its own retries) are not retried here; a failure with another reason (a reply cut
+    off by the token limit, ``truncated``) counts as an invalid output and is retried like one.
+    ``max_mask_words``: the longest mask accepted (:func:`~realign_lib.masking.check_masking`).
     """
     attempts = max_attempts or (2 if masker.retry_useful else 1)
     results: list[MaskResult | None] = [None] * len(texts)
@@ -114,10 +117,13 @@ def mask_texts(texts: Sequence[str], masker: Masker, max_attempts: int | None = 
         for i, raw in zip(todo, raws):
             if isinstance(raw, BackendFailure):
                 history[i].append(raw.reason)
+                kind = "backend_error" if raw.reason == "api_error" else "invalid"
                 results[i] = MaskResult(texts[i], False, reason=raw.reason, detail=raw.detail, attempts=attempt + 1,
-                                        kind="backend_error", attempt_reasons=history[i])
+                                        kind=kind, attempt_reasons=history[i])
+                if kind == "invalid":
+                    again.append(i)
                 continue
-            chk = validate_masking(texts[i], raw)
+            chk = validate_masking(texts[i], raw, max_mask_words)
             if chk.ok:
                 results[i] = MaskResult(texts[i], True, masked=chk.masked, spans=chk.spans, output=raw,
                                         attempts=attempt + 1, attempt_reasons=history[i])
@@ -151,11 +157,12 @@ def summarize_results(results: Sequence[MaskResult]) -> dict:
     }
 
 
-def evaluate_masker(masker: Masker, texts: Sequence[str], n_examples: int = 3) -> dict:
+def evaluate_masker(masker: Masker, texts: Sequence[str], n_examples: int = 3,
+                    max_mask_words: int = MAX_MASK_WORDS) -> dict:
     """Validity and mask rate of ``masker`` on ``texts`` (nothing written), with a few valid and
     invalid outputs as examples and the seconds it took."""
     t0 = time.time()
-    results = mask_texts(texts, masker)
+    results = mask_texts(texts, masker, max_mask_words=max_mask_words)
     out = summarize_results(results)
     out["seconds"] = round(time.time() - t0, 2)
     out["valid_examples"] = [{"chosen": r.text, "masked": r.masked} for r in results if r.ok][:n_examples]
@@ -171,7 +178,8 @@ def _failure_record(sid: str, r: MaskResult, backend: str) -> dict:
 
 def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.PathLike,
                 failures_path: str | os.PathLike | None = None, batch_size: int = 32, max_attempts: int | None = None,
-                retry_failed: bool = False, text_key: str = "chosen", progress: bool = False) -> dict:
+                retry_failed: bool = False, text_key: str = "chosen", progress: bool = False,
+                max_mask_words: int = MAX_MASK_WORDS) -> dict:
     """Mask ``samples[i][text_key]`` into an append-only, resumable JSON-lines file.
 
     ``out_path`` (``masked.jsonl``) gets one record per valid sample — ``{"id", "chosen", "masked",
@@ -212,7 +220,8 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
         bar = tqdm(total=len(todo), desc=f"masking ({masker.name})")
     for b in range(0, len(todo), batch_size):
         chunk = todo[b:b + batch_size]
-        results = mask_texts([str(s[text_key]) for s in chunk], masker, max_attempts=max_attempts)
+        results = mask_texts([str(s[text_key]) for s in chunk], masker, max_attempts=max_attempts,
+                             max_mask_words=max_mask_words)
         good = [{"id": str(s["id"]), "chosen": r.text, "masked": r.masked, "spans": [x.to_dict() for x in r.spans],
                  "backend": masker.name} for s, r in zip(chunk, results) if r.ok]
         bad = [_failure_record(str(s["id"]), r, masker.name) for s, r in zip(chunk, results) if not r.ok]

@@ -135,8 +135,9 @@ def answer_pope(model, processor, questions: list[dict], image_root: str | os.Pa
                 progress: bool = False) -> list[dict]:
     """Answer POPE questions greedily, appending to ``out_path`` as JSON lines; resumes a partial file.
 
-    ``suffix`` is appended to each question (for example lmms-eval's
-    ``"Answer the question using a single word or phrase."``, :data:`realign_lib.prompts.LMMS_EVAL_SUFFIX`).
+    ``suffix`` is appended to each question on a new line, as LLaVA's and lmms-eval's POPE prompt
+    does (``question + "\nAnswer the question using a single word or phrase."``,
+    :data:`realign_lib.prompts.LMMS_EVAL_SUFFIX`); a suffix that starts with whitespace is appended as it is.
     """
     from .vlm import generate
 
@@ -156,7 +157,7 @@ def answer_pope(model, processor, questions: list[dict], image_root: str | os.Pa
     todo = [q for q in questions if q["question_id"] not in done]
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
-        prompts = [q["text"] + (f" {suffix}" if suffix else "") for q in chunk]
+        prompts = [q["text"] + (suffix if not suffix or suffix[0].isspace() else f"\n{suffix}") for q in chunk]
         texts = generate(model, processor, [images[q["question_id"]] for q in chunk], prompts,
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
         append_jsonl(out_path, [{"question_id": q["question_id"], "prompt": p, "text": t, "model_id": model_id}

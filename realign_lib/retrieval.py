@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["normalise", "build_index", "nearest_others", "save_index", "load_index", "embed_images_resumable"]
+__all__ = ["normalise", "build_index", "nearest_others", "save_index", "load_index", "embed_images_resumable", "embedding_cache_key"]
 
 
 def normalise(emb: np.ndarray) -> np.ndarray:
@@ -118,24 +118,34 @@ def load_index(path: str | os.PathLike):
     return faiss.read_index(str(path))
 
 
+def embedding_cache_key(model, images: Sequence[str | os.PathLike]) -> str:
+    """What cached embeddings depend on: the model (:func:`realign_lib.fingerprints.model_identity`:
+    its name or folder, revision, weights, dtype) and every image (path, size, modification time)."""
+    import hashlib
+    import json
+
+    from .fingerprints import file_stamp, model_identity
+
+    parts = [json.dumps(model_identity(model), sort_keys=True)] + [file_stamp(img) for img in images]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def embed_images_resumable(model, processor, images: Sequence, out_dir: str | os.PathLike, chunk: int = 1024,
                            batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """``(N, D)`` normalised image embeddings, computed chunk by chunk into ``out_dir/part_*.npy``.
+    """``(N, D)`` normalised image embeddings, computed chunk by chunk into ``out_dir/<key>/part_*.npy``.
 
     Each finished chunk is saved atomically, so a killed run recomputes at most one chunk; the
-    parts are concatenated at the end. ``images``: paths or arrays, as :func:`vlm.image_embeddings`.
+    parts are concatenated at the end. ``images``: paths. The folder ``<key>`` is
+    :func:`embedding_cache_key` of the model and the images, so another model, a re-saved
+    checkpoint or a changed image never reuses stale parts.
     """
     from tqdm.auto import tqdm
 
     from .vlm import image_embeddings
 
-    import hashlib
-
     if not all(isinstance(i, (str, os.PathLike)) for i in images):
         raise TypeError("embed_images_resumable needs image paths (chunks are keyed by them)")
-    # chunks are keyed by the exact image list, so a different list never reuses stale parts
-    key = hashlib.sha1("\n".join(map(str, images)).encode()).hexdigest()[:12]
-    out = Path(out_dir) / key
+    out = Path(out_dir) / embedding_cache_key(model, images)
     out.mkdir(parents=True, exist_ok=True)
     parts = []
     starts = range(0, len(images), chunk)

@@ -4,15 +4,19 @@
 offline default :func:`default_sentence_model`, all-MiniLM-L6-v2) with a per-text cache, and
 gives each text the same embedding bit for bit whatever it is batched with, so a resumed τ loop
 (:func:`realign_lib.induction.induce`) reproduces an uninterrupted run. :func:`cosine_rows` is the
-row-wise cosine. sentence-transformers and torch load when an encoder is built, not at import.
+row-wise cosine. A text longer than the model's window (all-MiniLM-L6-v2: 256 word pieces) is
+not truncated: it is cut at sentence ends into chunks that fit, and its embedding is the mean of
+the chunks' (weighted by their tokens), so a change late in a long answer still counts
+(:func:`split_for_window`). sentence-transformers and torch load when an encoder is built, not at import.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["cosine_rows", "default_sentence_model", "SentenceEncoder"]
+__all__ = ["cosine_rows", "default_sentence_model", "split_for_window", "SentenceEncoder"]
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -23,6 +27,32 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     na = np.linalg.norm(a, axis=1).clip(min=1e-12)
     nb = np.linalg.norm(b, axis=1).clip(min=1e-12)
     return (a * b).sum(1) / (na * nb)
+
+
+def split_for_window(text: str, n_tokens: Callable[[str], int], limit: int) -> list[str]:
+    """``text`` cut into chunks of at most ``limit`` tokens (``n_tokens(chunk)``), at sentence ends
+    and paragraph breaks; a sentence longer than ``limit`` is cut between words."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text) if s.strip()]
+    pieces: list[str] = []
+    for s in sentences:
+        if n_tokens(s) <= limit:
+            pieces.append(s)
+            continue
+        cur: list[str] = []
+        for w in s.split():
+            if cur and n_tokens(" ".join(cur + [w])) > limit:
+                pieces.append(" ".join(cur))
+                cur = []
+            cur.append(w)
+        if cur:
+            pieces.append(" ".join(cur))
+    chunks: list[str] = []
+    for p in pieces:
+        if chunks and n_tokens(chunks[-1] + " " + p) <= limit:
+            chunks[-1] += " " + p
+        else:
+            chunks.append(p)
+    return chunks
 
 
 def default_sentence_model() -> str:
@@ -72,12 +102,36 @@ class SentenceEncoder:
         emb = torch.nn.functional.normalize(emb, dim=-1)
         return emb[:len(texts)].cpu().numpy()
 
+    def _encode_long(self, texts: list[str], limit: int) -> list[str]:
+        """Cache the embedding of each text longer than the window: the token-weighted mean of its
+        chunks' embeddings (:func:`split_for_window`), normalised. ``(D,)`` per text. Returns the
+        texts that cannot be cut (one unbreakable piece), left to the truncating path."""
+        tok = self.model.tokenizer
+        count = lambda s: len(tok(s)["input_ids"])  # noqa: E731  (with the two special tokens)
+        uncut = []
+        for t in texts:
+            chunks = split_for_window(t, count, limit)
+            if len(chunks) < 2:
+                uncut.append(t)
+                continue
+            emb = self.encode(chunks).astype(np.float64)                      # (C, D)
+            w = np.array([count(c) for c in chunks], np.float64)[:, None]     # (C, 1)
+            mean = (emb * w).sum(0) / w.sum()
+            self._cache[t] = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+        return uncut
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """``(N, D)`` float32 unit-norm embeddings; each distinct text is encoded once."""
+        """``(N, D)`` float32 unit-norm embeddings; each distinct text is encoded once. Texts over
+        the model's window are embedded by chunks, not truncated (:meth:`_encode_long`)."""
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if new:
             limit = int(self.model.max_seq_length or 512)
             lengths = [len(ids) for ids in self.model.tokenizer(new)["input_ids"]]
+            long = [t for t, n in zip(new, lengths) if n > limit]
+            if long:
+                uncut = set(self._encode_long(long, limit))
+                keep = [i for i, n in enumerate(lengths) if n <= limit or new[i] in uncut]
+                new, lengths = [new[i] for i in keep], [lengths[i] for i in keep]
             groups: dict[int, list[str]] = {}
             for t, n in zip(new, lengths):
                 groups.setdefault(min(limit, -(-n // self.bucket) * self.bucket), []).append(t)

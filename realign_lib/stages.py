@@ -28,9 +28,10 @@ __all__ = ["Stage", "EndpointKnobs", "TinyWorldStage", "RealDataStage", "Retriev
 
 
 def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None) -> Any:
-    """A dataclass field with its help text and the checks :meth:`Stage.__post_init__` applies."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+         max: float | None = None, above: float | None = None) -> Any:
+    """A dataclass field with its help text and the checks :meth:`Stage.__post_init__` applies
+    (``min`` / ``max`` inclusive, ``above`` an exclusive lower bound)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "above": above}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -101,6 +102,8 @@ class Stage:
                     raise ValueError(f"{self.name}.{f.name}={v!r}: must be a finite number")
                 if m.get("min") is not None and v < m["min"]:
                     raise ValueError(f"{self.name}.{f.name}={v!r}: must be >= {m['min']}")
+                if m.get("above") is not None and v <= m["above"]:
+                    raise ValueError(f"{self.name}.{f.name}={v!r}: must be > {m['above']}")
                 if m.get("max") is not None and v > m["max"]:
                     raise ValueError(f"{self.name}.{f.name}={v!r}: must be <= {m['max']}")
         parent = super()
@@ -159,7 +162,9 @@ class RealDataStage(Stage, EndpointKnobs):
     image_folder: str = knob("", "its images (COCO train2017 files such as 000000033471.jpg)")
     n_samples: int = shared("n_samples")
     prompt_contains: str = knob("", "keep only records whose first question contains this text; empty: all")
-    shuffle: bool = knob(True, "a seeded random subset; False: the file's first records")
+    shuffle: bool = knob(True, "a seeded random subset of the images; False: the file's first images")
+    records_per_image: int = knob(1, "records kept per image (the paper samples images: 1); more keep further "
+                                     "conversations under the ids <id>_1, <id>_2", min=1)
     chosen_source: str = knob("llava", "llava (the dataset's answers) | openai (a VLM behind an "
                                        "OpenAI-compatible endpoint answers)", choices=("llava", "openai"))
     n_show: int = shared("n_show")
@@ -192,6 +197,9 @@ class MaskingStage(Stage, EndpointKnobs):
     n_show: int = shared("n_show")
     compare_backends: bool = knob(True, "also measure the other offline backends (the local LLM takes minutes "
                                         "on a CPU)")
+    max_mask_words: int = knob(10, "validity check: the most words one [MASK] may cover; 0: no bound", min=0)
+    stoplist: bool = knob(True, "rule backend: never mask the set phrases and abstract words of maskers.STOPLIST "
+                                "(In addition, a total of, excitement, teamwork)")
 
 
 @dataclass
@@ -206,7 +214,7 @@ class InductionStage(Stage, EndpointKnobs):
                                       "OpenAI-compatible endpoint, e.g. vLLM)", choices=("local", "openai"))
     sentence_model: str = knob("", "sentence-transformers id or path; empty: offline all-MiniLM-L6-v2 (paper: "
                                    "all-mpnet-base-v2)")
-    tau: float = knob(0.95, "accept a candidate when cos(chosen, candidate) < tau (paper 0.95)", min=0.0, max=1.0)
+    tau: float = knob(0.95, "accept a candidate when cos(chosen, candidate) < tau (paper 0.95)", above=0.0, max=1.0)
     top_k: int = shared("top_k")
     batch_size: int = shared("batch_size")
     max_samples: int = shared("max_samples")
@@ -216,6 +224,8 @@ class InductionStage(Stage, EndpointKnobs):
     corruption: str = knob("crop", "comparison: crop (keep 1-20 % of the area, as mDPO) | noise (Gaussian)",
                            choices=("crop", "noise"))
     comparisons: bool = knob(True, "also build the random-swap and corrupted-image comparison sets")
+    min_length_ratio: float = knob(0.5, "refuse a candidate with fewer words than this share of the chosen "
+                                        "response (a cut-off reply); 0: off", min=0.0, max=1.0)
     n_show: int = shared("n_show")
 
 

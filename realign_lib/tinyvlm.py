@@ -393,8 +393,9 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     """Build, train and ``save_pretrained`` the tiny VLM on a world made by ``build_world``.
 
     Writes the model and processor to ``out_dir`` (safetensors) with ``train_log.jsonl`` and
-    ``tiny_vlm.json`` (config, timings, parameter count) beside them; ``tiny_vlm.json`` is written
-    last and marks a complete model. Returns that summary.
+    ``tiny_vlm.json`` (config, the world's config, timings, parameter count) beside them;
+    ``tiny_vlm.json`` is written last and marks a complete model, reused only for the same settings
+    and the same world. Returns that summary.
 
     Killed and called again with the same config, training continues from the last state saved
     in ``out_dir/resume`` (every ``checkpoint_every`` steps; 0 saves none) and ends with the same
@@ -407,13 +408,17 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
 
     out = Path(out_dir)
     marker = out / "tiny_vlm.json"
-    if marker.is_file() and read_json(marker).get("config") == asdict(cfg):
-        return read_json(marker)
+    trained_on = world.get("config")  # the world's seed and sizes: another world means another model
+    if marker.is_file():
+        done = read_json(marker)
+        if done.get("config") == asdict(cfg) and done.get("world") == trained_on:
+            return done
+        marker.unlink()  # made with other settings or on another world: train again
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log_path = out / "train_log.jsonl"
-    resume = ResumeState(out / "resume", asdict(cfg), checkpoint_every, log_path)
+    resume = ResumeState(out / "resume", {"model": asdict(cfg), "world": trained_on}, checkpoint_every, log_path)
     latest = resume.latest()
     if latest is None:
         resume.clear()
@@ -450,6 +455,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     processor.save_pretrained(out)
     summary = {
         "config": asdict(cfg),
+        "world": trained_on,
         "path": str(out),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "vocab_size": len(tokenizer),

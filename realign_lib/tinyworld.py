@@ -423,20 +423,27 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
         out_dir/pope/tiny_pope_{random,popular,adversarial}.json   official POPE question format
         out_dir/MME/{existence,count,position,color}/<image>.png + <image>.txt
 
-    Images already on disk are reused, so a rerun is cheap; the summary ``world.json`` is written
-    last, so its presence marks a complete world. ``workers``: rendering processes (default: the
-    CPU count); the pixels do not depend on it.
+    Images already on disk are reused when they were made for the same config, so a killed build
+    resumes cheaply; a folder holding another world (another seed or size) is emptied and built
+    again, never mixed. The summary ``world.json`` is written last, so its presence marks a
+    complete world. ``workers``: rendering processes (default: the CPU count); the pixels do not
+    depend on it.
     """
+    from .files import read_json
     from .tinyworld_eval import object_statistics, write_mme_folders, write_pope_files
 
     workers = workers if workers is not None else (os.cpu_count() or 1)
     out = Path(out_dir)
-    done = out / "world.json"
-    if done.is_file():
-        from .files import read_json
-        summary = read_json(done)
-        if summary.get("config") == asdict(cfg):
-            return summary
+    done, building = out / "world.json", out / ".building.json"
+    if done.is_file() and read_json(done).get("config") == asdict(cfg):
+        return read_json(done)
+    before = read_json(building) if building.is_file() else read_json(done) if done.is_file() else None
+    if before is not None and before.get("config") != asdict(cfg):
+        _clear_world(out)  # another world's files: images would not match the new labels
+    elif before is None and any((out / "train_images").glob("*.png")):
+        _clear_world(out)  # images of unknown origin (a world from before this marker existed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(building, {"config": asdict(cfg)})
     for sub in ("train_images", "test_images", "pope", "MME"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     train = sample_scenes(cfg.n_train, seed=cfg.seed * 1000 + 1, prefix="train_")
@@ -469,7 +476,18 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
         "partner_cooccurrence": {a: round(co[a][PARTNER[a]] / max(freq[a], 1), 3) for a in OBJECTS},
     }
     write_json(done, summary)
+    building.unlink(missing_ok=True)
     return summary
+
+
+def _clear_world(out: Path) -> None:
+    """Remove every file a world build writes under ``out`` (nothing else)."""
+    import shutil
+
+    for sub in ("train_images", "test_images", "pope", "MME"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for name in ("world.json", "llava_instruct_tiny.json", "annotations_train.jsonl", "annotations_test.jsonl"):
+        (out / name).unlink(missing_ok=True)
 
 
 def load_annotations(path: str | os.PathLike) -> list[Scene]:

@@ -26,8 +26,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .files import jsonable, read_appended, read_json, read_jsonl, write_json, write_jsonl
+from .reference import precompute_reference_logps, reference_logps_for_batch
 from .training import (PreferenceCollator, PreferenceConfig, PreferenceDataset, compute_preference_loss,
-                       is_projector_param, precompute_reference_logps, reference_logps_for_batch)
+                       is_projector_param)
 
 __all__ = ["PreferenceTrainer", "train", "select_records", "latest_checkpoint", "CHECKPOINT_DONE"]
 
@@ -42,8 +43,10 @@ class PreferenceTrainer(Trainer):
     base model and the adapters of :meth:`PreferenceConfig.lora_config` are added here);
     ``args`` defaults to ``cfg.training_arguments(output_dir)`` — pass ``output_dir=`` then.
     With ``cfg.precompute_ref`` the reference log-probs are computed in ``__init__`` and
-    cached in ``ref_cache`` (default ``<output_dir>/reference_logps.jsonl``); otherwise each
-    step runs the reference too. Without LoRA and without ``ref_model`` a frozen copy of the
+    cached in ``ref_cache`` (default ``<output_dir>/reference_logps.jsonl``; see
+    :mod:`realign_lib.reference`): first the model is placed on this process's device (the Trainer
+    leaves that to DeepSpeed, which would only do it later), then each process scores its share
+    of the pairs; otherwise each step runs the reference too. Without LoRA and without ``ref_model`` a frozen copy of the
     model is the reference. Logs every term, reward, margin and accuracy (batch means since
     the last log) besides the Trainer's loss and learning rate.
     """
@@ -82,9 +85,23 @@ class PreferenceTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         if cfg.precompute_ref:
+            self._place_for_reference()
             cache = ref_cache if ref_cache is not None else Path(args.output_dir) / "reference_logps.jsonl"
             precompute_reference_logps(self.model, train_dataset, collator, cfg, cache, ref_model=self.ref_model,
                                        batch_size=max(1, args.per_device_train_batch_size))
+
+    def _place_for_reference(self) -> None:
+        """Move the model to ``args.device`` where the Trainer postponed it (DeepSpeed ZeRO-1/2 moves
+        it only in ``train()``), so the reference pass runs on the device, not the CPU. Not for
+        ZeRO-3, FSDP or a model spread over devices: those place (or shard) it themselves."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled() or getattr(self.model, "hf_device_map", None) \
+                or self.is_model_parallel:
+            return
+        param = next((p for p in self.model.parameters()), None)
+        if param is not None and param.device != self.args.device:
+            self.model.to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         ref = None
@@ -237,13 +254,12 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
     model, processor = vlm.load_vlm(model_path, dtype="bfloat16" if cfg.use_bf16() else "float32",
                                     device="cpu")  # the Trainer moves it to this process's device
     model.train()
-    kw = dict(dataloader_num_workers=0, disable_tqdm=True, save_strategy="steps", save_total_limit=2)
+    kw = dict(disable_tqdm=True, save_strategy="steps", save_total_limit=2)
     kw.update(training_overrides or {})
     ckpt_dir = out / "checkpoints"
     args = cfg.training_arguments(ckpt_dir, **kw)
-    # one reference cache per process: several processes appending to one file could interleave lines
-    rank, world = args.process_index, args.world_size
-    cache = out / ("reference_logps.jsonl" if world == 1 else f"reference_logps.rank{rank}.jsonl")
+    world = args.world_size
+    cache = out / "reference_logps.jsonl"  # one cache; each process scores its share (realign_lib.reference)
     log_path = out / "train_log.jsonl"
     signature = jsonable({"config": dataclasses.asdict(cfg), "model_path": str(model_path), "processes": world,
                           "records": hashlib.sha256("\n".join(str(r["id"]) for r in records).encode()).hexdigest(),

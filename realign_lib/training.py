@@ -9,10 +9,9 @@
   sequence in one forward pass;
 * :func:`score_pairs` / :func:`compute_preference_loss` — summed response log-probs per row kind
   and the loss of :mod:`realign_lib.losses` with its metrics;
-* :func:`precompute_reference_logps` — the frozen reference's log-probs, once, cached as JSON lines
-  keyed by sample id (resumable);
 
-The trainer itself (:class:`realign_lib.trainer.PreferenceTrainer`, a ``transformers.Trainer``) and
+The frozen reference's log-probs (computed once, cached by content, split over processes) are in
+:mod:`realign_lib.reference`; the trainer itself (:class:`realign_lib.trainer.PreferenceTrainer`, a ``transformers.Trainer``) and
 the training entry point (:func:`realign_lib.trainer.train`) live in :mod:`realign_lib.trainer`.
 Importing this module imports neither transformers nor peft.
 """
@@ -29,12 +28,12 @@ from typing import Any, Sequence
 import torch
 
 from . import losses, vlm
-from .files import append_jsonl, read_appended, read_jsonl
+from .files import read_jsonl
 
 __all__ = [
     "LOSSES", "PreferenceConfig", "PreferenceDataset", "PreferenceCollator", "random_crop",
-    "lora_target_names", "score_pairs", "reference_keys", "reference_logps_for_batch",
-    "compute_preference_loss", "precompute_reference_logps", "PROJECTOR_NAMES", "is_projector_param",
+    "lora_target_names", "score_pairs", "reference_keys",
+    "compute_preference_loss", "PROJECTOR_NAMES", "is_projector_param",
 ]
 
 LOSSES = ("dpo", "rdpo", "mdpo", "rdpo_released")
@@ -72,6 +71,16 @@ class PreferenceConfig:
         "help": "language_model: every linear layer of the language model (paper); all_linear: every linear "
                 "layer but the output head (vision tower and projector too); or comma-separated layer names "
                 "inside the language model, e.g. q_proj,k_proj,v_proj,o_proj (the authors' released scripts)"})
+    activation_checkpointing: bool | None = field(default=None, metadata={
+        "help": "gradient (activation) checkpointing, non-reentrant: recompute each layer's activations in the "
+                "backward pass (less memory, about a third more compute); None: on when training on a CUDA GPU, off "
+                "on a CPU (the TrainingArguments name; gradient_checkpointing is its deprecated alias)"})
+    dataloader_num_workers: int | None = field(default=None, metadata={
+        "help": "data-loader worker processes that build the scoring batches (image preprocessing, e.g. LLaVA-1.6 "
+                "anyres tiles); None: 4 on a CUDA GPU, 0 (the training thread) on a CPU"})
+    model_max_length: int = field(default=0, metadata={
+        "help": "cut each scored sequence (image tokens included) to this many tokens, as the authors' scripts do "
+                "(1048); 0: no limit"})
     precompute_ref: bool = field(default=True, metadata={
         "help": "compute the reference log-probs once before training (cached); False: on the fly"})
     seed: int = field(default=0, metadata={"help": "seed of training (data order, LoRA init) and of mDPO's crops"})
@@ -87,11 +96,12 @@ class PreferenceConfig:
             raise ValueError(f"PreferenceConfig.{name}={getattr(self, name)!r}: {why}")
 
         kinds = {"float": ((int, float), "a number"), "int": (int, "an integer"), "bool": (bool, "true or false"),
-                 "str": (str, "text"), "bool | None": ((bool, type(None)), "true, false or null")}
+                 "str": (str, "text"), "bool | None": ((bool, type(None)), "true, false or null"),
+                 "int | None": ((int, type(None)), "an integer or null")}
         for f in fields(self):  # wrong types get a clear message, not a TypeError from a comparison below
             want = kinds.get(str(f.type))
             v = getattr(self, f.name)
-            if want and (not isinstance(v, want[0]) or (isinstance(v, bool) and str(f.type) in ("float", "int"))):
+            if want and (not isinstance(v, want[0]) or (isinstance(v, bool) and "bool" not in str(f.type))):
                 raise TypeError(f"PreferenceConfig.{f.name}={v!r}: must be {want[1]}")
 
         if self.loss not in LOSSES:
@@ -123,6 +133,10 @@ class PreferenceConfig:
             bad("crop_min_area", f"need 0 < crop_min_area <= crop_max_area ({self.crop_max_area}) <= 1")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             bad("bf16", "must be True, False or None")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            bad("dataloader_num_workers", "must be >= 0, or None for the device's default")
+        if self.model_max_length < 0:
+            bad("model_max_length", "must be >= 0 (0: no limit)")
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> "PreferenceConfig":
@@ -143,6 +157,16 @@ class PreferenceConfig:
             return self.bf16
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
+    def use_activation_checkpointing(self) -> bool:
+        if self.activation_checkpointing is not None:
+            return self.activation_checkpointing
+        return torch.cuda.is_available()
+
+    def num_workers(self) -> int:
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        return min(4, os.cpu_count() or 1) if torch.cuda.is_available() else 0
+
     def training_arguments(self, output_dir: str | os.PathLike, **overrides):
         """``transformers.TrainingArguments`` with these settings (``remove_unused_columns=False``)."""
         from transformers import TrainingArguments
@@ -155,7 +179,9 @@ class PreferenceConfig:
             weight_decay=self.weight_decay, per_device_train_batch_size=self.per_device_train_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps, bf16=self.use_bf16(),
             seed=self.seed, logging_steps=self.logging_steps, save_steps=self.save_steps, max_steps=self.max_steps,
-            remove_unused_columns=False, report_to="none", optim="adamw_torch", use_cpu=not torch.cuda.is_available())
+            remove_unused_columns=False, report_to="none", optim="adamw_torch", use_cpu=not torch.cuda.is_available(),
+            activation_checkpointing=self.use_activation_checkpointing(),
+            activation_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=self.num_workers())
         kw.update(overrides)
         kw["remove_unused_columns"] = False  # the collator needs the raw records
         return TrainingArguments(**kw)
@@ -176,7 +202,8 @@ class PreferenceConfig:
                           target_modules=lora_target_names(model, self.lora_target_modules), bias="none", **extra)
 
 
-PROJECTOR_NAMES = ("multi_modal_projector", "aligner", "connector")
+# LLaVA / LLaVA-NeXT | Janus (understanding aligner; its generation_aligner is not) | Idefics3, SmolVLM | Qwen2-VL
+PROJECTOR_NAMES = ("multi_modal_projector", "aligner", "connector", "merger")
 
 
 def is_projector_param(name: str) -> bool:
@@ -324,7 +351,8 @@ class PreferenceCollator:
         return images, prompts, responses
 
     def __call__(self, items: Sequence[dict]) -> dict:
-        batch = vlm.build_scoring_batch(self.processor, *self.rows(items), chat=self.chat)
+        batch = vlm.build_scoring_batch(self.processor, *self.rows(items), chat=self.chat,
+                                        max_length=self.cfg.model_max_length)
         batch["ids"] = [it["id"] for it in items]
         if items and all("ref" in it for it in items):
             for key in items[0]["ref"]:
@@ -439,84 +467,3 @@ def compute_preference_loss(model, batch: dict, ref_logps: dict | None, cfg: Pre
         if k in policy:
             metrics[f"logps/{k}"] = float(policy[k].detach().float().mean())
     return loss, metrics
-
-
-# -------------------------------------------------------------------------------------- reference
-class _Reference:
-    """Context: the reference model — ``ref_model`` if given, else ``model`` with adapters disabled."""
-
-    def __init__(self, model, ref_model=None):
-        self.model, self.ref_model, self._ctx = model, ref_model, None
-
-    def __enter__(self):
-        if self.ref_model is not None:
-            return self.ref_model
-        if hasattr(self.model, "disable_adapter"):  # peft PeftModel
-            self._ctx = self.model.disable_adapter()
-            self._ctx.__enter__()
-            return self.model
-        raise ValueError("no reference: pass ref_model (a frozen copy) or a peft model whose adapters can be "
-                         "disabled")
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-        return False
-
-
-@torch.no_grad()
-def reference_logps_for_batch(model, batch: dict, cfg: PreferenceConfig, ref_model=None) -> dict[str, torch.Tensor]:
-    """Reference log-probs (keys of :func:`reference_keys`) for one scoring batch, in eval mode."""
-    with _Reference(model, ref_model) as ref:
-        was_training = ref.training
-        ref.eval()
-        try:
-            out = score_pairs(ref, batch, cfg)
-        finally:
-            ref.train(was_training)
-    return {k: out[k].detach().float() for k in reference_keys(cfg)}
-
-
-def _cache_tag(cfg: PreferenceConfig) -> str:
-    """What a cached reference value depends on besides the reference model and the sample."""
-    if cfg.loss == "mdpo":  # the crops depend on the seed and the area range
-        return f"mdpo:seed={cfg.seed}:area={cfg.crop_min_area}-{cfg.crop_max_area}"
-    return cfg.loss
-
-
-def precompute_reference_logps(model, dataset: PreferenceDataset, collator: PreferenceCollator,
-                               cfg: PreferenceConfig, cache_path: str | os.PathLike | None = None,
-                               ref_model=None, batch_size: int = 8, attach: bool = True,
-                               progress: bool = False) -> dict[str, dict]:
-    """Reference log-probs of every sample, ``id → {kind: float}``, computed once.
-
-    The reference is ``ref_model`` (a frozen copy) or ``model`` with its LoRA adapters disabled
-    (peft ``disable_adapter()``). With ``cache_path`` the values are appended to that JSON-lines
-    file (``{"id", "loss", "tag", <kind>: float}``) as they are computed, and samples already
-    cached for this loss (and, for mDPO, crop seed and area range) are reused, so an interrupted
-    run resumes. Delete the file after changing the reference model. ``attach``: also
-    :meth:`PreferenceDataset.attach_reference`.
-    """
-    from tqdm.auto import tqdm
-
-    keys = reference_keys(cfg)
-    cache: dict[str, dict] = {}
-    if cache_path is not None:
-        for rec in read_appended(cache_path):  # a kill's half-written last line is cut
-            if rec.get("tag", rec.get("loss")) == _cache_tag(cfg) and all(k in rec for k in keys):
-                cache[str(rec["id"])] = {k: float(rec[k]) for k in keys}
-    todo = [r for r in dataset.records if r["id"] not in cache]
-    for s in tqdm(range(0, len(todo), batch_size), desc="reference", disable=not progress, mininterval=5):
-        items = todo[s:s + batch_size]
-        batch = collator(items)
-        ref = reference_logps_for_batch(model, batch, cfg, ref_model)
-        recs = [{"id": it["id"], "loss": cfg.loss, "tag": _cache_tag(cfg), **{k: float(ref[k][i]) for k in keys}}
-                for i, it in enumerate(items)]
-        if cache_path is not None:
-            append_jsonl(cache_path, recs)
-        for rec in recs:
-            cache[rec["id"]] = {k: rec[k] for k in keys}
-    result = {r["id"]: cache[r["id"]] for r in dataset.records}
-    if attach:
-        dataset.attach_reference(result)
-    return result

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "load_vlm", "check_local_checkpoint", "to_pil", "chat_prompt", "generate", "build_scoring_batch", "sequence_logprobs",
+    "load_vlm", "fill_processor_fields", "check_local_checkpoint", "to_pil", "chat_prompt", "generate", "build_scoring_batch", "truncate_batch",
+    "sequence_logprobs", "VICUNA_V1_SYSTEM",
     "response_logprobs", "image_embeddings", "model_inputs", "to_device", "LLAVA_CHAT_TEMPLATE",
 ]
 
@@ -100,6 +101,7 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
                              f"off: use a checkpoint transformers supports natively, or pass "
                              f"trust_remote_code=True once you have read its code") from err
         raise
+    fill_processor_fields(processor, model, _saved_processor_config(name))
     model.to(device)
     if adapter is not None:
         from peft import PeftModel
@@ -113,6 +115,53 @@ def load_vlm(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return model, processor
+
+
+def _saved_processor_config(name: str) -> dict | None:
+    """The top-level entries of the checkpoint's ``processor_config.json``; None if it has none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name, "processor_config.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+
+
+def fill_processor_fields(processor, model, saved: dict | None = None) -> list[str]:
+    """Fill the image-token fields an older LLaVA-style processor config lacks from the model's config.
+
+    LLaVA / LLaVA-NeXT processors count the image tokens they insert from ``patch_size``,
+    ``vision_feature_select_strategy`` and ``num_additional_image_tokens``; snapshots saved before
+    those were processor fields have none, which fails at ``height // None`` or miscounts (576 vs
+    575 tokens). ``patch_size`` comes from the vision config, the strategy from the model config,
+    and — only when ``saved`` (the processor config as written) lacks it — the additional-token
+    count from the vision tower: 1 for CLIP (its CLS token), else 0. Returns the names filled
+    (a warning lists them); processors without these fields are left alone.
+    """
+    import warnings
+
+    if not hasattr(processor, "patch_size"):
+        return []
+    cfg = model.config
+    vision = getattr(cfg, "vision_config", None)
+    filled = []
+    if getattr(processor, "patch_size", None) is None and getattr(vision, "patch_size", None):
+        processor.patch_size = vision.patch_size
+        filled.append("patch_size")
+    if getattr(processor, "vision_feature_select_strategy", None) is None and \
+            getattr(cfg, "vision_feature_select_strategy", None):
+        processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
+        filled.append("vision_feature_select_strategy")
+    if saved is not None and "num_additional_image_tokens" not in saved and vision is not None:
+        processor.num_additional_image_tokens = 1 if getattr(vision, "model_type", "") == "clip_vision_model" else 0
+        filled.append("num_additional_image_tokens")
+    if filled:
+        warnings.warn(f"the processor config lacks {', '.join(filled)}; filled from the model config: "
+                      + ", ".join(f"{k}={getattr(processor, k)!r}" for k in filled), stacklevel=3)
+    return filled
 
 
 def check_local_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
@@ -164,10 +213,20 @@ def _tok(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def chat_prompt(processor, text: str, image: bool = True) -> str:
-    """One user turn (an image, then ``text``) with the assistant's turn opened."""
+# The system text of LLaVA-1.5's original conversation template (vicuna_v1). llava-hf's chat templates and
+# lmms-eval's llava_hf model send no system turn, and neither does the kit (chat_prompt's default): a stated
+# choice that matches the Hugging Face checkpoints and lmms-eval, not the original LLaVA evaluation scripts
+# (docs/gpu.md, "Prompts"). Pass system=VICUNA_V1_SYSTEM to chat_prompt to match those.
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the human's questions.")
+
+
+def chat_prompt(processor, text: str, image: bool = True, system: str = "") -> str:
+    """One user turn (an image, then ``text``) with the assistant's turn opened; ``system``: an optional
+    system turn first (none by default, as llava-hf's templates and lmms-eval; see :data:`VICUNA_V1_SYSTEM`)."""
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+    turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return processor.apply_chat_template(turns + [{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
 
 
@@ -232,13 +291,23 @@ def generate(model, processor, images: Sequence[ImageLike], questions: Sequence[
     return answers
 
 
+def _text_token_counts(tok, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``texts`` as the processor's tokenizer call makes them, before any image token
+    is expanded (the same special tokens, no padding)."""
+    return tok(list(texts), padding=False)["input_ids"]
+
+
 def build_scoring_batch(processor, images: Sequence[ImageLike], prompts: Sequence[str], responses: Sequence[str],
-                        add_eos: bool = True, chat: bool = True) -> dict:
+                        add_eos: bool = True, chat: bool = True, max_length: int = 0) -> dict:
     """Tensors to score ``responses`` given (image, prompt): the processor's inputs plus ``response_mask``.
 
     The full text is the chat prompt followed by the response (and the tokenizer's EOS if
-    ``add_eos``), right-padded. ``response_mask`` ``(B, L)`` is 1 on the response's tokens and 0 on
-    padding, prompt and image tokens. Raises if a prompt's tokens are not a prefix of its full text.
+    ``add_eos``), right-padded; each image is preprocessed once. ``response_mask`` ``(B, L)`` is 1
+    on the response's tokens and 0 on padding, prompt and image tokens: a row's response is its
+    last ``n`` real tokens, ``n`` counted on the text alone (image placeholders only ever expand
+    inside the prompt). Raises if a prompt's tokens are not a prefix of its full text.
+    ``max_length`` > 0 cuts every row to that many tokens (image tokens included) from the end
+    (:func:`truncate_batch`).
     """
     if not (len(images) == len(prompts) == len(responses)):
         raise ValueError(f"lengths differ: {len(images)} images, {len(prompts)} prompts, {len(responses)} responses")
@@ -249,21 +318,47 @@ def build_scoring_batch(processor, images: Sequence[ImageLike], prompts: Sequenc
     texts = [chat_prompt(processor, p) if chat else p for p in prompts]
     eos = tok.eos_token if add_eos and tok.eos_token else ""
     full = [t + ("" if t.endswith((" ", "\n")) else " ") + r.strip() + eos for t, r in zip(texts, responses)]
-    enc_p = model_inputs(processor, images, texts, "right")
     enc = model_inputs(processor, images, full, "right")
-    plen = enc_p["attention_mask"].sum(1)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids_p, ids_f = _text_token_counts(tok, texts), _text_token_counts(tok, full)
+    mask = enc["attention_mask"]
     response_mask = torch.zeros_like(mask)
-    for row in range(ids.shape[0]):
-        n = int(plen[row])
-        if not torch.equal(ids[row, :n], enc_p["input_ids"][row, :n]):
+    for row in range(mask.shape[0]):
+        p, f = ids_p[row], ids_f[row]
+        if f[:len(p)] != p:
             raise ValueError(f"sample {row}: the prompt's tokens are not a prefix of prompt+response; "
                              f"the tokenizer merges across the boundary (prompt ends {texts[row][-20:]!r})")
-        response_mask[row, n:] = mask[row, n:]
+        n, length = len(f) - len(p), int(mask[row].sum())
+        response_mask[row, length - n:length] = 1
     if int(response_mask.sum(1).min()) == 0:
         raise ValueError("a response has no tokens after the prompt; check the chat template")
     out = dict(enc)
     out["response_mask"] = response_mask
+    return truncate_batch(out, max_length) if max_length else out
+
+
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_mask", "token_type_ids", "mm_token_type_ids",
+                  "position_ids")
+
+
+def truncate_batch(batch: dict, max_length: int) -> dict:
+    """A right-padded scoring batch with every row cut to ``max_length`` tokens (columns past it
+    dropped from the ``(B, L)`` sequence tensors), as LLaVA's ``model_max_length`` cuts the
+    sequence after the image tokens are inserted. Raises if a row would lose all of its response
+    (the prompt and image tokens are never cut)."""
+    length = batch["input_ids"].shape[1]
+    if not max_length or length <= max_length:
+        return batch
+    kept = batch["response_mask"][:, :max_length].sum(1)
+    if int(kept.min()) == 0:
+        row = int(kept.argmin())
+        raise ValueError(f"model_max_length {max_length} cuts every response token of row {row} (its prompt and "
+                         f"image tokens alone take {int(batch['attention_mask'][row].sum()) - int(batch['response_mask'][row].sum())}"
+                         f" tokens); raise model_max_length")
+    out = dict(batch)
+    for k in _SEQUENCE_KEYS:
+        v = out.get(k)
+        if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == length:
+            out[k] = v[:, :max_length]
     return out
 
 

@@ -1,5 +1,6 @@
 """``realign train`` (realign_lib.cli) under ``accelerate launch``: two CPU processes × batch 1 must train the
-same LoRA weights as one process × batch 2 (same global batch, same data, no dropout).
+same LoRA weights as one process × batch 2 (same global batch, same data, no dropout), and their
+reference pass (each process scores its share) must fill the same cache as the one-process pass.
 
 Uses ``configs/accelerate/cpu_2proc.yaml`` (torch.distributed launcher, gloo, GPUs hidden)."""
 from __future__ import annotations
@@ -81,7 +82,15 @@ def test_two_cpu_processes_match_one(setup):
     r2 = json.loads((two / "train_result.json").read_text())
     assert (r1["processes"], r2["processes"]) == (1, 2)
     assert r1["global_batch"] == r2["global_batch"] == 2 and r1["steps"] == r2["steps"] == STEPS
-    assert not list(two.glob("reference_logps.jsonl")) and len(list(two.glob("reference_logps.rank*.jsonl"))) == 2
+    # one reference cache, each process scoring its share (one pair each), equal to the one-process cache
+    assert not list(two.glob("reference_logps.jsonl.rank*"))
+    c1 = {r["key"]: r for r in map(json.loads, (one / "reference_logps.jsonl").read_text().splitlines())}
+    c2 = {r["key"]: r for r in map(json.loads, (two / "reference_logps.jsonl").read_text().splitlines())}
+    assert len(c1) == 2 and c1.keys() == c2.keys()
+    for key, rec in c1.items():
+        assert rec["id"] == c2[key]["id"]
+        for kind in ("chosen", "rejected", "retrieved"):
+            assert c2[key][kind] == pytest.approx(rec[kind], abs=1e-4)  # batch 2 vs 1: padding only
 
     # the Trainer's loss is gathered over processes: the same per step
     l1 = [json.loads(x)["loss"] for x in (one / "train_log.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """Every backbone config stays runnable: its model class, built tiny, takes one rDPO step with the
-config's own training settings (paper hyper-parameters), through the kit's trainer."""
+config's own training settings (the `paper` preset, Table 6, or the `release` preset, the authors'
+scripts), through the kit's trainer; the presets hold the values they name; POPE's prompt."""
 import json
 from pathlib import Path
 
@@ -14,7 +15,43 @@ from realign_lib.trainer import PreferenceTrainer
 from realign_lib.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs" / "backbones").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs" / "backbones").rglob("*.yaml"))
+PAPER = {"lora_target_modules": "language_model", "train_projector": False, "learning_rate": 1e-5,
+         "model_max_length": 0}
+RELEASE = {"lora_target_modules": "q_proj,k_proj,v_proj,o_proj", "train_projector": True,
+           "projector_learning_rate": 2e-5, "learning_rate": 1e-6, "model_max_length": 1048}
+
+
+def _preset(path: Path) -> str:
+    return "release" if path.parent.name == "release" else "paper"
+
+
+def test_presets_hold_their_values():
+    paper = TrainingStage(**load_config(ROOT / "configs" / "paper.yaml").parameters("04_training"))
+    release = TrainingStage(**load_config(ROOT / "configs" / "release.yaml").parameters("04_training"))
+    for preset, stage, want in (("paper", paper, PAPER), ("release", release, RELEASE)):
+        assert {k: getattr(stage, k) for k in want} == want, preset
+    assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps == 8
+    assert 16 <= release.per_device_train_batch_size * release.gradient_accumulation_steps <= 32
+    # everything else is shared: beta, LoRA rank, schedule, epochs, the loss
+    for name in ("loss", "beta", "lora_r", "lora_alpha", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+                 "max_steps", "sft_weight", "projector_learning_rate"):
+        assert getattr(paper, name) == getattr(release, name), name
+    # both evaluate POPE with LLaVA's / lmms-eval's prompt
+    for name in ("paper", "release"):
+        assert load_config(ROOT / "configs" / f"{name}.yaml").parameters("05_evaluation")["pope_suffix"] is True
+
+
+def test_pope_prompt_is_newline_joined(tmp_path):
+    from realign_lib import pope
+    from realign_lib.prompts import LMMS_EVAL_SUFFIX
+
+    model, processor = testing.tiny_llava()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    qs = [{"question_id": 1, "image": "a.png", "text": "Is there a dog in the image?", "label": "no"}]
+    ans = pope.answer_pope(model, processor, qs, tmp_path, tmp_path / "ans.jsonl", suffix=LMMS_EVAL_SUFFIX,
+                           max_new_tokens=2)
+    assert ans[0]["prompt"] == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
 
 
 def test_there_is_a_config_per_paper_backbone():
@@ -46,8 +83,9 @@ def test_backbone_config_takes_one_rdpo_step(path, prefs, tmp_path):
     assert models == {params["model_path"]}, f"{path.name}: stages name different models {models}"
     # the paper's settings (Re-Align §4.1)
     stage = TrainingStage(**params)
-    assert (stage.loss, stage.learning_rate, stage.beta, stage.lora_r, stage.lora_alpha, stage.max_steps) == \
-        ("rdpo", 1e-5, 0.1, 128, 256, -1) and stage.per_device_train_batch_size * stage.gradient_accumulation_steps == 8
+    want = RELEASE if _preset(path) == "release" else PAPER
+    assert {k: getattr(stage, k) for k in want} == want
+    assert (stage.loss, stage.beta, stage.lora_r, stage.lora_alpha, stage.max_steps) == ("rdpo", 0.1, 128, 256, -1)
     assert (stage.lr_scheduler_type, stage.warmup_steps, stage.num_train_epochs, stage.sft_weight) == \
         ("cosine", 0.03, 1.0, 0.0)
     arch = testing.arch_of(params["model_path"])
@@ -62,7 +100,7 @@ def test_backbone_config_takes_one_rdpo_step(path, prefs, tmp_path):
                                  learning_rate=1e-2, warmup_steps=0)  # a visible step on a random tiny model
     trainer = PreferenceTrainer(model, pc, ds, processor, args=args)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert before and all("lora_" in n for n in before)
+    assert before and all("lora_" in n or ("modules_to_save" in n and stage.train_projector) for n in before)
     trainer.train()
     log = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert np.isfinite(log["loss"]) and "loss_vdpo" in log and log["loss_dpo"] == pytest.approx(np.log(2), abs=1e-4)

@@ -151,6 +151,16 @@ def test_unknown_keys_wrong_types_and_bad_values_are_refused(tmp_path):
         RunConfig(run_dir="r", stages={"00_tiny_world": {"small_run": 1}})
     with pytest.raises(ValueError, match=r"tau=1.5: must be <= 1.0"):
         RunConfig(run_dir="r", stages={"03_induction": {"tau": 1.5}})
+    for bad in (0.0, -0.2, float("nan")):
+        with pytest.raises(ValueError, match=r"tau=.*: must be (> 0.0|a finite number)"):
+            RunConfig(run_dir="r", stages={"03_induction": {"tau": bad}})
+    for key in ("max_questions", "n_chair"):
+        with pytest.raises(ValueError, match=rf"{key}=-1: must be >= 0"):
+            RunConfig(run_dir="r", stages={"05_evaluation": {key: -1}})
+    with pytest.raises(ValueError, match=r"n_samples=0: must be >= 1"):
+        RunConfig(run_dir="r", stages={"00_tiny_world": {"n_samples": 0}})
+    with pytest.raises(ValueError, match=r"max_samples=-5: must be >= 0"):
+        RunConfig(run_dir="r", shared={"max_samples": -5}, stages={"02_masking": {}})
     with pytest.raises(ValueError, match=r"top_k=0: must be >= 1"):
         RunConfig(run_dir="r", shared={"top_k": 0}, stages={"01_retrieval": {}})
     with pytest.raises(ValueError, match=r"loss='ppo': must be one of dpo, rdpo"):
@@ -161,6 +171,10 @@ def test_unknown_keys_wrong_types_and_bad_values_are_refused(tmp_path):
         RunConfig(run_dir="r", stages={"07_nothing": {}})
     with pytest.raises(TypeError, match="'seed' must be a non-negative integer"):
         RunConfig(run_dir="r", seed="0")
+    with pytest.raises(TypeError, match="'seed' must be a non-negative integer, got -1"):
+        RunConfig(run_dir="r", seed=-1, stages={"01_retrieval": {}})
+    with pytest.raises(ValueError, match=r"01_retrieval.seed=-1: must be >= 0"):
+        RunConfig(run_dir="r", stages={"01_retrieval": {"seed": -1}})
     p = tmp_path / "c.yaml"
     p.write_text("run_dir: r\nmodel: x\n")
     with pytest.raises(ValueError, match=r"c.yaml: unknown top-level key 'model'; allowed: base, run_dir.*model_path"):
@@ -243,3 +257,22 @@ def test_notebook_checks_its_parameters():
     stage = TrainingStage.from_namespace({"loss": "dpo", "lora_r": 16, "lora_alpha": 32})
     pc = stage.preference_config()
     assert type(pc) is PreferenceConfig and (pc.loss, pc.lora_r, pc.lora_alpha) == ("dpo", 16, 32)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run_dir: r\n", r"no stages to run"),
+    ("run_dir: r\nstages:\n", r"no stages to run"),
+    ("run_dir: r\nstages: {}\n", r"no stages to run"),
+    ("run_dir: r\nstages:\n  - 00_tiny_world\n", r"'stages' must be a mapping .* got list"),
+])
+def test_a_recipe_without_stages_says_so(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises((ValueError, TypeError), match=message):
+        load_config(p)
+
+
+def test_run_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = RunConfig(run_dir="~/runs/x", stages={"01_retrieval": {}})
+    assert cfg.run_dir == str(tmp_path / "runs" / "x") and cfg.parameters("01_retrieval")["run_dir"] == cfg.run_dir

@@ -148,3 +148,33 @@ def test_a_client_error_is_a_counted_failure_not_a_retry(images, monkeypatch):
         assert ep.complete([user_message("q", image=images / "img" / "red.png")]) == "fine"
     finally:
         srv.close()
+
+
+def test_scrub_secret_catches_the_key_however_it_is_quoted():
+    from realign_lib.endpoint import scrub_secret
+
+    key = "sk-proj-A1b2C3d4E5f6G7h8"
+    forms = [key, json.dumps(key), repr(key + "\r"), json.dumps(key + "\r\n"), f"Bearer {key}",
+             f"{key[:10]}****************{key[-6:]}", key.replace("-", "\\-"), f"<{key}>"]
+    for form in forms:
+        out = scrub_secret(f"error: invalid key {form} given", key)
+        assert not any(key[i:i + 6] in out for i in range(len(key) - 5)), (form, out)
+        assert out.startswith("error: invalid key ") and out.endswith(" given")
+    assert scrub_secret("nothing secret here", key) == "nothing secret here"
+    assert scrub_secret("a short key abc here", "abc") == "a short key *** here"
+
+
+@pytest.mark.parametrize("tail", ["\r", "\n", " ", "\r\n"])
+def test_a_key_with_whitespace_around_it_is_stripped_and_never_quoted(images, monkeypatch, tail):
+    """A key read from a .env with CRLF endings (``sk-…\\r``): stripped before use (the server sees the
+    bare key, no retry storm), and an error body that quotes it, in any form, leaves no trace of it."""
+    quoted = f"bad request for key {KEY!r} ({json.dumps(KEY + tail)}; {KEY[:9]}****{KEY[-5:]})"
+    srv = ChatServer(lambda req: Reply(status=400, body=json.dumps({"error": {"message": quoted}})), key=KEY)
+    monkeypatch.setenv("REALIGN_EP_KEY", KEY + tail)
+    with srv:
+        ep = _endpoint(srv.url)
+        out = ep.complete([user_message("q", image=images / "img" / "red.png")])
+        assert [r.authorization for r in srv.requests] == [f"Bearer {KEY}"]  # stripped, sent once
+        assert isinstance(out, EndpointFailure) and "HTTP 400" in out.detail
+        assert not any(KEY[i:i + 6] in out.detail for i in range(len(KEY) - 5)), out.detail
+        ep.close()

@@ -66,8 +66,8 @@ def mme_side_by_side(tmp_path):
         for k in range(3):
             _image(root / task / f"{task}_{k}.png")
             (root / task / f"{task}_{k}.txt").write_text(
-                f"Is there a cat in this image? Please answer yes or no.\tYes\n"
-                f"Is there a dog in this image? Please answer yes or no.\tNo\n")
+                "Is there a cat in this image? Please answer yes or no.\tYes\n"
+                "Is there a dog in this image? Please answer yes or no.\tNo\n")
     return root
 
 

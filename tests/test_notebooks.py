@@ -57,6 +57,13 @@ def test_chain_runs_headless_and_resumes(root, smoke_chain, tmp_path):
     stage = run_dir / "00_tiny_world"
     executed = json.loads((stage / "00_tiny_world.ipynb").read_text())
     assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
+    # figures render inline in the executed notebooks (no forced non-interactive backend)
+    for nb, n_figures in (("00_tiny_world/00_tiny_world.ipynb", 4), ("01_retrieval/01_retrieval.ipynb", 1),
+                          ("04_training/rdpo_seed0/04_training.ipynb", 1), ("05_evaluation/05_evaluation.ipynb", 1)):
+        cells = json.loads((run_dir / nb).read_text())["cells"]
+        images = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])
+                  if "image/png" in o.get("data", {})]
+        assert len(images) >= n_figures, (nb, len(images))
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["small_run"] is True
     for split in ("random", "popular", "adversarial"):

@@ -83,3 +83,33 @@ def test_embeddings_resume_from_finished_chunks(tmp_path):
     # a different image list never reuses those parts
     other = retrieval.embed_images_resumable(model, proc, paths[:4], tmp_path / "parts", chunk=3, progress=False)
     assert np.allclose(other, emb[:4], atol=1e-5)
+
+
+def test_embeddings_of_another_model_or_a_changed_image_are_never_reused(tmp_path):
+    """Stage 01 re-run with another model_path (or a redrawn image) must embed again, not return the
+    old model's parts."""
+    import os
+
+    from PIL import Image
+
+    from realign_lib import testing, vlm
+
+    model_a, proc = testing.tiny_llava(seed=1)
+    model_b, _ = testing.tiny_llava(seed=2)
+    model_a.config._name_or_path, model_b.config._name_or_path = "models/a", "models/b"
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    a = retrieval.embed_images_resumable(model_a, proc, paths, tmp_path / "parts", chunk=2, progress=False)
+    b = retrieval.embed_images_resumable(model_b, proc, paths, tmp_path / "parts", chunk=2, progress=False)
+    fresh_b = retrieval.normalise(vlm.image_embeddings(model_b, proc, paths))
+    assert not np.allclose(a, b, atol=1e-3) and np.allclose(b, fresh_b, atol=1e-5)
+    # the same model, one image redrawn in place: its chunk is computed again
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[3])
+    st = os.stat(paths[3])
+    os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    a2 = retrieval.embed_images_resumable(model_a, proc, paths, tmp_path / "parts", chunk=2, progress=False)
+    assert np.allclose(a2[:3], a[:3], atol=1e-5) and not np.allclose(a2[3], a[3], atol=1e-3)

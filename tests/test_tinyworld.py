@@ -150,3 +150,27 @@ def test_parallel_rendering_gives_the_same_world(tmp_path):
         pa = np.asarray(Image.open(Path(a["train_images"]) / name))
         pb = np.asarray(Image.open(Path(b["train_images"]) / name))
         assert np.array_equal(pa, pb)
+
+
+def test_another_world_into_the_same_folder_is_built_whole_not_mixed(tmp_path):
+    """`--set seed=1` on an existing run folder: every image and label is the new world's, equal to a
+    clean build, none left from the old one."""
+    import numpy as np
+    from PIL import Image
+
+    from realign_lib.tinyworld import WorldConfig, build_world
+
+    small = dict(n_train=40, n_test=12, n_mme=2)
+    build_world(tmp_path / "w", WorldConfig(seed=3, **small), workers=1)
+    again = build_world(tmp_path / "w", WorldConfig(seed=4, **small), workers=1)
+    clean = build_world(tmp_path / "clean", WorldConfig(seed=4, **small), workers=1)
+    assert again["config"]["seed"] == 4
+    for sub in ("train_images", "test_images"):
+        names = sorted(p.name for p in (tmp_path / "w" / sub).glob("*.png"))
+        assert names == sorted(p.name for p in (tmp_path / "clean" / sub).glob("*.png"))
+        for name in names:
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "w" / sub / name)),
+                                  np.asarray(Image.open(tmp_path / "clean" / sub / name))), (sub, name)
+    for name in ("llava_instruct_tiny.json", "annotations_train.jsonl", "annotations_test.jsonl"):
+        assert (tmp_path / "w" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert not (tmp_path / "w" / ".building.json").exists() and clean["object_frequency"] == again["object_frequency"]

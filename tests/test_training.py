@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import losses, testing, training, vlm
+from realign_lib import losses, reference, testing, training, vlm
 from realign_lib.trainer import PreferenceTrainer
 from realign_lib.training import PreferenceCollator, PreferenceConfig, PreferenceDataset
 
@@ -122,7 +122,7 @@ def test_policy_equal_reference_gives_log2_per_term(tiny, prefs, loss, n_terms):
     model, processor = tiny
     cfg = PreferenceConfig(loss=loss)
     batch = PreferenceCollator(processor, cfg)([PreferenceDataset(prefs)[i] for i in range(3)])
-    ref = training.reference_logps_for_batch(model, batch, cfg, ref_model=model)
+    ref = reference.reference_logps_for_batch(model, batch, cfg, ref_model=model)
     with torch.no_grad():
         value, metrics = training.compute_preference_loss(model, batch, ref, cfg)
     assert float(value) == pytest.approx(n_terms * math.log(2), abs=1e-5)
@@ -175,19 +175,22 @@ def test_reference_cache_is_reused(tiny, prefs, tmp_path):
     ds = PreferenceDataset(prefs)
     col = PreferenceCollator(processor, cfg)
     cache = tmp_path / "ref.jsonl"
-    first = training.precompute_reference_logps(model, ds, col, cfg, cache, ref_model=model, batch_size=3)
+    first = reference.precompute_reference_logps(model, ds, col, cfg, cache, ref_model=model, batch_size=3)
     assert len(cache.read_text().splitlines()) == 4 and set(first) == {"s0", "s1", "s2", "s3"}
 
-    class Boom(torch.nn.Module):
-        def forward(self, *a, **k):
-            raise AssertionError("the cache should have been used")
+    def boom(*a, **k):
+        raise AssertionError("the cache should have been used")
 
-    second = training.precompute_reference_logps(model, ds, col, cfg, cache, ref_model=Boom())
+    hook = model.register_forward_pre_hook(boom)
+    try:
+        second = reference.precompute_reference_logps(model, ds, col, cfg, cache, ref_model=model)
+    finally:
+        hook.remove()
     assert second == first
     assert "ref_retrieved" in col([ds[0], ds[1]])
     # resumable: a partial cache computes only the missing samples
     cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:2]))
-    third = training.precompute_reference_logps(model, ds, col, cfg, cache, ref_model=model)
+    third = reference.precompute_reference_logps(model, ds, col, cfg, cache, ref_model=model)
     assert len(cache.read_text().splitlines()) == 4
     for k in first:
         for kind in first[k]:
@@ -214,7 +217,7 @@ def test_one_step_matches_trl_dpo_trainer(tiny, prefs, tmp_path):
     kit, ref = copy.deepcopy(base).train(), copy.deepcopy(other).eval()
     cfg = PreferenceConfig(loss="dpo", beta=beta)
     batch = PreferenceCollator(processor, cfg)(items)
-    ref_lp = training.reference_logps_for_batch(kit, batch, cfg, ref_model=ref)
+    ref_lp = reference.reference_logps_for_batch(kit, batch, cfg, ref_model=ref)
     kit_loss, _ = training.compute_preference_loss(kit, batch, ref_lp, cfg)
     opt = torch.optim.SGD(kit.parameters(), lr=lr)
     kit_loss.backward()
@@ -326,3 +329,37 @@ def test_full_finetune_uses_frozen_copy_as_reference(prefs, tmp_path):
     # with policy == reference at step 1, the Trainer's loss (GA-scaled back) is log 2 + the NLL term
     assert logs[0]["loss"] == pytest.approx(logs[0]["pref/loss"], rel=1e-4)
     assert logs[0]["pref/loss"] == pytest.approx(math.log(2) + logs[0]["loss_sft"], rel=1e-4)
+
+
+def test_activation_checkpointing_changes_no_number(prefs, tmp_path):
+    """Non-reentrant checkpointing (on by default on a GPU) recomputes the same forward pass: on the
+    CPU, with LoRA dropout on, three steps give the same losses and the same adapter weights."""
+    runs = {}
+    for on in (False, True):
+        model, processor = testing.tiny_llava()
+        torch.manual_seed(0)
+        trainer = _run_trainer(model, processor, prefs, tmp_path / f"ckpt{on}", per_device_train_batch_size=2,
+                               lora_dropout=0.1, activation_checkpointing=on)
+        assert trainer.args.activation_checkpointing is on
+        trainer.train()
+        base = trainer.model.get_base_model()
+        assert base.is_activation_checkpointing is on  # the Trainer really switched it on (or left it off)
+        runs[on] = ([h["pref/loss"] for h in trainer.state.log_history if "loss" in h],
+                    {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n})
+    assert runs[False][0] == runs[True][0] and len(runs[True][0]) == 3
+    for n, p in runs[False][1].items():
+        assert torch.equal(p, runs[True][1][n]), n
+
+
+def test_gpu_defaults_follow_the_device():
+    cfg = PreferenceConfig()
+    on_gpu = torch.cuda.is_available()
+    assert cfg.use_activation_checkpointing() is on_gpu and (cfg.num_workers() > 0) is on_gpu
+    args = cfg.training_arguments("unused")
+    assert args.activation_checkpointing is on_gpu and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    args = PreferenceConfig(activation_checkpointing=True, dataloader_num_workers=2).training_arguments("unused")
+    assert args.activation_checkpointing is True and args.dataloader_num_workers == 2
+    with pytest.raises(ValueError, match="dataloader_num_workers"):
+        PreferenceConfig(dataloader_num_workers=-1)
+    with pytest.raises(TypeError, match="activation_checkpointing"):
+        PreferenceConfig(activation_checkpointing="yes")

@@ -223,3 +223,114 @@ def test_qwen2_vl_image_only_processor(tmp_path):
     assert type(loaded) is cls and loaded.chat_template == processor.chat_template
     enc2 = vlm.model_inputs(loaded, images, texts, "right")
     assert enc.keys() == enc2.keys() and all(torch.equal(enc[k], enc2[k]) for k in enc)
+
+
+# ------------------------------------------------------------------- scoring batch: one preprocessing
+def test_scoring_batch_preprocesses_each_image_once(tiny):
+    """The response mask equals the one found with a second, prompt-only processor call, while the
+    images go through the image processor once (counted on its ``preprocess``)."""
+    name, model, processor = tiny
+    images = _images()
+    ip = processor.image_processor
+    real, calls = ip.preprocess, []
+
+    def counting(imgs, *a, **k):
+        calls.append(len(imgs))
+        return real(imgs, *a, **k)
+
+    ip.preprocess = counting
+    try:
+        batch = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
+    finally:
+        del ip.preprocess
+    assert len(calls) == 1, calls
+    texts = [vlm.chat_prompt(processor, q) for q in QUESTIONS]
+    prompt_len = vlm.model_inputs(processor, images, texts, "right")["attention_mask"].sum(1)
+    want = torch.zeros_like(batch["attention_mask"])
+    for row, n in enumerate(prompt_len.tolist()):
+        want[row, n:] = batch["attention_mask"][row, n:]
+    assert torch.equal(batch["response_mask"], want), name
+
+
+def test_truncate_batch_cuts_responses_not_images(tiny):
+    name, model, processor = tiny
+    images = _images()
+    full = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
+    prompt_len = int((full["attention_mask"] - full["response_mask"]).sum(1).max())
+    cut = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES, max_length=prompt_len + 1)
+    assert cut["input_ids"].shape[1] == prompt_len + 1 < full["input_ids"].shape[1]
+    assert torch.equal(cut["input_ids"], full["input_ids"][:, :prompt_len + 1])
+    assert torch.equal(cut["pixel_values"], full["pixel_values"])
+    inputs = {k: v for k, v in cut.items() if k != "response_mask"}
+    with torch.no_grad():
+        lp = vlm.sequence_logprobs(model(**inputs).logits, cut["input_ids"], cut["response_mask"])
+    assert torch.isfinite(lp).all() and cut["response_mask"].sum() < full["response_mask"].sum()
+    with pytest.raises(ValueError, match="model_max_length"):
+        vlm.truncate_batch(full, 3)
+
+
+# ----------------------------------------------------------------------------- LoRA targets per architecture
+LM_PREFIX = {"llava": "model.language_model.", "llava_next": "model.language_model.", "janus": "model.language_model.",
+             "qwen2_vl": "model.language_model.", "idefics3": "model.text_model."}
+PROJECTOR = {"llava": "model.multi_modal_projector", "llava_next": "model.multi_modal_projector",
+             "janus": "model.aligner", "qwen2_vl": "model.visual.merger", "idefics3": "model.connector"}
+
+
+def test_lora_targets_by_architecture(tiny):
+    """``language_model`` (the default): every linear layer of the language model and nothing of the
+    vision tower, the connector, a generation head or the output head; the projector only when asked."""
+    from realign_lib import training
+
+    name, model, _ = tiny
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    lm = training.lora_target_names(model, "language_model")
+    assert set(lm) == {n for n in linear if n.startswith(LM_PREFIX[name])}, name
+    assert not [n for n in lm if any(w in n for w in ("vision", "visual", "projector", "connector", "aligner",
+                                                       "generation", "lm_head"))]
+    qkvo = training.lora_target_names(model, "q_proj,k_proj,v_proj,o_proj")
+    assert {n.split(".")[-1] for n in qkvo} == {"q_proj", "k_proj", "v_proj", "o_proj"} and set(qkvo) < set(lm)
+    every = training.lora_target_names(model, "all_linear")
+    assert set(lm) < set(every) and any(n.startswith(PROJECTOR[name]) for n in every)
+    cfg = training.PreferenceConfig(train_projector=True)
+    assert cfg.lora_config(model).modules_to_save == [PROJECTOR[name]]
+    assert not training.PreferenceConfig().lora_config(model).modules_to_save
+
+
+# ---------------------------------------------------------------- old-style processor configs
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+def test_load_vlm_fills_processor_fields_of_an_old_config(name, tmp_path):
+    """A llava-hf snapshot saved before ``patch_size`` / ``num_additional_image_tokens`` /
+    ``vision_feature_select_strategy`` were processor fields loads with them filled from the model
+    config, and scores exactly as the complete folder does."""
+    folder = testing.save_tiny(name, tmp_path / "new")
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in folder.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((old / "processor_config.json").read_text())
+    for key in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy"):
+        del cfg[key]
+    (old / "processor_config.json").write_text(json.dumps(cfg))
+    model, full = vlm.load_vlm(folder, device="cpu")
+    with pytest.warns(UserWarning, match="patch_size, vision_feature_select_strategy, num_additional_image_tokens"):
+        _, filled = vlm.load_vlm(old, device="cpu")
+    assert (filled.patch_size, filled.num_additional_image_tokens, filled.vision_feature_select_strategy) == \
+        (full.patch_size, full.num_additional_image_tokens, full.vision_feature_select_strategy) == (8, 1, "default")
+    images = _images()
+    want = vlm.response_logprobs(model, full, images, QUESTIONS, RESPONSES)
+    got = vlm.response_logprobs(model, filled, images, QUESTIONS, RESPONSES)
+    torch.testing.assert_close(got, want)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:  # a complete config: nothing filled, no warning
+        warnings.simplefilter("always")
+        vlm.load_vlm(folder, device="cpu")
+    assert not [w for w in seen if "filled from the model config" in str(w.message)]
+
+
+def test_chat_prompt_system_turn_is_a_choice():
+    _, processor = testing.tiny_llava()
+    plain = vlm.chat_prompt(processor, "is there a dog ?")
+    assert plain == "USER: <image>\nis there a dog ? ASSISTANT:"  # llava-hf style: no system turn by default
+    with_system = vlm.chat_prompt(processor, "is there a dog ?", system=vlm.VICUNA_V1_SYSTEM)
+    assert with_system == vlm.VICUNA_V1_SYSTEM + " " + plain  # the original vicuna_v1 layout

@@ -1,0 +1,94 @@
+"""`realign run` as a careless user meets it: one run per folder, a run folder that is a file,
+Ctrl-C, a non-UTF-8 input file."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from realign_lib.files import RunLock, read_json, read_jsonl
+
+
+def _config(tmp_path, run_dir) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run_dir: {run_dir}\nsmall_run: true\nstages:\n  '00_tiny_world': {{}}\n")
+    return str(p)
+
+
+def _realign(root, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", *args], cwd=root, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_second_run_on_one_folder_refuses_at_once(root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunLock(run_dir):  # as if another `realign run` were working in this folder
+        t0 = time.time()
+        res = _realign(root, "--config", _config(tmp_path, run_dir))
+        assert res.returncode == 2 and f"is in use by another run (pid {os.getpid()}" in res.stderr
+        assert time.time() - t0 < 60 and not (run_dir / "00_tiny_world").exists()  # nothing started
+    assert not (run_dir / ".realign.lock").exists()  # released on exit
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that no longer runs: a run killed with -9 left its lock behind
+    import socket
+
+    (tmp_path / ".realign.lock").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(),
+                                                       "since": "yesterday"}))
+    os.utime(tmp_path / ".realign.lock", (time.time() - 60, time.time() - 60))
+    said = []
+    with RunLock(tmp_path, log=said.append):
+        assert json.loads((tmp_path / ".realign.lock").read_text())["pid"] == os.getpid()
+    assert said and "stale lock" in said[0]
+    with RunLock(tmp_path), pytest.raises(RuntimeError, match="in use by another run"):
+        with RunLock(tmp_path):
+            pass
+
+
+def test_run_dir_that_is_a_file_is_a_message_not_a_traceback(root, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = _realign(root, "--config", _config(tmp_path, tmp_path / "afile"))
+    assert res.returncode == 2 and "is a file, not a folder" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_saying_what_to_rerun(root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "realign_lib.cli", "run", "--config", _config(tmp_path, run_dir)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (run_dir / "00_tiny_world").exists() and time.time() < deadline:  # the stage has started
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group, the kernel too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("realign: interrupted. Run the same command again to continue")
+    assert "realign_lib/cli.py" not in err and "PapermillExecutionError" not in err  # no traceback of the kit's
+    assert not (run_dir / ".realign.lock").exists()
+
+
+def test_a_non_utf8_file_names_file_and_line(tmp_path):
+    p = tmp_path / "samples.jsonl"
+    p.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"samples.jsonl:2: not UTF-8 text \(byte 0xe9 at column 12\)"):
+        read_jsonl(p)
+    q = tmp_path / "x.json"
+    q.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match=r"x.json:1: not UTF-8 text \(byte 0xff at column 8\)"):
+        read_json(q)
+    from realign_lib.evaluation import load_mme
+
+    task = tmp_path / "MME" / "existence"
+    task.mkdir(parents=True)
+    (task / "a.png").write_bytes(b"")
+    (task / "a.txt").write_bytes("Is there a dog?\tYes\nIs there a cat?\tNo\n".encode() + b"Is there a b\xe4r?\tNo\n")
+    with pytest.raises(ValueError, match=r"a.txt:3: not UTF-8 text \(byte 0xe4 at column 13\)"):
+        load_mme(tmp_path / "MME")

@@ -1,0 +1,49 @@
+"""realign_lib.export: a LoRA adapter (and a projector trained with it) merged into a plain
+save_pretrained checkpoint scores responses as base + adapter does, within 1e-5."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from realign_lib import export, testing, vlm
+from realign_lib.training import PreferenceConfig
+
+PROMPTS = ["describe the picture", "what is in the image ?", "is there a dog ?"]
+RESPONSES = ["a red cat on the left .", "two dogs and a tree", "no there is not"]
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+def test_merged_checkpoint_scores_as_base_plus_adapter(name, tmp_path):
+    from peft import get_peft_model
+
+    base_dir = testing.save_tiny(name, tmp_path / "base")
+    model, processor = vlm.load_vlm(base_dir, device="cpu")
+    cfg = PreferenceConfig(lora_r=4, lora_alpha=8, train_projector=True)
+    peft_model = get_peft_model(model, cfg.lora_config(model))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: every LoRA B and the projector copy moved
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+
+    out = export.merge_adapter(base_dir, adapter, tmp_path / "merged", dtype="float32", device="cpu")
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert (out / "chat_template.jinja").is_file() and (out / "processor_config.json").is_file()
+    assert not (out / "adapter_config.json").exists()
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8) for _ in PROMPTS]
+    with_adapter, _ = vlm.load_vlm(base_dir, device="cpu", adapter=adapter)
+    merged, merged_proc = vlm.load_vlm(out, device="cpu")
+    plain, _ = vlm.load_vlm(base_dir, device="cpu")
+    want = vlm.response_logprobs(with_adapter, processor, images, PROMPTS, RESPONSES)
+    got = vlm.response_logprobs(merged, merged_proc, images, PROMPTS, RESPONSES)
+    base = vlm.response_logprobs(plain, processor, images, PROMPTS, RESPONSES)
+    assert float((got - want).abs().max()) < 1e-5, (got, want)
+    assert float((want - base).abs().max()) > 1e-2  # the adapter does change the scores
+    assert merged_proc.apply_chat_template is not None and vlm.chat_prompt(merged_proc, "hi") == \
+        vlm.chat_prompt(processor, "hi")
