@@ -20,6 +20,7 @@ parameters, its executed notebook and marker in ``<run_dir>/<stage>/<name>/``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -127,13 +128,23 @@ def run_main(args) -> int:
     except (OSError, RuntimeError) as err:
         print(f"realign: cannot use run_dir {run_dir}: {err}", file=sys.stderr)
         return 2
+    import signal
+
+    def interrupted(signum=None, frame=None):
+        # Every file the kit writes is atomic or append-only (kill-safe), so stopping at once loses at most
+        # the record in progress; the kernel notices its parent is gone and exits too.
+        print("\nrealign: interrupted. Run the same command again to continue: finished stages are skipped and "
+              "the interrupted one resumes from what it saved.", file=sys.stderr, flush=True)
+        lock.__exit__(None, None, None)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
         return _run_stages(cfg, stages, args)
-    except KeyboardInterrupt:
-        print("\nrealign: interrupted. Run the same command again to continue: finished stages are skipped and "
-              "the interrupted one resumes from what it saved.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # raised inside the kernel and passed on by papermill
+        interrupted()
     finally:
+        signal.signal(signal.SIGINT, previous)
         lock.__exit__(None, None, None)
 
 

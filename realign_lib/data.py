@@ -27,19 +27,27 @@ SKIP_REASONS = {
     "unsafe_path": "the image path leads outside the image folder ('../', absolute path)",
     "missing_image": "the image file is not in the image folder",
     "corrupt_image": "the image file cannot be decoded",
+    "huge_image": "the image has more pixels than Pillow's decompression-bomb limit (a damaged or hostile file)",
 }
 
 
 def image_problem(path: Path) -> str | None:
-    """``None`` for a readable image file, else ``"missing_image"`` or ``"corrupt_image"`` (checked by
-    decoding it fully: a truncated JPEG passes ``Image.verify`` but fails here)."""
+    """``None`` for a readable image file, else ``"missing_image"``, ``"corrupt_image"`` (checked by
+    decoding it fully: a truncated JPEG passes ``Image.verify`` but fails here) or ``"huge_image"``
+    (over Pillow's decompression-bomb limit: refused before it is decoded)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         return "missing_image"
     try:
-        with Image.open(path) as im:
-            im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: skip, not decode
+            with Image.open(path) as im:
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "huge_image"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return "corrupt_image"
     return None

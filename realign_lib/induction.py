@@ -37,6 +37,7 @@ import difflib
 import re
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -48,7 +49,7 @@ from .prompts import MASK
 
 __all__ = [
     "split_masked", "join_filled", "spans_from_masked", "slot_texts", "changed_words", "stable_seed",
-    "too_short", "Candidate", "Item", "build_items", "induce", "acceptance_by_rank", "similarity_histogram",
+    "too_short", "Candidate", "Item", "build_items", "item_digest", "induce", "acceptance_by_rank", "similarity_histogram",
 ]
 
 
@@ -290,6 +291,8 @@ def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict,
                 reason = "none_below_tau" if it.candidates else "no_candidates"
                 if it.candidates and short[it.id] == len(sims[it.id]):
                     reason = "too_short"  # every candidate was cut short
+                if sims[it.id] and all(x is None for x in sims[it.id]):
+                    reason = "fill_failed"  # the filler returned nothing (an endpoint down): retried on a rerun
                 skipped[it.id] = {"id": it.id, "reason": reason, "ranks_tried": len(sims[it.id]),
                                   "similarities": sims[it.id], "last_candidate": last.get(it.id),
                                   **({"too_short": short[it.id]} if short[it.id] else {})}
@@ -315,6 +318,38 @@ def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict,
                 pending.append(it)
         level += 1
     return accepted, skipped
+
+
+def item_digest(it: Item) -> str:
+    """A digest of what an item's record is made from: sample, prompt, image, chosen, masked text and
+    the candidate images in rank order. Stored in each record (``"input"``): a rerun reuses a record
+    only while its item is unchanged."""
+    import hashlib
+    import json
+
+    content = [it.id, it.prompt, it.image, it.chosen, it.masked, [(c.rank, c.image) for c in it.candidates]]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def _reusable_ids(out_path: Path, skipped_path: Path, digests: dict[str, str], log) -> set[str]:
+    """Ids whose finished record (pair or skip) was made from the current item; records of changed
+    items are dropped from both files (they are computed again), and so are skips whose filler
+    failed (retried)."""
+    from .files import write_jsonl
+
+    keep: set[str] = set()
+    dropped = 0
+    for path in (out_path, skipped_path):
+        recs = read_appended(path)
+        good = [r for r in recs if r["id"] not in digests or (r.get("input") == digests[r["id"]]
+                                                               and r.get("reason") != "fill_failed")]
+        if len(good) != len(recs):
+            dropped += len(recs) - len(good)
+            write_jsonl(path, good)
+        keep |= {r["id"] for r in good if r["id"] in digests}
+    if dropped:
+        log(f"{dropped} earlier record(s) made from other inputs, or whose filler failed, will be computed again")
+    return keep
 
 
 def _rewrite_canonical(out_path: Path, skipped_path: Path, order: dict[str, int]) -> tuple[int, int]:
@@ -347,7 +382,9 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     chunk, rank 1 for every pending item in one batched call, then rank 2 for those not accepted,
     …; then the chunk's records are appended (fsynced) to ``out_path`` (accepted) and
     ``skipped_path`` (``{"id", "reason", "ranks_tried", "similarities", "last_candidate"}``). A
-    rerun skips ids found in either file; finally both files are rewritten in item order
+    rerun skips ids found in either file whose record was made from the same item
+    (:func:`item_digest`, stored as ``"input"``; changed items and skips whose filler failed are
+    computed again); finally both files are rewritten in item order
     (atomically; records of ids not in ``items`` dropped). ``signature``: the settings, kept
     beside the output; a rerun with other settings raises, or with ``on_change="restart"``
     starts over. ``min_length_ratio``: a candidate with fewer words than this share of the chosen
@@ -359,10 +396,11 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     sig_path = out_path.with_name(out_path.stem + ".settings.json")
     _check_signature(sig_path, {"tau": tau, "min_length_ratio": min_length_ratio, **(signature or {})},
                      [out_path, skipped_path], on_change, log)
-    done = {r["id"] for r in read_appended(out_path)} | {r["id"] for r in read_appended(skipped_path)}
     order = {it.id: i for i, it in enumerate(items)}
     if len(order) != len(items):
         raise ValueError("item ids must be unique")
+    digests = {it.id: item_digest(it) for it in items}
+    done = _reusable_ids(out_path, skipped_path, digests, log)
     todo_total = sum(it.id not in done for it in items)
     if done:
         log(f"resuming: {len(items) - todo_total} of {len(items)} samples already finished")
@@ -373,6 +411,8 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
         if not chunk:
             continue
         accepted, skipped = _run_chunk(chunk, fill, encoder, tau, stats, min_length_ratio)
+        for rec in [*accepted.values(), *skipped.values()]:
+            rec["input"] = digests[rec["id"]]
         key = lambda r: order[r["id"]]  # noqa: E731
         append_jsonl(out_path, sorted(accepted.values(), key=key))
         append_jsonl(skipped_path, sorted(skipped.values(), key=key))
@@ -382,6 +422,12 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
             el = time.time() - t0
             log(f"{n_done}/{todo_total} samples, {el:.0f} s ({n_done / max(el, 1e-9):.0f} samples/s)")
     n_pairs, n_skipped = _rewrite_canonical(out_path, skipped_path, order)
+    if items and not n_pairs:
+        reasons = Counter(r["reason"] for r in read_appended(skipped_path))
+        raise RuntimeError(f"no pair accepted from {len(items)} samples (skipped: "
+                           f"{', '.join(f'{k} {v}' for k, v in reasons.most_common())}); nothing to train on. "
+                           f"fill_failed: the filler's backend failed (a rerun retries those); none_below_tau: "
+                           f"every candidate was too similar (a higher tau accepts more)")
     return {"n_items": len(items), "pairs": n_pairs, "skipped": n_skipped, "computed": n_done,
             "fills": stats["fills"], "too_short": stats["too_short"], "seconds": round(time.time() - t0, 2),
             "seconds_fill": round(stats["fill"], 2),

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from .constrained_masker import ConstrainedMasker
 from .masking import BackendFailure, Masker, apply_spans, extract_reply, is_viable_prefix
 from .prompts import MASK_PROMPT, ONE_SHOT_EXAMPLE
 
@@ -262,11 +263,18 @@ class RuleMasker(Masker):
                 spans.append((a, b, [cats[k]] if cats[k] else []))
         return spans
 
-    def mask_batch(self, texts: Sequence[str], attempt: int = 0) -> list[str]:
-        out = []
-        for text, doc in zip(texts, self.nlp.pipe(list(texts), batch_size=self.batch_size,
-                                                             n_process=self.n_process)):
-            spans = self.doc_spans(doc)
+    def mask_batch(self, texts: Sequence[str], attempt: int = 0) -> list:
+        """Masked texts; a text longer than spaCy's ``max_length`` is a counted failure
+        (``too_long``) for that sample, not an error that stops the whole batch."""
+        limit = self.nlp.max_length
+        fits = [t for t in texts if len(t) <= limit]
+        docs = iter(self.nlp.pipe(fits, batch_size=self.batch_size, n_process=self.n_process))
+        out: list = []
+        for text in texts:
+            if len(text) > limit:
+                out.append(BackendFailure("too_long", f"{len(text):,} characters; spaCy reads at most {limit:,}"))
+                continue
+            spans = self.doc_spans(next(docs))
             for _, _, cats in spans:
                 self.category_counts.update(cats)
             out.append(apply_spans(text, [(a, b) for a, b, _ in spans]))
@@ -472,12 +480,14 @@ class OpenAIMasker(Masker):
 
 def make_masker(backend: str, *, hf_model: str = "", api_base_url: str = "", api_model: str = "",
                 api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8, batch_size: int = 16, **kw) -> Masker:
-    """A masker by backend name: ``"rule"``, ``"hf"`` or ``"openai"`` (the notebook's parameters)."""
+    """A masker by backend name: ``"rule"``, ``"hf"``, ``"constrained"`` or ``"openai"`` (the notebook's parameters)."""
     if backend == "rule":
         return RuleMasker(**kw)
     if backend == "hf":
         return HFMasker(hf_model, batch_size=batch_size, **kw)
+    if backend == "constrained":  # the local LLM that can only copy or mask each word
+        return ConstrainedMasker(hf_model, batch_size=batch_size, **kw)
     if backend == "openai":
         return OpenAIMasker(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
                             max_concurrency=max_concurrency, **kw)
-    raise ValueError(f"unknown masking backend {backend!r}; choose rule, hf or openai")
+    raise ValueError(f"unknown masking backend {backend!r}; choose rule, hf, constrained or openai")

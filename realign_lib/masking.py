@@ -40,6 +40,7 @@ REASONS = {
     "all_masked": "every word is masked; nothing of the original is left",
     "original_has_mask": "the original text itself contains [MASK]",
     "api_error": "the endpoint failed after all retries (HTTP status, time-out, unreadable reply)",
+    "too_long": "the text is longer than the backend reads (spaCy: 1,000,000 characters); shorten it",
     "truncated": "the reply was cut off by the token limit (finish_reason length); its last mask would swallow the rest",
     "long_mask": "a mask covers more words than max_mask_words (a dropped sentence, a cut-off reply)",
     "crosses_sentence": "a mask covers a sentence end or a paragraph break (a dropped or merged sentence)",

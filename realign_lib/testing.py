@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 __all__ = [
     "TINY_VOCAB", "TINY_SEED", "tiny_llava", "tiny_llava_next", "tiny_qwen2_vl", "tiny_idefics3", "tiny_janus",
     "register_qwen2_vl_image_only_processor", "TINY_BUILDERS", "TINY_CLASSES", "unavailable_reason", "build_tiny",
-    "save_tiny", "arch_of",
+    "save_tiny", "arch_of", "write_preferences",
 ]
 
 TINY_SEED = 0
@@ -483,3 +483,26 @@ def arch_of(model_id: str) -> str:
             return name
     raise ValueError(f"no tiny architecture known for {model_id!r}; known patterns: "
                      f"{', '.join(p for p, _ in _ARCH_PATTERNS)}")
+
+
+def write_preferences(folder: str | os.PathLike, n: int, seed: int = 0, size: int = 32, prefix: str = "") -> Path:
+    """``n`` preference records with random ``size``-pixel PNGs (image ``v<i>``, retrieved ``r<i>``)
+    as ``folder/preferences.jsonl``, image paths relative to ``folder`` (under ``prefix``)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / prefix).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        for name in (f"v{i}.png", f"r{i}.png"):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / prefix / name)
+        recs.append({"id": f"s{i}", "prompt": "describe the picture", "images": [f"{prefix}v{i}.png"],
+                     "retrieved_image": f"{prefix}r{i}.png", "chosen": "a red cat on the left .",
+                     "rejected": "a blue dog on the right ."})
+    path = folder / "preferences.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path

@@ -1,7 +1,6 @@
 """Every backbone config stays runnable: its model class, built tiny, takes one rDPO step with the
 config's own training settings (the `paper` preset, Table 6, or the `release` preset, the authors'
 scripts), through the kit's trainer; the presets hold the values they name; POPE's prompt."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -62,17 +61,7 @@ def test_there_is_a_config_per_paper_backbone():
 
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prefs")
-    rng = np.random.default_rng(0)
-    recs = []
-    for i in range(2):
-        for name in (f"v{i}.png", f"r{i}.png"):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
-        recs.append({"id": f"s{i}", "prompt": "describe the picture", "images": [f"v{i}.png"],
-                     "retrieved_image": f"r{i}.png", "chosen": "a red cat on the left .",
-                     "rejected": "a blue dog on the right ."})
-    (folder / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return folder / "preferences.jsonl"
+    return testing.write_preferences(tmp_path_factory.mktemp("prefs"), 2)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

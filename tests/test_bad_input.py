@@ -23,9 +23,9 @@ KEY_ENV = "REALIGN_BAD_INPUT_KEY"
 
 
 # -------------------------------------------------------------------------- LLaVA-Instruct → samples
-def _png(path: Path, colour=(200, 30, 30)) -> Path:
+def _png(path: Path, colour=(200, 30, 30), size: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(path)
+    Image.fromarray(np.full((size, size, 3), colour, np.uint8)).save(path)
     return path
 
 
@@ -66,6 +66,18 @@ def test_corrupt_image_is_a_counted_skip(llava, tmp_path):
     (tmp_path / "coco" / "junk.jpg").write_bytes(b"this is not a jpeg at all")
     samples, counts = _load(*llava([_record(2, "junk.jpg")]))
     assert len(samples) == 2 and counts["corrupt_image"] == 1
+
+
+def test_a_decompression_bomb_is_a_counted_skip_not_the_end_of_the_load(llava, tmp_path, monkeypatch):
+    """Pillow refuses images over its pixel limit; the loader counts such a file and goes on. (The
+    limit is lowered here so that the test image can stay small.)"""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    _png(tmp_path / "coco" / "bomb.png", size=64)   # 4,096 px: over twice the limit (an error)
+    _png(tmp_path / "coco" / "large.png", size=40)  # 1,600 px: over the limit (a warning)
+    samples, counts = _load(*llava([_record(2, "bomb.png"), _record(3, "large.png")]))
+    assert len(samples) == 2 and counts["huge_image"] == 2
 
 
 def test_truncated_image_is_a_counted_skip(llava, tmp_path):

@@ -22,7 +22,7 @@ from realign_lib.tinyworld_eval import absent_object_stats
 
 PROMPT = "describe the image in detail ."
 PREF_KEYS = {"id", "prompt", "images", "retrieved_image", "chosen", "rejected", "masked", "similarity", "rank",
-             "similarities"}
+             "similarities", "input"}
 # chosen texts over the tiny LLaVA vocabulary, with the words to mask
 TEXTS = [
     ("a red cat is on the left of the blue car .", ["red cat", "left"]),
@@ -238,7 +238,7 @@ def test_tau_loop_accepts_in_rank_order_and_counts_skips(filler, encoder, run_di
     assert recs["later"]["rank"] == 2 and recs["later"]["retrieved_image"] == "images/img3.png"
     assert recs["later"]["similarities"][0] == 1.0 and recs["later"]["similarity"] < 0.9999
     assert skipped["never"] == {"id": "never", "reason": "none_below_tau", "ranks_tried": 2, "similarities": [1.0, 1.0],
-                                "last_candidate": never.chosen}
+                                "last_candidate": never.chosen, "input": ind.item_digest(never)}
     assert skipped["nomask"]["reason"] == "no_mask"
     assert all(set(r) == PREF_KEYS for r in recs.values()) and recs["rank1"]["images"] == ["images/img0.png"]
     by_rank = ind.acceptance_by_rank(list(recs.values()), list(skipped.values()), 2)
@@ -246,8 +246,35 @@ def test_tau_loop_accepts_in_rank_order_and_counts_skips(filler, encoder, run_di
     # a lower tau refuses everything; other settings are refused unless asked to restart
     with pytest.raises(ValueError, match="tau"):
         ind.induce([first], filler, encoder, 0.0, out, skp, progress=False)
-    s2 = ind.induce([first], filler, encoder, 0.0, out, skp, on_change="restart", progress=False)
-    assert s2["pairs"] == 0 and s2["skipped"] == 1
+    # a stage that made no pair at all fails, saying why (it is not complete, and a rerun tries again)
+    with pytest.raises(RuntimeError, match=r"no pair accepted from 1 samples \(skipped: none_below_tau 1\)"):
+        ind.induce([first], filler, encoder, 0.0, out, skp, on_change="restart", progress=False)
+    assert [json.loads(x)["reason"] for x in skp.read_text().splitlines()] == ["none_below_tau"]
+
+
+def test_a_changed_input_or_a_failed_fill_is_computed_again(filler, encoder, run_dir, tmp_path):
+    """Resume reuses a record only while its sample, masked text and candidates are unchanged, and
+    never keeps a skip whose filler failed (an endpoint that was down)."""
+    a, b = make_item(run_dir, "a", 0, [1, 2]), make_item(run_dir, "b", 1, [2, 3])
+    out, skp = tmp_path / "p.jsonl", tmp_path / "s.jsonl"
+    calls = []
+
+    def counting(images, prompts, masked):
+        calls.append(len(images))
+        return filler(images, prompts, masked)
+
+    first = ind.induce([a, b], lambda i, p, m: ["" if mm == b.masked else t for mm, t in zip(m, filler(i, p, m))],
+                       encoder, 0.9999, out, skp, progress=False)
+    assert first["pairs"] == 1 and json.loads(skp.read_text())["reason"] == "fill_failed"
+    again = ind.induce([a, b], counting, encoder, 0.9999, out, skp, progress=False)
+    assert again["computed"] == 1 and again["pairs"] == 2 and calls == [1]  # only b, whose fill had failed
+    # the sample's chosen text changed upstream (stage 00 / 02 re-ran): its pair is made again
+    a2 = ind.Item(a.id, a.prompt, a.image, a.chosen + " x", a.masked, a.candidates)
+    calls.clear()
+    third = ind.induce([a2, b], counting, encoder, 0.9999, out, skp, progress=False)
+    assert third["computed"] == 1 and calls == [1]
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert recs["a"]["chosen"] == a2.chosen and recs["a"]["input"] == ind.item_digest(a2)
 
 
 def _items_for_resume(filler, run_dir):

@@ -400,6 +400,52 @@ def test_run_masking_resumes_after_an_interruption(tmp_path, rule):
         D.run_masking(samples + samples[:1], rule, tmp_path / "x.jsonl")
 
 
+class DownMasker(M.Masker):
+    """An endpoint that is down for every request until ``up`` is set."""
+
+    name = "down-then-up"
+
+    def __init__(self):
+        self.up = False
+
+    def mask_batch(self, texts, attempt=0):
+        if not self.up:
+            return [M.BackendFailure("api_error", "connection refused") for _ in texts]
+        return [_mask_second_word(t) for t in texts]
+
+
+def _mask_second_word(text: str) -> str:
+    words = text.split(" ")
+    return " ".join(words[:1] + ["[MASK]"] + words[2:])
+
+
+class SecondWordMasker(M.Masker):
+    name = "second-word"
+
+    def mask_batch(self, texts, attempt=0):
+        return [_mask_second_word(t) for t in texts]
+
+
+def test_a_masking_stage_that_did_no_work_fails_and_a_rerun_retries(tmp_path):
+    masker, out = DownMasker(), tmp_path / "masked.jsonl"
+    with pytest.raises(RuntimeError, match=r"no valid masking for any of the 4 samples \(failed: api_error 4\)"):
+        D.run_masking(_samples(4), masker, out, max_attempts=1)
+    masker.up = True  # the endpoint is back: the rerun retries every backend failure
+    done = D.run_masking(_samples(4), masker, out, max_attempts=1)
+    assert done["valid"] == 4 and len(out.read_text().splitlines()) == 4
+
+
+def test_run_masking_masks_a_changed_sample_again(tmp_path):
+    out = tmp_path / "masked.jsonl"
+    D.run_masking(_samples(4), SecondWordMasker(), out)
+    changed = _samples(4)
+    changed[2]["chosen"] = "another text about a blue boat ."  # stage 00 re-ran with other settings
+    again = D.run_masking(changed, SecondWordMasker(), out)
+    assert again["stale_dropped"] == 1 and again["tried"] == 1 and again["skipped_done"] == 3
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(recs) == 4 and recs["s02"]["chosen"] == changed[2]["chosen"] and recs["s02"]["masked"] == "another [MASK] about a blue boat ."
+
+
 def test_run_masking_survives_sigkill(tmp_path, root):
     out = tmp_path / "masked.jsonl"
     script = tmp_path / "job.py"
@@ -437,3 +483,17 @@ def test_make_masker_names_backends(monkeypatch):
         maskers.make_masker("openai", api_model="m", api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(ValueError, match="model name"):
         maskers.make_masker("openai", api_model="")
+
+
+def test_a_text_too_long_for_spacy_is_one_counted_failure_not_the_end_of_the_batch(rule, tmp_path):
+    samples = _samples(3)
+    samples[1]["chosen"] = "a red car . " * 100  # over the (lowered) limit below
+    old = rule.nlp.max_length
+    rule.nlp.max_length = 500
+    try:
+        counts = D.run_masking(samples, rule, tmp_path / "masked.jsonl")
+    finally:
+        rule.nlp.max_length = old
+    assert counts["valid"] == 2 and counts["invalid_by_reason"] == {"too_long": 1}
+    fail = json.loads((tmp_path / "masking_failures.jsonl").read_text())
+    assert fail["id"] == "s01" and "1,200 characters; spaCy reads at most 500" in fail["detail"]

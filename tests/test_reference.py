@@ -2,10 +2,8 @@
 model (weights in the same folder), dtype, text or image is recomputed, never reused."""
 from __future__ import annotations
 
-import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,19 +13,7 @@ from realign_lib.training import PreferenceCollator, PreferenceConfig, Preferenc
 
 @pytest.fixture()
 def prefs(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    recs = []
-    for i in range(3):
-        for name in (f"v{i}.png", f"r{i}.png"):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
-        recs.append({"id": f"s{i}", "prompt": "describe the picture", "images": [f"v{i}.png"],
-                     "retrieved_image": f"r{i}.png", "chosen": "a red cat on the left .",
-                     "rejected": "a blue dog on the right ."})
-    path = tmp_path / "preferences.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
+    return testing.write_preferences(tmp_path, 3)
 
 
 def _pass(model_dir, prefs, cache, dtype="float32"):
