@@ -363,13 +363,18 @@ def test_openai_masker_bounds_concurrency(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ resumability
-class FirstWordMasker(M.Masker):
-    """Masks everything after the first word (deterministic, no model)."""
+def _mask_second_word(text: str) -> str:
+    words = text.split(" ")
+    return " ".join(words[:1] + ["[MASK]"] + words[2:])
 
-    name = "first-word"
+
+class SecondWordMasker(M.Masker):
+    """Masks the second word (deterministic, no model)."""
+
+    name = "second-word"
 
     def mask_batch(self, texts, attempt=0):
-        return [t.split(" ", 1)[0] + " [MASK]" if " " in t else t for t in texts]
+        return [_mask_second_word(t) for t in texts]
 
 
 def _samples(n):
@@ -395,7 +400,7 @@ def test_run_masking_resumes_after_an_interruption(tmp_path, rule):
     third = D.run_masking(samples, rule, part)  # nothing left to do
     assert third["tried"] == 0 and third["skipped_done"] == 10 and third["skipped_failed"] == 1
     with pytest.raises(ValueError, match="another backend"):
-        D.run_masking(samples, FirstWordMasker(), part)
+        D.run_masking(samples, SecondWordMasker(), part)
     with pytest.raises(ValueError, match="duplicate"):
         D.run_masking(samples + samples[:1], rule, tmp_path / "x.jsonl")
 
@@ -411,18 +416,6 @@ class DownMasker(M.Masker):
     def mask_batch(self, texts, attempt=0):
         if not self.up:
             return [M.BackendFailure("api_error", "connection refused") for _ in texts]
-        return [_mask_second_word(t) for t in texts]
-
-
-def _mask_second_word(text: str) -> str:
-    words = text.split(" ")
-    return " ".join(words[:1] + ["[MASK]"] + words[2:])
-
-
-class SecondWordMasker(M.Masker):
-    name = "second-word"
-
-    def mask_batch(self, texts, attempt=0):
         return [_mask_second_word(t) for t in texts]
 
 
@@ -453,10 +446,10 @@ def test_run_masking_survives_sigkill(tmp_path, root):
         "import sys, time\n"
         "from realign_lib import masking as M, masking_driver as D\n"
         "class Slow(M.Masker):\n"
-        "    name = 'first-word'\n"
+        "    name = 'second-word'\n"
         "    def mask_batch(self, texts, attempt=0):\n"
         "        time.sleep(0.1)\n"
-        "        return [t.split(' ', 1)[0] + ' [MASK]' for t in texts]\n"
+        "        return [' '.join(t.split(' ')[:1] + ['[MASK]'] + t.split(' ')[2:]) for t in texts]\n"
         "samples = [{'id': f's{i:02d}', 'chosen': f'word{i} and a red car number {i} .'} for i in range(40)]\n"
         "D.run_masking(samples, Slow(), sys.argv[1], batch_size=2)\n")
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -468,10 +461,10 @@ def test_run_masking_survives_sigkill(tmp_path, root):
     proc.wait()
     n_before = out.read_text().count("\n")
     assert 6 <= n_before < 40, "the job finished before it could be killed"
-    counts = D.run_masking(_samples(40), FirstWordMasker(), out, batch_size=7)
+    counts = D.run_masking(_samples(40), SecondWordMasker(), out, batch_size=7)
     assert counts["skipped_done"] == n_before and counts["tried"] == 40 - n_before
     ref = tmp_path / "ref.jsonl"
-    D.run_masking(_samples(40), FirstWordMasker(), ref, batch_size=5)
+    D.run_masking(_samples(40), SecondWordMasker(), ref, batch_size=5)
     assert out.read_text() == ref.read_text()
 
 
