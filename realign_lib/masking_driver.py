@@ -191,7 +191,7 @@ def _drop_stale(path: Path, texts: dict[str, str]) -> int:
 def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.PathLike,
                 failures_path: str | os.PathLike | None = None, batch_size: int = 32, max_attempts: int | None = None,
                 retry_failed: bool = False, text_key: str = "chosen", progress: bool = False,
-                max_mask_words: int = MAX_MASK_WORDS) -> dict:
+                max_mask_words: int = MAX_MASK_WORDS, require_any: bool = True) -> dict:
     """Mask ``samples[i][text_key]`` into an append-only, resumable JSON-lines file.
 
     ``out_path`` (``masked.jsonl``) gets one record per valid sample — ``{"id", "chosen", "masked",
@@ -203,7 +203,7 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
     sample whose text has changed since are dropped and the sample is masked again. A file written
     by another backend is refused (move it away or use another run folder). When no sample has a
     valid masking at the end (a backend down for every request), it raises, naming the reasons: a
-    stage that did no work is not complete.
+    stage that did no work is not complete (``require_any=False`` returns the counts instead).
 
     Returns this call's counts (see :func:`summarize_results`) plus ``skipped_done``,
     ``skipped_failed``, ``repaired_bytes`` and ``seconds``.
@@ -253,7 +253,7 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
     if not out_path.exists():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.touch()
-    if samples and not ({str(r["id"]) for r in iter_jsonl(out_path)} & set(ids)):
+    if require_any and samples and not ({str(r["id"]) for r in iter_jsonl(out_path)} & set(ids)):
         reasons = Counter(r["reason"] for r in iter_jsonl(failures_path) if str(r["id"]) in texts) \
             if failures_path.is_file() else Counter()
         raise RuntimeError(f"no valid masking for any of the {len(ids)} samples (failed: "
