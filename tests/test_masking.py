@@ -179,7 +179,7 @@ def test_hf_masker_runs_smollm2_and_passes_on_only_valid_output(smollm2, tmp_pat
     samples = [{"id": "t1", "chosen": ORIG},
                {"id": "t2", "chosen": "the image shows a sea background with a white boat on the left ."},
                {"id": "t3", "chosen": "A black cat sits on a wooden fence."}]
-    counts = D.run_masking(samples, smollm2, tmp_path / "masked.jsonl", batch_size=3)
+    counts = D.run_masking(samples, smollm2, tmp_path / "masked.jsonl", batch_size=3, require_any=False)
     assert counts["tried"] == 3 and counts["valid"] + counts["invalid"] == 3
     assert counts["retried"] == counts["invalid"] + counts["recovered_by_retry"]  # every invalid one had a 2nd try
     recs = [json.loads(x) for x in open(tmp_path / "masked.jsonl")]
