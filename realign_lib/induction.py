@@ -373,7 +373,7 @@ def _rewrite_canonical(out_path: Path, skipped_path: Path, order: dict[str, int]
 def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]], encoder, tau: float,
            out_path, skipped_path, signature: dict | None = None, chunk_size: int = 1024,
            on_change: str = "error", log: Callable[[str], None] = print, progress: bool = True,
-           min_length_ratio: float = 0.5) -> dict:
+           min_length_ratio: float = 0.5, require_any: bool = True) -> dict:
     """Algorithm 1, step 4, batched across samples, resumable; returns a summary.
 
     ``fill(images_abs, prompts, masked) -> candidates`` (a :class:`~realign_lib.fillers.MaskFiller`);
@@ -389,7 +389,8 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     beside the output; a rerun with other settings raises, or with ``on_change="restart"``
     starts over. ``min_length_ratio``: a candidate with fewer words than this share of the chosen
     response's is refused whatever its similarity (:func:`too_short`; 0 turns the guard off);
-    ``summary["too_short"]`` counts them.
+    ``summary["too_short"]`` counts them. No pair at all raises, naming the skip reasons (a stage
+    that did no work is not complete), unless ``require_any=False``.
     """
     out_path, skipped_path = Path(out_path), Path(skipped_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,7 +423,7 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
             el = time.time() - t0
             log(f"{n_done}/{todo_total} samples, {el:.0f} s ({n_done / max(el, 1e-9):.0f} samples/s)")
     n_pairs, n_skipped = _rewrite_canonical(out_path, skipped_path, order)
-    if items and not n_pairs:
+    if require_any and items and not n_pairs:
         reasons = Counter(r["reason"] for r in read_appended(skipped_path))
         raise RuntimeError(f"no pair accepted from {len(items)} samples (skipped: "
                            f"{', '.join(f'{k} {v}' for k, v in reasons.most_common())}); nothing to train on. "

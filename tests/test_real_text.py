@@ -219,7 +219,8 @@ def test_length_guard_refuses_cut_candidates(tmp_path):
     enc = SentenceEncoder(batch_size=8)
     off = induction.induce(items, cut_fill, enc, 0.95, tmp_path / "a.jsonl", tmp_path / "as.jsonl", progress=False,
                            min_length_ratio=0.0)
-    on = induction.induce(items, cut_fill, enc, 0.95, tmp_path / "b.jsonl", tmp_path / "bs.jsonl", progress=False)
+    on = induction.induce(items, cut_fill, enc, 0.95, tmp_path / "b.jsonl", tmp_path / "bs.jsonl", progress=False,
+                          require_any=False)
     assert off["pairs"] == len(items) and off["too_short"] == 0
     assert on["pairs"] == 0 and on["too_short"] == 2 * len(items)
     skipped = [json.loads(x) for x in (tmp_path / "bs.jsonl").read_text().splitlines()]
