@@ -469,7 +469,7 @@ def test_run_masking_survives_sigkill(tmp_path, root):
 
 
 def test_make_masker_names_backends(monkeypatch):
-    with pytest.raises(ValueError, match="rule, hf or openai"):
+    with pytest.raises(ValueError, match="rule, hf, constrained or openai"):
         maskers.make_masker("gpt")
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR"):
