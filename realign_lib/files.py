@@ -237,9 +237,9 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is None and self._recent():  # being written by a run that just started
-                    holder = {"pid": "?", "host": "?", "since": "just now"}
-                if holder is not None and (holder.get("pid") == "?" or self._alive(holder)):
+                # an unreadable lock is being written by a run that just started, unless it is old
+                if self._recent() if holder is None else self._alive(holder):
+                    holder = holder or {"pid": "?", "host": "?", "since": "just now"}
                     raise RuntimeError(f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
                                        f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or "
                                        f"stop it — two runs in one folder would mix their files") from None

@@ -435,9 +435,10 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     workers = workers if workers is not None else (os.cpu_count() or 1)
     out = Path(out_dir)
     done, building = out / "world.json", out / ".building.json"
-    if done.is_file() and read_json(done).get("config") == asdict(cfg):
-        return read_json(done)
-    before = read_json(building) if building.is_file() else read_json(done) if done.is_file() else None
+    finished = read_json(done) if done.is_file() else None
+    if finished is not None and finished.get("config") == asdict(cfg):
+        return finished
+    before = read_json(building) if building.is_file() else finished
     if before is not None and before.get("config") != asdict(cfg):
         _clear_world(out)  # another world's files: images would not match the new labels
     elif before is None and any((out / "train_images").glob("*.png")):
