@@ -296,9 +296,10 @@ metrics = {"stage": "02_masking", "backend": masker.name, "small_run": small_run
            "valid": summary["valid"], "failed": summary["failed"], "validity_rate": summary["validity_rate"],
            "mask_rate": summary["mask_rate"], "masks_per_text": summary["masks_per_text"],
            "masks_per_text_hist": summary["masks_per_text_hist"], "failures_by_reason": summary["failures_by_reason"],
-           "this_run": {k: v for k, v in counts.items() if k != "seconds"},
-           "categories": dict(getattr(masker, "category_counts", {}) or {}),
-           "backend_stats": dict(getattr(masker, "stats", {}) or {}),
+           # what this run did (a rerun that resumes every sample did nothing): counts, masked tokens by category
+           "this_run": {**{k: v for k, v in counts.items() if k != "seconds"},
+                        "categories": dict(getattr(masker, "category_counts", {}) or {}),
+                        "backend_stats": dict(getattr(masker, "stats", {}) or {})},
            "evaluation": {n: {s: {k: v for k, v in r.items() if k != "invalid_examples"} for s, r in res.items()}
                           for n, res in evaluation.items()},
            "seconds": {"load": round(t_load, 2), "mask": round(t_mask, 2), "evaluation": round(t_eval, 2),

@@ -58,6 +58,7 @@ cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 # %%
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def fingerprint(name: str) -> dict:
         h.update(f"{f.name}:{st.st_size}".encode())
         h.update(f.read_bytes() if st.st_size < 256 * 2**20 else str(st.st_mtime_ns).encode())
     return {"model": str(folder), "weights_sha256": h.hexdigest()[:16] if folder.exists() else str(folder),
-            "base": str(base_path), "pope": {s: [str(p), len(questions[s])] for s, p in pope_files.items()},
+            "base": str(base_path),
+            "pope": {s: [str(p), hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]] for s, p in pope_files.items()},
             "image_root": str(img_root), "suffix": suffix, "mme": str(mme_dir),
             "mme_questions": sum(map(len, mme_records.values())), "n_chair": len(chair_scenes)}
 
@@ -173,15 +175,18 @@ def evaluate(name: str) -> dict:
     if name == "base" and not model_path and not pope_dir and not suffix and seed_dir.is_dir():
         for split, qs in questions.items():
             src, dst = seed_dir / f"pope_{split}_answers.jsonl", out / f"pope_{split}_answers.jsonl"
-            if src.is_file() and not dst.exists():
+            if src.is_file() and not dst.exists():  # with the model they were made by (answer_pope checks it)
                 ids = {q["question_id"] for q in qs}
                 write_jsonl(dst, [a for a in read_jsonl(src) if a["question_id"] in ids])
+                if src.with_name(src.stem + ".settings.json").is_file():
+                    shutil.copy2(src.with_name(src.stem + ".settings.json"), dst.with_name(dst.stem + ".settings.json"))
                 res.setdefault("reused", []).append(str(src))
     res["pope"] = {}
     res["pope_partner"] = {}
     for split, qs in questions.items():
         ans = pope.answer_pope(model, processor, qs, img_root, out / f"pope_{split}_answers.jsonl",
-                               batch_size=batch_size, suffix=suffix, model_id=name)
+                               batch_size=batch_size, suffix=suffix, model_id=name,
+                               model_key=None if name == "base" else sig)  # (merged adapters: not a folder's)
         pairs = pope.join_answers(qs, ans, source=str(out / f"pope_{split}_answers.jsonl"))
         preds = [pope.parse_yes_no(a) for _, a in pairs]
         res["pope"][split] = pope.score_pope([q["label"] for q, _ in pairs], preds)

@@ -114,6 +114,8 @@ class ConstrainedMasker(Masker):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.batch_size, self.bias, self.merge, self.max_mask_words = batch_size, float(bias), merge, max_mask_words
         self.stats: Counter = Counter()
+        self.settings = {"model": str(Path(path) / gguf) if gguf else str(path), "dtype": str(dtype),
+                         "bias": self.bias, "merge": merge, "max_mask_words": max_mask_words}
 
     def prompt(self, text: str) -> str:
         msgs = [{"role": "user", "content": f"{MASK_PROMPT}\n\n{text}"}]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 __all__ = ["atomic_write_text", "atomic_save_npy", "atomic_torch_save", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl",
            "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join", "RunLock",
-           "read_text"]
+           "read_text", "check_settings"]
 
 
 @contextmanager
@@ -285,3 +285,31 @@ class RunLock:
         except PermissionError:
             return True
         return True
+
+
+def check_settings(sig_path: str | os.PathLike, signature: dict, files, on_change: str = "restart", log=print) -> None:
+    """Results in ``files`` are reused only if made with ``signature`` (kept as JSON at ``sig_path``).
+
+    Other settings, or results without a settings record: with ``on_change="restart"`` the files are
+    deleted (saying which settings changed), otherwise it raises. Then ``signature`` is written."""
+    sig_path, files = Path(sig_path), [Path(p) for p in files]
+    if sig_path.is_file():
+        old = read_json(sig_path)
+        if old != signature:
+            diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+            if on_change != "restart":
+                raise ValueError(f"{sig_path.parent}: earlier results were made with other settings "
+                                 f"({', '.join(diff)}); delete {', '.join(p.name for p in files)} "
+                                 f"or pass on_change='restart'")
+            log(f"settings changed ({', '.join(diff)}): earlier {', '.join(p.name for p in files)} discarded")
+            for p in files:
+                if p.exists():
+                    p.unlink()
+    elif any(p.exists() for p in files):
+        if on_change != "restart":
+            raise ValueError(f"{sig_path.parent}: results without a settings record ({sig_path.name}); delete them "
+                             f"or pass on_change='restart'")
+        for p in files:
+            if p.exists():
+                p.unlink()
+    write_json(sig_path, signature)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .files import append_jsonl, read_appended
+from .files import append_jsonl, check_settings, read_appended
 from .prompts import MASK
 
 __all__ = [
@@ -211,32 +211,6 @@ def build_items(samples: Sequence[dict], masked: Sequence[dict], neighbours: Seq
     return items, missing
 
 
-def _check_signature(sig_path: Path, signature: dict, files: Sequence[Path], on_change: str, log) -> None:
-    from .files import read_json, write_json
-
-    if sig_path.is_file():
-        old = read_json(sig_path)
-        if old != signature:
-            diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
-            if on_change != "restart":
-                raise ValueError(f"{sig_path.parent}: earlier results were made with other settings "
-                                 f"({', '.join(diff)}); delete {', '.join(p.name for p in files)} "
-                                 f"or pass on_change='restart'")
-            log(f"settings changed ({', '.join(diff)}): earlier {', '.join(p.name for p in files)} discarded")
-            for p in files:
-                if p.exists():
-                    p.unlink()
-    elif any(p.exists() for p in files):
-        if on_change != "restart":
-            raise ValueError(f"{sig_path.parent}: results without a settings record ({sig_path.name}); delete them "
-                             f"or pass on_change='restart'")
-        for p in files:
-            if p.exists():
-                p.unlink()
-    write_json(sig_path, signature)
-
-
-
 def _fill_and_score(now: list[Item], cands: list[Candidate], fill, encoder,
                     stats: dict) -> tuple[list[str], np.ndarray]:
     """One batched fill of ``now`` under ``cands`` and the similarity of each non-empty candidate
@@ -395,7 +369,7 @@ def induce(items: Sequence[Item], fill: Callable[[list, list, list], list[str]],
     out_path, skipped_path = Path(out_path), Path(skipped_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sig_path = out_path.with_name(out_path.stem + ".settings.json")
-    _check_signature(sig_path, {"tau": tau, "min_length_ratio": min_length_ratio, **(signature or {})},
+    check_settings(sig_path, {"tau": tau, "min_length_ratio": min_length_ratio, **(signature or {})},
                      [out_path, skipped_path], on_change, log)
     order = {it.id: i for i, it in enumerate(items)}
     if len(order) != len(items):

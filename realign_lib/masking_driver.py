@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import append_jsonl, iter_jsonl, repair_jsonl_tail, write_jsonl
+from .files import append_jsonl, check_settings, iter_jsonl, repair_jsonl_tail, write_jsonl
 from .masking import MAX_MASK_WORDS, BackendFailure, Masker, Span, validate_masking, word_count
 
 __all__ = [
@@ -191,7 +191,7 @@ def _drop_stale(path: Path, texts: dict[str, str]) -> int:
 def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.PathLike,
                 failures_path: str | os.PathLike | None = None, batch_size: int = 32, max_attempts: int | None = None,
                 retry_failed: bool = False, text_key: str = "chosen", progress: bool = False,
-                max_mask_words: int = MAX_MASK_WORDS, require_any: bool = True) -> dict:
+                max_mask_words: int = MAX_MASK_WORDS, require_any: bool = True, log=print) -> dict:
     """Mask ``samples[i][text_key]`` into an append-only, resumable JSON-lines file.
 
     ``out_path`` (``masked.jsonl``) gets one record per valid sample — ``{"id", "chosen", "masked",
@@ -201,7 +201,9 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
     with reason, detail and the rejected output; on a rerun, ids that failed as *invalid* are not
     tried again unless ``retry_failed``, ids that failed on *backend errors* are; records of a
     sample whose text has changed since are dropped and the sample is masked again. A file written
-    by another backend is refused (move it away or use another run folder). When no sample has a
+    by another backend is refused (move it away or use another run folder); one written by the same
+    backend with other settings (``max_mask_words``, the masker's ``settings``: model, prompt,
+    stoplist…; kept in ``masked.settings.json``) is discarded, saying so, and every sample masked again. When no sample has a
     valid masking at the end (a backend down for every request), it raises, naming the reasons: a
     stage that did no work is not complete (``require_any=False`` returns the counts instead).
 
@@ -222,6 +224,9 @@ def run_masking(samples: Sequence[dict], masker: Masker, out_path: str | os.Path
             if rec.get("backend") != masker.name:
                 raise ValueError(f"{out_path} holds maskings by {rec.get('backend')!r}, not {masker.name!r}; move it "
                                  f"away (or use another run folder) to mask with another backend")
+    check_settings(out_path.with_name(out_path.stem + ".settings.json"),
+                   {"backend": masker.name, "max_mask_words": max_mask_words, **getattr(masker, "settings", {})},
+                   [out_path, failures_path], on_change="restart", log=log)
     stale = _drop_stale(out_path, texts) + _drop_stale(failures_path, texts)
     done = {str(r["id"]) for r in iter_jsonl(out_path)} if out_path.is_file() else set()
     failed_invalid: set[str] = set()

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .files import append_jsonl, iter_jsonl, read_appended, safe_join
+from .files import append_jsonl, check_settings, iter_jsonl, read_appended, safe_join, write_jsonl
 
 __all__ = ["POPE_SPLITS", "find_pope_files", "load_pope_questions", "parse_yes_no", "answer_kind", "score_pope",
            "join_answers", "answer_pope", "evaluate_pope"]
@@ -132,12 +132,18 @@ def join_answers(questions: list[dict], answers: list[dict], source: str = "answ
 
 def answer_pope(model, processor, questions: list[dict], image_root: str | os.PathLike, out_path: str | os.PathLike,
                 batch_size: int = 32, suffix: str = "", max_new_tokens: int = 8, model_id: str = "",
-                progress: bool = False) -> list[dict]:
+                progress: bool = False, model_key=None) -> list[dict]:
     """Answer POPE questions greedily, appending to ``out_path`` as JSON lines; resumes a partial file.
 
     ``suffix`` is appended to each question on a new line, as LLaVA's and lmms-eval's POPE prompt
     does (``question + "\nAnswer the question using a single word or phrase."``,
     :data:`realign_lib.prompts.LMMS_EVAL_SUFFIX`); a suffix that starts with whitespace is appended as it is.
+
+    An answer is resumed only if it was made by the same model for the same prompt and image file:
+    ``model_key`` (default :func:`~realign_lib.fingerprints.model_identity` of ``model``: folder,
+    weights, dtype; pass your own for weights that are not a folder's, e.g. a merged adapter) and
+    ``max_new_tokens`` are kept in ``<answers>.settings.json`` (other ones: every answer is made
+    again), and each answer line holds its ``prompt`` and ``image``.
     """
     from .vlm import generate
 
@@ -153,15 +159,30 @@ def answer_pope(model, processor, questions: list[dict], image_root: str | os.Pa
         raise FileNotFoundError(f"{len(missing)} image(s) of these POPE questions are not in {root} (first: "
                                 f"{', '.join(missing[:3])}); point image_root at the folder that holds them "
                                 f"(COCO val2014 for the official files)")
-    done = {a["question_id"] for a in read_appended(out_path)}  # a kill's half-written last line is cut
+    if model_key is None:
+        from .fingerprints import model_identity
+        model_key = model_identity(model)
+    check_settings(out_path.with_name(out_path.stem + ".settings.json"),
+                   {"model": model_key, "max_new_tokens": max_new_tokens}, [out_path], log=lambda _: None)
+
+    def prompt(q):
+        return q["text"] + (suffix if not suffix or suffix[0].isspace() else f"\n{suffix}")
+
+    expected = {q["question_id"]: (prompt(q), str(q["image"])) for q in questions}
+    answers = read_appended(out_path)  # a kill's half-written last line is cut
+    kept = [a for a in answers if expected.get(a["question_id"]) == (a.get("prompt"), a.get("image"))
+            or a["question_id"] not in expected]
+    if len(kept) != len(answers):  # answers to another prompt or image under these ids: asked again
+        write_jsonl(out_path, kept)
+    done = {a["question_id"] for a in kept}
     todo = [q for q in questions if q["question_id"] not in done]
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
-        prompts = [q["text"] + (suffix if not suffix or suffix[0].isspace() else f"\n{suffix}") for q in chunk]
+        prompts = [prompt(q) for q in chunk]
         texts = generate(model, processor, [images[q["question_id"]] for q in chunk], prompts,
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
-        append_jsonl(out_path, [{"question_id": q["question_id"], "prompt": p, "text": t, "model_id": model_id}
-                                for q, p, t in zip(chunk, prompts, texts)])
+        append_jsonl(out_path, [{"question_id": q["question_id"], "prompt": p, "text": t, "model_id": model_id,
+                                 "image": str(q["image"])} for q, p, t in zip(chunk, prompts, texts)])
         if progress:
             print(f"  {out_path.name}: {len(done) + s + len(chunk)}/{len(questions)} answered", flush=True)
     return read_appended(out_path)
@@ -169,14 +190,16 @@ def answer_pope(model, processor, questions: list[dict], image_root: str | os.Pa
 
 def evaluate_pope(model, processor, question_files: dict[str, str], image_root: str | os.PathLike,
                   out_dir: str | os.PathLike, batch_size: int = 32, suffix: str = "", model_id: str = "",
-                  progress: bool = False) -> dict[str, dict]:
-    """Answer and score every split in ``question_files`` (split → path); answers go to ``out_dir``."""
+                  progress: bool = False, model_key=None) -> dict[str, dict]:
+    """Answer and score every split in ``question_files`` (split → path); answers go to ``out_dir``
+    (resumed as :func:`answer_pope` says)."""
     out_dir = Path(out_dir)
     metrics = {}
     for split, qfile in question_files.items():
         qs = load_pope_questions(qfile)
         ans = answer_pope(model, processor, qs, image_root, out_dir / f"pope_{split}_answers.jsonl",
-                          batch_size=batch_size, suffix=suffix, model_id=model_id, progress=progress)
+                          batch_size=batch_size, suffix=suffix, model_id=model_id, progress=progress,
+                          model_key=model_key)
         pairs = join_answers(qs, ans, source=str(out_dir / f"pope_{split}_answers.jsonl"))
         metrics[split] = score_pope([q["label"] for q, _ in pairs], [parse_yes_no(t) for _, t in pairs])
         metrics[split]["other_answers"] = sum(answer_kind(t) == "other" for _, t in pairs)

@@ -139,8 +139,9 @@ def _read_cache(paths, keys) -> dict[str, dict]:
     return out
 
 
-def _score(model, items, collator, cfg, ref_model, batch_size, part, progress) -> list[dict]:
-    """Reference values of ``items`` (dataset items with ``"key"``), appended to ``part`` as computed."""
+def _score(model, items, collator, cfg, ref_model, batch_size, part, progress, rank=0) -> list[dict]:
+    """Reference values of ``items`` (dataset items with ``"key"``), appended to ``part`` as computed;
+    each record names the process that scored it (``"scored_by"``: its rank)."""
     from tqdm.auto import tqdm
 
     keys = reference_keys(cfg)
@@ -148,7 +149,8 @@ def _score(model, items, collator, cfg, ref_model, batch_size, part, progress) -
     for s in tqdm(range(0, len(items), batch_size), desc="reference", disable=not progress, mininterval=5):
         chunk = items[s:s + batch_size]
         ref = reference_logps_for_batch(model, collator(chunk), cfg, ref_model)
-        recs = [{"id": it["id"], "key": it["key"], "loss": cfg.loss, **{k: float(ref[k][i]) for k in keys}}
+        recs = [{"id": it["id"], "key": it["key"], "loss": cfg.loss, **{k: float(ref[k][i]) for k in keys},
+                 "scored_by": rank}
                 for i, it in enumerate(chunk)]
         if part is not None:
             append_jsonl(part, recs)
@@ -164,8 +166,8 @@ def precompute_reference_logps(model, dataset: PreferenceDataset, collator: Pref
 
     The reference is ``ref_model`` (a frozen copy) or ``model`` with its LoRA adapters disabled,
     on whatever device it is (place it first). With ``cache_path`` values are appended to that
-    JSON-lines file (``{"id", "key", "loss", <kind>: float}``) as they are computed and looked up
-    by :func:`pair_key`, so an interrupted run resumes and a changed model, dtype, adapter state,
+    JSON-lines file (``{"id", "key", "loss", <kind>: float, "scored_by": rank}``) as they are
+    computed and looked up by :func:`pair_key`, so an interrupted run resumes and a changed model, dtype, adapter state,
     text, image or loss setting is recomputed, never reused. Under torch.distributed every rank
     must call this: each scores ``missing[rank::world]`` (appending to ``<cache>.rank<r>`` while
     it works), the values are gathered to every rank, and rank 0 moves them into ``cache_path``.
@@ -188,7 +190,7 @@ def precompute_reference_logps(model, dataset: PreferenceDataset, collator: Pref
         dist.barrier()  # every rank has read the caches before any writes
     mine = todo[rank::world]
     part = parts[rank] if parts else cache_path
-    done = _score(model, mine, collator, cfg, ref_model, max(1, batch_size), part, progress)
+    done = _score(model, mine, collator, cfg, ref_model, max(1, batch_size), part, progress, rank)
     if world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, done)

@@ -279,6 +279,7 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
         trainer.save_model(str(out))  # adapter (LoRA) or full weights, on the main process only
         if args.should_save:
             processor.save_pretrained(str(out))
+            _sort_adapter_targets(out / "adapter_config.json")
     summary["resumed_from_step"] = int(start.name[11:]) if start is not None else None
     if args.should_save:
         write_json(out / "train_result.json", summary)
@@ -286,6 +287,16 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary["trainer"] = trainer
     return summary
+
+
+def _sort_adapter_targets(path: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in hash order, which differs from process to
+    process; sorted, the same training writes the same ``adapter_config.json``."""
+    if path.is_file():
+        conf = read_json(path)
+        if isinstance(conf.get("target_modules"), list):
+            conf["target_modules"] = sorted(conf["target_modules"])
+            write_json(path, conf)
 
 
 def _summary(trainer: PreferenceTrainer, cfg: PreferenceConfig, result, n_records: int, seconds: dict, t0: float,

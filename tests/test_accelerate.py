@@ -87,6 +87,8 @@ def test_two_cpu_processes_match_one(setup):
     c1 = {r["key"]: r for r in map(json.loads, (one / "reference_logps.jsonl").read_text().splitlines())}
     c2 = {r["key"]: r for r in map(json.loads, (two / "reference_logps.jsonl").read_text().splitlines())}
     assert len(c1) == 2 and c1.keys() == c2.keys()
+    assert [r["scored_by"] for r in c1.values()] == [0, 0]  # one process scores all
+    assert sorted(r["scored_by"] for r in c2.values()) == [0, 1]  # two: each its share, none twice
     for key, rec in c1.items():
         assert rec["id"] == c2[key]["id"]
         for kind in ("chosen", "rejected", "retrieved"):

@@ -326,6 +326,30 @@ def test_pope_image_path_escaping_the_root_names_the_question(tiny, tmp_path):
         pope.answer_pope(*tiny, qs, tmp_path / "val", tmp_path / "answers.jsonl")
 
 
+def test_pope_answers_are_resumed_only_for_the_same_model_prompt_and_image(tiny, tmp_path):
+    """A rerun into the same answers file after the model, a question's text or its image changed
+    (a world rebuilt with another seed keeps the file names) asks those questions again."""
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / "val" / name)
+    qs, out = _pope_file(tmp_path, ["a.png", "b.png", "c.png"]), tmp_path / "answers.jsonl"
+    pope.answer_pope(*tiny, qs, tmp_path / "val", out, model_key="model-1")
+    first = out.read_text()
+    assert pope.answer_pope(*tiny, qs, tmp_path / "val", out, model_key="model-1") and out.read_text() == first
+    qs[1] = dict(qs[1], text="Is there a dog in the image?")
+    qs[2] = dict(qs[2], image="a.png")
+    again = pope.answer_pope(*tiny, qs, tmp_path / "val", out, model_key="model-1")
+    assert [a["question_id"] for a in again] == [0, 1, 2] and out.read_text().startswith(first.splitlines()[0])
+    assert (again[1]["prompt"], again[2]["image"]) == ("Is there a dog in the image?", "a.png")
+    marked = [dict(a, text="MARK") for a in again]  # answers recognisable as the earlier model's
+    out.write_text("".join(json.dumps(a) + "\n" for a in marked))
+    assert [a["text"] for a in pope.answer_pope(*tiny, qs, tmp_path / "val", out, model_key="model-1")] == ["MARK"] * 3
+    other = pope.answer_pope(*tiny, qs, tmp_path / "val", out, model_key="model-2")  # other weights: all again
+    assert len(other) == 3 and "MARK" not in out.read_text()
+    assert json.loads(out.with_name("answers.settings.json").read_text())["model"] == "model-2"
+    default = pope.answer_pope(*tiny, qs, tmp_path / "val", out)  # default key: the model's identity
+    assert len(default) == 3 and json.loads(out.with_name("answers.settings.json").read_text())["model"]["weights"]
+
+
 def test_pope_image_folder_missing(tiny, tmp_path):
     qs = _pope_file(tmp_path, ["a.png"])
     with pytest.raises(FileNotFoundError, match=r"POPE image folder .*nowhere not found \(COCO val2014"):

@@ -439,6 +439,22 @@ def test_run_masking_masks_a_changed_sample_again(tmp_path):
     assert len(recs) == 4 and recs["s02"]["chosen"] == changed[2]["chosen"] and recs["s02"]["masked"] == "another [MASK] about a blue boat ."
 
 
+def test_run_masking_masks_everything_again_when_its_settings_change(tmp_path, rule):
+    """Records made under another ``max_mask_words`` or another stoplist are never resumed."""
+    out, samples, log = tmp_path / "masked.jsonl", _samples(5), []
+    D.run_masking(samples, rule, out)
+    same = D.run_masking(samples, rule, out, log=log.append)
+    assert same["tried"] == 0 and same["skipped_done"] == 5 and not log
+    tighter = D.run_masking(samples, rule, out, max_mask_words=1, require_any=False, log=log.append)
+    assert tighter["tried"] == 5 and tighter["skipped_done"] == 0 and "max_mask_words" in log[0]
+    assert tighter["invalid_by_reason"] == {"long_mask": 5}  # each masking has a span of two or more words
+    no_stoplist = maskers.RuleMasker(nlp=rule.nlp, stoplist=False)
+    again = D.run_masking(samples, no_stoplist, out, log=log.append)
+    assert again["tried"] == 5 and again["skipped_failed"] == 0 and "stop_phrases" in log[1]
+    assert json.loads(out.with_name("masked.settings.json").read_text())["stop_phrases"] == []
+    assert len(out.read_text().splitlines()) == again["valid"] == 5  # nothing of the earlier runs is left
+
+
 def test_run_masking_survives_sigkill(tmp_path, root):
     out = tmp_path / "masked.jsonl"
     script = tmp_path / "job.py"

@@ -204,6 +204,101 @@ def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
                             cwd=str(root), progress_bar=False)
 
 
+def _copy_run(root, src, dest, only=None):
+    """Copy a finished run folder (or only its top-level entries named in ``only``) and rewrite the
+    copied stage markers as if the chain had run in ``dest``: unchanged stages are skipped there."""
+    import shutil
+
+    from realign_lib.cli import upstream_digest
+    from realign_lib.config import load_config
+
+    dest.mkdir(parents=True)
+    for entry in src.iterdir():
+        if only is None or entry.name in only:
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dest / entry.name)
+    stages = list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages)
+    for stage in stages:
+        marker = dest / stage / ".done.json"
+        if marker.is_file():
+            m = json.loads(marker.read_text())
+            m["parameters"]["run_dir"] = str(dest)
+            m["upstream"] = upstream_digest(stage, stages, dest)
+            marker.write_text(json.dumps(m))
+    return dest
+
+
+# what may differ between two runs that made the same results: timings, what one run did (counts of
+# resumed work), executed notebooks (timings in outputs), markers, pickled arguments, caches
+_RUN_ONLY_KEYS = {"seconds", "this_run", "texts_per_second", "images_per_second", "finished"}
+_NOT_RESULTS = (".ipynb", ".done.json", "training_args.bin", "reference_logps.jsonl")
+
+
+def _results(run_dir, under=("",)):
+    """``relative path → content`` of every result file under ``run_dir`` (JSON without its run-only keys,
+    the run folder's path replaced), to compare two runs."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _RUN_ONLY_KEYS}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    out = {}
+    for p in sorted(run_dir.rglob("*")):
+        rel = p.relative_to(run_dir).as_posix()
+        if not p.is_file() or rel.endswith(_NOT_RESULTS) or "embedding_parts/" in rel or not rel.startswith(under):
+            continue
+        data = p.read_bytes().replace(str(run_dir).encode(), b"<run>")
+        if p.suffix == ".json" and not rel.startswith("data/tiny_world/pope/"):  # (POPE's .json is JSON lines)
+            data = strip(json.loads(data))
+        out[rel] = data
+    return out
+
+
+def _same_results(rerun, clean, under=("",)):
+    a, b = _results(rerun, under), _results(clean, under)
+    assert sorted(a) == sorted(b), (sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+@pytest.mark.slow
+def test_a_rerun_with_settings_changed_gives_the_files_of_a_clean_run(root, smoke_chain, tmp_path):
+    """Rerunning a finished chain's folder with one setting of every stage 01-05 changed writes the same
+    results as a clean run with those settings; then the same for a setting of stage 00 (the world's
+    seed: every image, sample and the tiny VLM change under the same file names) over stages 00-01.
+    Caches that outlive a rerun (embeddings, reference log-probs) may keep old entries, never use them."""
+    changes = ["--set", "top_k=3",                             # 01 (and 03's candidates)
+               "--set", "02_masking.max_mask_words=5",         # 02: resumed maskings were checked under 10
+               "--set", "03_induction.stop_margin=0.0",        # 03: other fills, other pairs
+               "--set", "04_training.beta=0.5",                # 04: same pairs' reference log-probs, other loss
+               "--set", "05_evaluation.pope_suffix=true"]      # 05: other prompts for the same questions
+    rerun = _copy_run(root, smoke_chain, tmp_path / "rerun")
+    clean = _copy_run(root, smoke_chain, tmp_path / "clean", only={"data", "model", "00_tiny_world", "config.json"})
+    for run_dir in (rerun, clean):
+        res = subprocess.run(_chain_cmd(root, run_dir) + changes, cwd=root, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "[00_tiny_world] complete" in res.stdout and "[05_evaluation] done" in res.stdout
+    _same_results(rerun, clean)
+    before = json.loads((smoke_chain / "05_evaluation" / "metrics.json").read_text())["per_model"]
+    after = json.loads((rerun / "05_evaluation" / "metrics.json").read_text())["per_model"]
+    assert before["rdpo_seed0"]["pope"] != after["rdpo_seed0"]["pope"]  # the changes did change the results
+    # the rerun's reference cache holds the clean run's values (keys name the model's folder: they differ)
+    def values(path):
+        return {(r["id"], r["loss"], *(round(r[k], 4) for k in ("chosen", "rejected", "retrieved") if k in r))
+                for r in map(json.loads, open(path))}
+
+    for name in ("rdpo_seed0", "dpo_seed0"):
+        fresh = values(clean / "04_training" / name / "reference_logps.jsonl")
+        assert fresh and fresh <= values(rerun / "04_training" / name / "reference_logps.jsonl")
+
+    world = ["--set", "00_tiny_world.seed=1", "--stage", "0", "--stage", "1"]
+    rerun_world, clean_world = _copy_run(root, smoke_chain, tmp_path / "rerun_world"), tmp_path / "clean_world"
+    for run_dir in (rerun_world, clean_world):
+        res = subprocess.run(_chain_cmd(root, run_dir) + world, cwd=root, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _same_results(rerun_world, clean_world, under=("data/", "model/", "00_tiny_world/", "01_retrieval/"))
+    old = (smoke_chain / "data" / "tiny_world" / "train_images" / "train_000000.png").read_bytes()
+    assert (rerun_world / "data" / "tiny_world" / "train_images" / "train_000000.png").read_bytes() != old
+
+
 FAKE_KEY = "sk-realign-FAKE-KEY-0f9e8d7c6b5a4d3c2b1a"  # recognisable, never a real key
 
 
@@ -224,7 +319,6 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     re-run stage run again (their inputs changed), the earlier ones are skipped."""
     import os
     import re
-    import shutil
 
     from chat_server import ChatServer, Reply
     from realign_lib.maskers import RuleMasker
@@ -245,18 +339,7 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
         return Reply(content=re.sub(r"\[MASK\]", "red cat", masked))
 
     # the smoke chain's folder as a starting point (stages 00 and 01 are reused, not rerun)
-    from realign_lib.cli import upstream_digest
-    from realign_lib.config import load_config
-
-    run_dir = smoke_chain.parent / "run_with_key"
-    shutil.copytree(smoke_chain, run_dir)
-    stages = list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages)
-    for stage in stages:  # the copy's markers, as if the chain had run in this folder
-        marker = run_dir / stage / ".done.json"
-        m = json.loads(marker.read_text())
-        m["parameters"]["run_dir"] = str(run_dir)
-        m["upstream"] = upstream_digest(stage, stages, run_dir)
-        marker.write_text(json.dumps(m))
+    run_dir = _copy_run(root, smoke_chain, smoke_chain.parent / "run_with_key")
     env = {**os.environ, "REALIGN_TEST_KEY": FAKE_KEY}
     with ChatServer(respond, key=FAKE_KEY) as srv:
         cmd = _chain_cmd(root, run_dir) + [
