@@ -40,7 +40,10 @@ model_path = ""  # an existing model folder to evaluate instead of training the 
 n_train = 20000  # training images (LLaVA-Instruct layout)
 n_test = 1000  # held-out POPE images
 n_mme = 30  # images per MME-style subtask
+n_val = 500  # validation images (POPE, CHAIR), disjoint from the test images: recipes are chosen on these
 n_samples = 6000  # samples handed to stages 01-03
+short_answers_per_image = 0  # short-answer turns per training conversation: the tiny VLM learns them
+short_answer_share = 0.0  # share of samples that are short-answer exchanges (needs short_answers_per_image 1 or more)
 tower_steps = 1000  # vision-tower pre-training steps (batch 128)
 sft_steps = 1100  # instruction-tuning steps (batch 48 exchanges)
 eval_batch_size = 64  # POPE answering batch size
@@ -70,7 +73,7 @@ from realign_lib.tinyvlm import TinyVLMConfig, train_tiny_vlm
 stage = TinyWorldStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 if small_run:
-    n_train, n_test, n_mme, n_samples = 1500, 120, 10, 300
+    n_train, n_test, n_mme, n_val, n_samples = 1500, 120, 10, 60, 300
     tower_steps, sft_steps, n_show = 120, 150, 6
 torch.manual_seed(seed)
 run = Path(run_dir)
@@ -92,7 +95,8 @@ t_start = time.time()
 # %%
 t0 = time.time()
 world = tw.build_world(run / "data" / "tiny_world",
-                       tw.WorldConfig(seed=seed, n_train=n_train, n_test=n_test, n_mme=n_mme), progress=False)
+                       tw.WorldConfig(seed=seed, n_train=n_train, n_test=n_test, n_mme=n_mme, n_val=n_val,
+                                      short_answers_per_image=short_answers_per_image), progress=False)
 t_world = time.time() - t0
 train_scenes = tw.load_annotations(world["annotations_train"])
 test_scenes = tw.load_annotations(world["annotations_test"])
@@ -121,25 +125,22 @@ mme_task = Path(world["mme_root"]) / "existence"
 print(sorted(p.name for p in mme_task.iterdir())[:4], "→", open(sorted(mme_task.glob("*.txt"))[0]).read())
 
 # %% [markdown]
-# Samples for stages 1–3: the detailed-description exchange of each training image (prompt,
-# image, chosen response), read back through the LLaVA-Instruct loader that real data uses too.
+# Samples for stages 1–3, one exchange (prompt, image, chosen response) per training image, as the
+# paper's data mixes them: a share `short_answer_share` of short-answer exchanges whose answers name
+# objects, attributes, counts and positions ("Where is the boat?" → "the boat is on the left ."),
+# the rest detailed descriptions. The LLaVA-Instruct loader that real data uses checks the records.
 
 # %%
-samples, sample_counts = samples_from_llava(world["train_json"], world["train_images"], limit=None,
-                                            prompt_contains=DESCRIBE_PROMPT, check_images=False)  # just drawn
-if len(samples) < n_samples:  # records that open with yes/no turns put the description last
-    by_id = {s.id: s for s in train_scenes}
-    have = {s["id"] for s in samples}
-    for rec in llava:
-        if rec["id"] not in have:
-            samples.append({"id": rec["id"], "image": rec["image"], "prompt": DESCRIBE_PROMPT,
-                            "chosen": tw.describe(by_id[rec["id"]])})
-samples = sorted(samples, key=lambda s: s["id"])[:n_samples]
+_, sample_counts = samples_from_llava(world["train_json"], world["train_images"], limit=None, check_images=False)
+samples = tw.world_samples(llava, n_samples, short_answer_share, seed=seed)
 # image_root is relative to the run folder (absolute for data that lives elsewhere, e.g. COCO)
 image_root = os.path.relpath(world["train_images"], run)
 write_jsonl(run / "data" / "samples.jsonl", [dict(s, image_root=image_root) for s in samples])
-print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; loader counts: "
+kinds = {k: sum(s["kind"] == k for s in samples) for k in ("description", "short_answer")}
+print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'} ({kinds}); loader counts: "
       f"{ {k: v for k, v in sample_counts.items() if v and k != 'examples'} }")
+for s in [x for x in samples if x["kind"] == "short_answer"][:3]:
+    print(f"  {s['id']}: {s['prompt']} → {s['chosen']}")
 
 # %% [markdown]
 # ## 2 · Train (or load) the tiny VLM
@@ -268,7 +269,8 @@ metrics = {
     "model_path": str(model_dir),
     "world": {"root": world["root"], "n_train": len(train_scenes), "n_test": len(test_scenes),
               "mme_images_per_task": world["mme_images_per_task"], "pope": world["pope"],
-              "samples": str(run / "data" / "samples.jsonl"), "n_samples": len(samples)},
+              "n_val": world["config"]["n_val"], "pope_val": world["pope_val"],
+              "samples": str(run / "data" / "samples.jsonl"), "n_samples": len(samples), "sample_kinds": kinds},
     "model": {k: v for k, v in train_summary.items() if k != "config"},
     "pope": pope_metrics,
     "pope_partner": partner,

@@ -34,6 +34,10 @@
 # model (and rDPO against DPO) are paired by seed: a difference counts as *clear* only when every
 # seed agrees in sign and the mean exceeds twice its standard error.
 #
+# The tiny world has two sets of held-out images: `eval_split = "validation"` evaluates on the
+# validation images, where a recipe (learning rate, β, pairs seen, …) is chosen; the default `"test"`
+# evaluates on the test images, whose figures are the ones reported — once, for the chosen recipe.
+#
 # On a GPU machine point it at real data: `pope_dir` (the official COCO POPE files), `image_root`
 # (COCO val2014), `mme_root` (the MME benchmark folder) and `model_path` (e.g. a LLaVA-1.5 folder);
 # the trained adapters of stage 04 are applied on top of `model_path`.
@@ -45,6 +49,7 @@ small_run = False  # smoke setting: every size shrunk to run in about a minute
 model_path = ""  # base model (hub id or folder); default: the tiny VLM of stage 00
 runs = []  # stage-04 runs to evaluate (folder names under 04_training); empty: every finished run
 include_base = True  # also evaluate the base model (condition "base")
+eval_split = "test"  # the tiny world's images to evaluate on: test (reported) or validation (choosing a recipe; no MME)
 pope_dir = ""  # folder of POPE question files; default: the tiny world's
 image_root = ""  # folder of the POPE images (COCO val2014 for the real files); default: the tiny world's
 mme_root = ""  # MME folder (one folder per subtask); default: the tiny world's; "none" skips MME
@@ -83,16 +88,20 @@ stage_dir = run / "05_evaluation"
 stage_dir.mkdir(parents=True, exist_ok=True)
 world_dir = run / "data" / "tiny_world"
 base_path = Path(model_path) if model_path else run / "model" / "tiny_vlm"
-pope_files = pope.find_pope_files(pope_dir or world_dir / "pope")
-img_root = Path(image_root) if image_root else world_dir / "test_images"
-mme_dir = None if mme_root == "none" else Path(mme_root) if mme_root else world_dir / "MME"
+validation = eval_split == "validation"  # recipes are chosen on these images, never on the test images
+if validation and (pope_dir or image_root):
+    raise ValueError("eval_split='validation' selects the tiny world's validation images; with your own data "
+                     "point pope_dir and image_root at your validation questions and images instead")
+pope_files = pope.find_pope_files(pope_dir or world_dir / ("pope_val" if validation else "pope"))
+img_root = Path(image_root) if image_root else world_dir / ("val_images" if validation else "test_images")
+mme_dir = None if mme_root == "none" or validation else Path(mme_root) if mme_root else world_dir / "MME"
 if small_run:
     max_questions = min(max_questions or 40, 40)
     n_chair = min(n_chair, 16)
 suffix = LMMS_EVAL_SUFFIX if pope_suffix else ""
 
 # the tiny world's ground truth, for the partner yes-rate and CHAIR (absent for real data)
-test_ann = world_dir / "annotations_test.jsonl"
+test_ann = world_dir / ("annotations_val.jsonl" if validation else "annotations_test.jsonl")
 scenes = tw.load_annotations(test_ann) if test_ann.is_file() and not pope_dir else []
 chair_scenes = scenes[:n_chair]
 
@@ -172,7 +181,7 @@ def evaluate(name: str) -> dict:
     # POPE (the base tiny model's answers from stage 00 are the same questions, prompt and weights: reused)
     t = time.time()
     seed_dir = run / "00_tiny_world" / "eval_base"
-    if name == "base" and not model_path and not pope_dir and not suffix and seed_dir.is_dir():
+    if name == "base" and not model_path and not pope_dir and not suffix and not validation and seed_dir.is_dir():
         for split, qs in questions.items():
             src, dst = seed_dir / f"pope_{split}_answers.jsonl", out / f"pope_{split}_answers.jsonl"
             if src.is_file() and not dst.exists():  # with the model they were made by (answer_pope checks it)
@@ -208,7 +217,8 @@ def evaluate(name: str) -> dict:
         texts = {r["id"]: r["text"] for r in read_appended(cache)}  # cuts a torn line
         todo = [s for s in chair_scenes if s.id not in texts]
         if todo:
-            outs = vlm.generate(model, processor, [world_dir / "test_images" / f"{s.id}.png" for s in todo],
+            folder = world_dir / ("val_images" if validation else "test_images")
+            outs = vlm.generate(model, processor, [folder / f"{s.id}.png" for s in todo],
                                 [DESCRIBE_PROMPT] * len(todo), max_new_tokens=48, batch_size=batch_size)
             append_jsonl(cache, [{"id": s.id, "text": o} for s, o in zip(todo, outs)])
             texts.update({s.id: o for s, o in zip(todo, outs)})
@@ -290,25 +300,42 @@ display(Markdown("Paired differences, mean ± sd over seeds (seeds agreeing in s
                  + diff_md))
 
 # %% [markdown]
-# ## 4 · Bar charts with the seed spread
+# ## 4 · Paired differences around zero
+#
+# One panel per metric, one column per comparison: each dot is one seed's difference (the same seed's
+# model minus the baseline), the bar is the mean ± 2 standard errors, and the dashed line is no change.
+# The y-axis is symmetric around zero, so a 0.3-point change looks like one. The absolute values are
+# in the tables above.
 
 # %%
-plot_metrics = [m for m in ("pope/adversarial/accuracy", "pope/adversarial/yes_ratio",
+plot_metrics = [m for m in ("pope/adversarial/f1", "pope/adversarial/accuracy", "pope/adversarial/yes_ratio",
                             "pope/adversarial/absent_partner_yes_rate", "mme/perception", "chair/chair_i",
                             "chair/recall") if m in key_metrics]
-fig, axes = plt.subplots(1, max(len(plot_metrics), 1), figsize=(3.2 * max(len(plot_metrics), 1), 3.4), squeeze=False)
-colours = plt.cm.tab10(np.arange(len(conditions)))
+labels = list(diffs)
+short_names = {"pope/adversarial/f1": "POPE-adv F1", "pope/adversarial/accuracy": "POPE-adv accuracy",
+               "pope/adversarial/yes_ratio": "POPE-adv yes-ratio",
+               "pope/adversarial/absent_partner_yes_rate": "yes | absent partner", "mme/perception": "MME perception",
+               "chair/chair_i": "CHAIR_i", "chair/recall": "CHAIR recall"}
+fig, axes = plt.subplots(1, max(len(plot_metrics), 1), figsize=(2.6 * max(len(plot_metrics), 1), 3.4), squeeze=False)
 for ax, m in zip(axes[0], plot_metrics):
-    means = [summary[c].get(m, {}).get("mean", np.nan) for c in conditions]
-    sds = [summary[c].get(m, {}).get("sd", np.nan) for c in conditions]
-    ax.bar(range(len(conditions)), means, yerr=np.nan_to_num(sds), capsize=3, color=colours)
-    ax.set_xticks(range(len(conditions)), conditions, rotation=45, ha="right", fontsize=8)
-    ax.set_title(m.replace("pope/", "POPE ").replace("/", " "), fontsize=9)
-    finite = [x for x in means if x == x]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        pad = max(hi - lo, 1.0)
-        ax.set_ylim(max(0, lo - pad), hi + pad)
+    top = 0.5
+    for i, label in enumerate(labels):
+        d = diffs[label].get(m)
+        if not d:
+            continue
+        ds = np.asarray(d["diffs"], dtype=float)
+        jitter = np.linspace(-0.12, 0.12, len(ds)) if len(ds) > 1 else np.zeros(1)
+        ax.scatter(i + jitter, ds, s=14, color="tab:blue", alpha=0.7, zorder=3)
+        se = d["sd"] / np.sqrt(d["n"]) if d["n"] > 1 and d["sd"] == d["sd"] else 0.0
+        ax.errorbar(i + 0.25, d["mean"], yerr=2 * se, fmt="D", color="black" if d["clear"] else "grey",
+                    markersize=5, capsize=4, zorder=4)
+        top = max(top, float(np.abs(ds).max()), abs(d["mean"]) + 2 * se)
+    ax.axhline(0, color="grey", lw=1, ls="--")
+    ax.set_ylim(-1.15 * top, 1.15 * top)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_title(short_names.get(m, m) + " (points)", fontsize=9)
+fig.suptitle(f"Paired differences per seed ({eval_split} images); black: clear, grey: within the spread", fontsize=9)
 fig.tight_layout()
 fig.savefig(stage_dir / "comparison.png", dpi=80)
 plt.show()
@@ -348,7 +375,7 @@ import importlib.metadata as md
 versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "trl", "accelerate")}
 run_config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
 report = "\n\n".join([
-    f"# Comparison on {run}\n\nModels: {', '.join(models)}. POPE questions per split: "
+    f"# Comparison on {run} ({eval_split} images)\n\nModels: {', '.join(models)}. POPE questions per split: "
     + ", ".join(f"{s} {len(q)}" for s, q in questions.items())
     + f"; MME questions: {sum(map(len, mme_records.values()))}; CHAIR images: {len(chair_scenes)}.",
     "## Mean ± sd over seeds\n\n" + table_md,
@@ -359,7 +386,8 @@ report = "\n\n".join([
 ])
 (stage_dir / "comparison.md").write_text(report + "\n")
 metrics = {
-    "stage": "05_evaluation", "small_run": small_run, "models": models, "base": str(base_path),
+    "stage": "05_evaluation", "small_run": small_run, "eval_split": eval_split, "models": models,
+    "base": str(base_path),
     "pope_files": pope_files, "mme_root": str(mme_dir), "suffix": suffix,
     "per_model": {n: {k: results[n][k] for k in ("pope", "pope_partner", "mme", "chair", "seconds") if k in results[n]}
                   for n in models},

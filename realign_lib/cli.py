@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .config import NOTEBOOK_DIR, load_config, parse_override
 
-__all__ = ["main", "run_stage", "upstream_digest", "train_main"]
+__all__ = ["main", "run_stage", "upstream_digest", "seed_run", "train_main"]
 
 
 def upstream_digest(stage: str, stages: list[str], run_dir: Path) -> dict[str, str | None]:
@@ -41,6 +41,31 @@ def upstream_digest(stage: str, stages: list[str], run_dir: Path) -> dict[str, s
             m = run_dir / other / ".done.json"
             out[other] = hashlib.sha256(m.read_bytes()).hexdigest()[:16] if m.is_file() else None
     return out
+
+
+def seed_run(src: str | os.PathLike, dest: str | os.PathLike, stages, only=None) -> Path:
+    """Start the run folder ``dest`` from the finished run ``src``: copy its top-level entries (those
+    named in ``only``, default all) and rewrite the copied stage markers as if those stages had run in
+    ``dest``. A run there then skips each copied stage whose parameters are unchanged and runs the
+    others and every later one (a recipe search builds the world and the pairs once this way).
+    ``stages``: the config's stage keys."""
+    import json
+    import shutil
+
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=False)
+    for entry in src.iterdir():
+        if (only is None or entry.name in only) and entry.name != ".realign.lock":
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dest / entry.name)
+    stages = sorted(stages)
+    for stage in stages:  # in stage order: a marker's upstream digest covers the earlier rewritten ones
+        marker = dest / stage / ".done.json"
+        if marker.is_file():
+            m = json.loads(marker.read_text())
+            m["parameters"]["run_dir"] = str(dest)
+            m["upstream"] = upstream_digest(stage, stages, dest)
+            marker.write_text(json.dumps(m))
+    return dest
 
 
 def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=print,

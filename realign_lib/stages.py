@@ -145,7 +145,15 @@ class TinyWorldStage(Stage):
     n_train: int = _from(WorldConfig, "n_train", "training images (LLaVA-Instruct layout)", min=1)
     n_test: int = _from(WorldConfig, "n_test", "held-out POPE images", min=1)
     n_mme: int = _from(WorldConfig, "n_mme", "images per MME-style subtask", min=1)
+    n_val: int = _from(WorldConfig, "n_val", "validation images (POPE, CHAIR), disjoint from the test images: "
+                                             "recipes are chosen on these", min=1)
     n_samples: int = shared("n_samples")
+    short_answers_per_image: int = _from(WorldConfig, "short_answers_per_image", "short-answer turns (\"where is "
+                                         "the boat?\" → \"the boat is on the left .\") per training conversation: "
+                                         "the tiny VLM learns them", min=0, max=4)
+    short_answer_share: float = knob(0.0, "share of samples that are short-answer exchanges (needs "
+                                          "short_answers_per_image >= 1); the rest are detailed descriptions",
+                                     min=0.0, max=1.0)
     tower_steps: int = _from(TinyVLMConfig, "tower_steps", "vision-tower pre-training steps (batch 128)", min=1)
     sft_steps: int = _from(TinyVLMConfig, "sft_steps", "instruction-tuning steps (batch 48 exchanges)", min=1)
     model_path: str = knob("", "an existing model folder to evaluate instead of training the tiny VLM")
@@ -260,6 +268,8 @@ class EvaluationStage(Stage):
     model_path: str = knob("", "base model (hub id or folder); default: the tiny VLM of stage 00")
     runs: list = knob([], "stage-04 runs to evaluate (folder names under 04_training); empty: every finished run")
     include_base: bool = knob(True, "also evaluate the base model (condition \"base\")")
+    eval_split: str = knob("test", "the tiny world's images to evaluate on: test (the figures reported) or "
+                                   "validation (for choosing a recipe; no MME)", choices=("test", "validation"))
     pope_dir: str = knob("", "folder of POPE question files; default: the tiny world's")
     image_root: str = knob("", "folder of the POPE images (COCO val2014 for the real files); default: the tiny "
                                "world's")

@@ -441,7 +441,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     pixels = images_to_pixels(arr)
     t_load = time.time() - t0
 
-    tokenizer = build_tokenizer(world_vocabulary())
+    tokenizer = build_tokenizer(world_vocabulary(short_answers=world["config"].get("short_answers_per_image", 0) > 0))
     processor = build_processor(tokenizer, cfg)
     model = build_model(tokenizer, cfg)
     t1 = time.time()

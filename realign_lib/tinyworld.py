@@ -35,7 +35,8 @@ from .prompts import DESCRIBE_PROMPT, FIXED_PROMPTS, LMMS_EVAL_SUFFIX, MME_SUFFI
 __all__ = [
     "OBJECTS", "SCENES", "COLOURS", "POSITIONS", "PARTNER", "TYPICAL", "USUAL_COLOUR",
     "ObjectInstance", "Scene", "sample_scene", "sample_scenes", "render_scene", "describe",
-    "plural", "existence_question", "training_questions", "llava_record",
+    "plural", "existence_question", "training_questions", "short_answer_questions", "SHORT_QUESTIONS",
+    "llava_record", "world_samples",
     "WorldConfig", "build_world", "load_annotations", "world_vocabulary", "span_lexicon", "save_png",
 ]
 
@@ -343,20 +344,99 @@ def training_questions(s: Scene, rng: np.random.Generator, n: int = 4) -> list[d
     return [out[i] for i in order]
 
 
-def llava_record(s: Scene, image_file: str, rng: np.random.Generator, n_questions: int = 4) -> dict:
-    """One LLaVA-Instruct-150K record: a detailed description turn, then yes/no turns."""
+#: the short-answer questions of the tiny world (paper, Appendix C: QA pairs beside detailed descriptions)
+SHORT_QUESTIONS = {
+    "objects": "What objects can you see in the image?",
+    "colour": "What colour is the {obj}?",
+    "position": "Where is the {obj}?",
+    "count": "How many {objs} are there in the image?",
+}
+
+
+def _short_phrase(o: ObjectInstance) -> str:
+    return " ".join(w for w in ("a", o.size_word, o.colour, o.type) if w)
+
+
+def short_answer_questions(s: Scene, rng: np.random.Generator, n: int = 1) -> list[dict]:
+    """``n`` short-answer questions about ``s`` with answers that name objects, attributes, counts
+    and positions, in the world's lower-case style (``{"kind", "question", "answer"}``):
+
+    * objects — "What objects can you see in the image?" → "there is a red kite and a small boat ."
+    * colour — "What colour is the bird?" → "the bird is blue ."
+    * position — "Where is the boat?" → "the boat is on the left ."
+    * count — "How many stars are there in the image?" → "there are two stars ."
+
+    Colour and position are asked only of an object type that appears once. Kinds are drawn
+    uniformly among those that fit, without repeats.
+    """
+    single = [o for o in s.objects if s.count(o.type) == 1]
+    kinds = ["objects", "count"] + (["colour", "position"] if single else [])
+    out = []
+    for kind in [kinds[i] for i in rng.permutation(len(kinds))][:n]:
+        if kind == "objects":
+            phrases = [_short_phrase(o) for o in s.objects]
+            body = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+            q, a = SHORT_QUESTIONS["objects"], f"there is {body} ."
+        elif kind == "count":
+            t = s.objects[int(rng.integers(len(s.objects)))].type
+            k = s.count(t)
+            q = SHORT_QUESTIONS["count"].format(objs=plural(t))
+            a = f"there is one {t} ." if k == 1 else f"there are {NUMBER_WORDS[k]} {plural(t)} ."
+        else:
+            o = single[int(rng.integers(len(single)))]
+            q = SHORT_QUESTIONS[kind].format(obj=o.type)
+            a = f"the {o.type} is {o.colour} ." if kind == "colour" else f"the {o.type} is {POSITION_PHRASE[o.position]} ."
+        out.append({"kind": kind, "question": q, "answer": a})
+    return out
+
+
+def llava_record(s: Scene, image_file: str, rng: np.random.Generator, n_questions: int = 4,
+                 n_short: int = 0) -> dict:
+    """One LLaVA-Instruct-150K record: a detailed description turn, then ``n_short`` short-answer
+    turns (:func:`short_answer_questions`) and ``n_questions`` yes/no turns."""
     conv = [{"from": "human", "value": f"<image>\n{DESCRIBE_PROMPT}"}, {"from": "gpt", "value": describe(s)}]
+    for qa in short_answer_questions(s, rng, n_short) if n_short else []:
+        conv += [{"from": "human", "value": qa["question"]}, {"from": "gpt", "value": qa["answer"]}]
     for qa in training_questions(s, rng, n_questions):
         conv.append({"from": "human", "value": qa["question"]})
         conv.append({"from": "gpt", "value": "Yes." if qa["answer"] == "yes" else "No."})
     # present the question turns before the description half of the time, as LLaVA data mixes turns
-    if rng.random() < 0.5 and n_questions:
+    if rng.random() < 0.5 and (n_questions or n_short):
         qa_turns = conv[2:]
         first_q = dict(qa_turns[0])
         first_q["value"] = "<image>\n" + first_q["value"]
         desc = [{"from": "human", "value": DESCRIBE_PROMPT}, conv[1]]
         conv = [first_q] + qa_turns[1:] + desc
     return {"id": s.id, "image": image_file, "conversations": conv}
+
+
+def world_samples(records: Sequence[dict], n_samples: int, short_answer_share: float = 0.0,
+                  seed: int = 0) -> list[dict]:
+    """Samples for stages 01-03 from LLaVA-Instruct records of the world, one per image: the first
+    ``n_samples`` images in id order; each gives its short-answer exchange (the first one, e.g.
+    "Where is the boat?" → "the boat is on the left .") with probability ``short_answer_share``
+    (seeded), else its detailed description. A sample is ``{"id", "image", "prompt", "chosen",
+    "kind"}`` with ``kind`` ``"description"`` or ``"short_answer"``; prompts carry no ``<image>``."""
+    if not 0.0 <= short_answer_share <= 1.0:
+        raise ValueError(f"short_answer_share={short_answer_share}: must be in [0, 1]")
+    short_prompts = {q.split("{")[0] for q in SHORT_QUESTIONS.values()}
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for rec in sorted(records, key=lambda r: str(r["id"]))[:n_samples]:
+        turns = rec["conversations"]
+        pairs = [(turns[i]["value"].replace("<image>", "").strip(), turns[i + 1]["value"])
+                 for i in range(0, len(turns) - 1, 2)]
+        desc = [(q, a) for q, a in pairs if q == DESCRIBE_PROMPT]
+        short = [(q, a) for q, a in pairs if any(q.startswith(p) for p in short_prompts)]
+        if short_answer_share > 0 and not short:
+            raise ValueError(f"record {rec['id']!r} has no short-answer exchange: short_answer_share="
+                             f"{short_answer_share} needs a world built with short_answers_per_image >= 1")
+        use_short = rng.random() < short_answer_share
+        if not desc and not use_short:
+            raise ValueError(f"record {rec['id']!r} has no detailed-description exchange")
+        (q, a), kind = (short[0], "short_answer") if use_short else (desc[0], "description")
+        out.append({"id": str(rec["id"]), "image": rec["image"], "prompt": q, "chosen": a, "kind": kind})
+    return out
 
 
 # ------------------------------------------------------------------------------------ the world
@@ -369,9 +449,13 @@ class WorldConfig:
     n_test: int = 1000            # held-out images for POPE
     n_mme: int = 30               # images per MME subtask (MME itself has 30-60)
     questions_per_image: int = 2  # yes/no turns per training conversation
+    short_answers_per_image: int = 0  # short-answer turns ("where is the boat?") per training conversation
+    n_val: int = 500              # validation images (POPE, CHAIR) for choosing a recipe; disjoint from test
 
     def __post_init__(self):
-        for name in ("n_train", "n_test", "n_mme"):
+        if not isinstance(self.short_answers_per_image, int) or not 0 <= self.short_answers_per_image <= 4:
+            raise ValueError(f"WorldConfig.short_answers_per_image must be 0-4, got {self.short_answers_per_image!r}")
+        for name in ("n_train", "n_test", "n_mme", "n_val"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"WorldConfig.{name} must be a positive integer, got {v!r}")
@@ -421,6 +505,8 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
         out_dir/annotations_{train,test}.jsonl        ground truth (scene, objects)
         out_dir/test_images/test_000000.png ...       POPE images
         out_dir/pope/tiny_pope_{random,popular,adversarial}.json   official POPE question format
+        out_dir/val_images/val_000000.png ...         validation images (choosing a recipe), and
+        out_dir/annotations_val.jsonl, out_dir/pope_val/tiny_pope_*.json   their ground truth and POPE
         out_dir/MME/{existence,count,position,color}/<image>.png + <image>.txt
 
     Images already on disk are reused when they were made for the same config, so a killed build
@@ -445,21 +531,25 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
         _clear_world(out)  # images of unknown origin (a world from before this marker existed)
     out.mkdir(parents=True, exist_ok=True)
     write_json(building, {"config": asdict(cfg)})
-    for sub in ("train_images", "test_images", "pope", "MME"):
+    for sub in ("train_images", "test_images", "val_images", "pope", "pope_val", "MME"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     train = sample_scenes(cfg.n_train, seed=cfg.seed * 1000 + 1, prefix="train_")
     test = sample_scenes(cfg.n_test, seed=cfg.seed * 1000 + 2, prefix="test_")
+    val = sample_scenes(cfg.n_val, seed=cfg.seed * 1000 + 3, prefix="val_")
     rng = np.random.default_rng([cfg.seed, 99])
     records = []
     _render_all(train, out / "train_images", progress, workers)
     for s in train:
-        records.append(llava_record(s, f"{s.id}.png", rng, cfg.questions_per_image))
+        records.append(llava_record(s, f"{s.id}.png", rng, cfg.questions_per_image, cfg.short_answers_per_image))
     write_json(out / "llava_instruct_tiny.json", records, indent=None)
     write_jsonl(out / "annotations_train.jsonl", [s.to_dict() for s in train])
     _render_all(test, out / "test_images", progress, workers)
     test_files = [f"{s.id}.png" for s in test]
     write_jsonl(out / "annotations_test.jsonl", [s.to_dict() for s in test])
     pope_files = write_pope_files(out / "pope", test, test_files, train, cfg.seed)
+    _render_all(val, out / "val_images", progress, workers)  # for choosing a recipe; test stays for reporting
+    write_jsonl(out / "annotations_val.jsonl", [s.to_dict() for s in val])
+    pope_val = write_pope_files(out / "pope_val", val, [f"{s.id}.png" for s in val], train, cfg.seed + 1)
     mme_counts = write_mme_folders(out, cfg.seed, cfg.n_mme)
     freq, co = object_statistics(train)
     summary = {
@@ -471,6 +561,9 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
         "annotations_train": str(out / "annotations_train.jsonl"),
         "annotations_test": str(out / "annotations_test.jsonl"),
         "pope": pope_files,
+        "val_images": str(out / "val_images"),
+        "annotations_val": str(out / "annotations_val.jsonl"),
+        "pope_val": pope_val,
         "mme_root": str(out / "MME"),
         "mme_images_per_task": mme_counts,
         "object_frequency": dict(freq.most_common()),
@@ -485,9 +578,10 @@ def _clear_world(out: Path) -> None:
     """Remove every file a world build writes under ``out`` (nothing else)."""
     import shutil
 
-    for sub in ("train_images", "test_images", "pope", "MME"):
+    for sub in ("train_images", "test_images", "val_images", "pope", "pope_val", "MME"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    for name in ("world.json", "llava_instruct_tiny.json", "annotations_train.jsonl", "annotations_test.jsonl"):
+    for name in ("world.json", "llava_instruct_tiny.json", "annotations_train.jsonl", "annotations_test.jsonl",
+                 "annotations_val.jsonl"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -495,8 +589,9 @@ def load_annotations(path: str | os.PathLike) -> list[Scene]:
     return [Scene.from_dict(d) for d in read_jsonl(path)]
 
 
-def world_vocabulary() -> list[str]:
-    """Every word the world's texts and the kit's fixed prompts can contain (lower-cased)."""
+def world_vocabulary(short_answers: bool = False) -> list[str]:
+    """Every word the world's texts and the kit's fixed prompts can contain (lower-cased);
+    ``short_answers``: also the words of :data:`SHORT_QUESTIONS` (a world with short-answer turns)."""
     import re
 
     words: set[str] = set()
@@ -504,6 +599,7 @@ def world_vocabulary() -> list[str]:
     texts += [i.format(scene=sc) for i in _INTROS for sc in SCENES]
     texts += list(POSITION_PHRASE.values()) + list(_REL.values())
     texts += list(OBJECTS) + [plural(o) for o in OBJECTS] + list(COLOURS) + list(NUMBER_WORDS.values())
+    texts += [q.format(obj="", objs="") for q in SHORT_QUESTIONS.values()] if short_answers else []
     texts += ["a the is there are in of image this and , . ? yes no small big not",
               "Is there a in the image? Are there Is the of the image? Yes. No.",
               "Is there one in this image?"]

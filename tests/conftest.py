@@ -20,4 +20,4 @@ def small_world(tmp_path_factory):
     from realign_lib.tinyworld import WorldConfig, build_world
 
     out = tmp_path_factory.mktemp("world")
-    return build_world(out, WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8))
+    return build_world(out, WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8, n_val=40))

@@ -205,26 +205,11 @@ def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
 
 
 def _copy_run(root, src, dest, only=None):
-    """Copy a finished run folder (or only its top-level entries named in ``only``) and rewrite the
-    copied stage markers as if the chain had run in ``dest``: unchanged stages are skipped there."""
-    import shutil
-
-    from realign_lib.cli import upstream_digest
+    """:func:`realign_lib.cli.seed_run` with the smoke config's stages: the copied stages are skipped."""
+    from realign_lib.cli import seed_run
     from realign_lib.config import load_config
 
-    dest.mkdir(parents=True)
-    for entry in src.iterdir():
-        if only is None or entry.name in only:
-            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, dest / entry.name)
-    stages = list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages)
-    for stage in stages:
-        marker = dest / stage / ".done.json"
-        if marker.is_file():
-            m = json.loads(marker.read_text())
-            m["parameters"]["run_dir"] = str(dest)
-            m["upstream"] = upstream_digest(stage, stages, dest)
-            marker.write_text(json.dumps(m))
-    return dest
+    return seed_run(src, dest, list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages), only)
 
 
 # what may differ between two runs that made the same results: timings, what one run did (counts of

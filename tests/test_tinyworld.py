@@ -63,6 +63,65 @@ def test_training_questions_are_balanced_and_true():
     assert answers["yes"] == answers["no"]
 
 
+def test_short_answers_are_true_and_name_what_is_asked():
+    rng = np.random.default_rng(1)
+    kinds = Counter()
+    for s in tw.sample_scenes(200, seed=5):
+        for qa in tw.short_answer_questions(s, rng, 4):
+            kinds[qa["kind"]] += 1
+            q, a = qa["question"], qa["answer"]
+            if qa["kind"] == "objects":
+                assert set(twe.mentioned_objects(a)) == set(s.types), (q, a)
+                assert all(o.colour in a for o in s.objects)
+            elif qa["kind"] == "count":
+                obj = next(o for o in tw.OBJECTS if tw.plural(o) in q.split())
+                n = s.count(obj)
+                assert a == (f"there is one {obj} ." if n == 1 else f"there are {tw.NUMBER_WORDS[n]} {tw.plural(obj)} ."), a
+            else:
+                obj = q.rstrip("?").split()[-1]
+                o = next(x for x in s.objects if x.type == obj)
+                assert s.count(obj) == 1  # asked only of a type that appears once
+                assert a == (f"the {obj} is {o.colour} ." if qa["kind"] == "colour" else
+                             f"the {obj} is {tw.POSITION_PHRASE[o.position]} ."), a
+    assert set(kinds) == {"objects", "count", "colour", "position"} and min(kinds.values()) > 50
+    assert {"what", "colour", "where", "how", "many", "see"} <= set(tw.world_vocabulary(short_answers=True))
+    assert "colour" not in tw.world_vocabulary()  # a world without short answers keeps its old vocabulary
+
+
+def test_world_samples_mix_descriptions_and_short_answers():
+    scenes = {s.id: s for s in tw.sample_scenes(300, seed=6, prefix="train_")}
+    rng = np.random.default_rng(0)
+    records = [tw.llava_record(s, f"{s.id}.png", rng, 2, n_short=1) for s in scenes.values()]
+    only_desc = tw.world_samples(records, 250, 0.0)
+    assert [s["id"] for s in only_desc] == sorted(scenes)[:250]  # one per image, in id order
+    assert all(s["kind"] == "description" and s["prompt"] == tw.DESCRIBE_PROMPT
+               and s["chosen"] == tw.describe(scenes[s["id"]]) for s in only_desc)
+    only_short = tw.world_samples(records, 250, 1.0)
+    assert all(s["kind"] == "short_answer" and "<image>" not in s["prompt"] for s in only_short)
+    half = tw.world_samples(records, 300, 0.5, seed=1)
+    share = sum(s["kind"] == "short_answer" for s in half) / 300
+    assert 0.4 < share < 0.6 and half == tw.world_samples(records, 300, 0.5, seed=1)
+    assert half != tw.world_samples(records, 300, 0.5, seed=2)
+    with pytest.raises(ValueError, match="short_answer_share"):
+        tw.world_samples(records, 10, 1.5)
+    without = [tw.llava_record(s, f"{s.id}.png", rng, 2) for s in list(scenes.values())[:5]]  # no short turns
+    assert all(s["kind"] == "description" for s in tw.world_samples(without, 5, 0.0))
+    with pytest.raises(ValueError, match="short_answers_per_image >= 1"):
+        tw.world_samples(without, 5, 0.5)
+
+
+def test_validation_images_are_disjoint_from_the_test_images(small_world):
+    val = tw.load_annotations(small_world["annotations_val"])
+    test = tw.load_annotations(small_world["annotations_test"])
+    assert len(val) == 40 and all(s.id.startswith("val_") for s in val)
+    val_pixels = {np.asarray(Image.open(Path(small_world["val_images"]) / f"{s.id}.png")).tobytes() for s in val}
+    test_pixels = {np.asarray(Image.open(Path(small_world["test_images"]) / f"{s.id}.png")).tobytes() for s in test}
+    assert len(val_pixels) == 40 and not val_pixels & test_pixels
+    for split, path in small_world["pope_val"].items():  # POPE files of their own, on the validation images
+        qs = read_jsonl(path)
+        assert qs and {q["image"] for q in qs} <= {f"{s.id}.png" for s in val}, split
+
+
 def test_llava_instruct_layout(small_world):
     data = json.load(open(small_world["train_json"]))
     assert isinstance(data, list) and len(data) == 400
@@ -126,7 +185,7 @@ def test_mme_answers_are_true():
 
 def test_build_world_reuses_a_complete_world(small_world, tmp_path):
     from realign_lib.tinyworld import WorldConfig, build_world
-    again = build_world(small_world["root"], WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8))
+    again = build_world(small_world["root"], WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8, n_val=40))
     assert again == small_world
     with pytest.raises(ValueError, match="n_train"):
         WorldConfig(n_train=0)

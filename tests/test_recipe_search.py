@@ -1,0 +1,60 @@
+"""The recipe search (experiments/recipe_search.py) on the smoke chain: it builds stages 00-02 once,
+runs each candidate from a copy of them on the VALIDATION images, appends one result line per
+candidate, resumes without redoing finished candidates, and writes the table and dose-response plot."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_recipe_search_runs_on_validation_and_resumes(root, tmp_path):
+    config = tmp_path / "search.yaml"
+    config.write_text(f"""base: {root / 'configs' / 'tiny_world_smoke.yaml'}
+stages:
+  "04_training/{{condition}}_seed{{seed}}":
+    matrix:
+      seed: [0, 1]
+      condition:
+        dpo: {{loss: dpo}}
+        rdpo: {{loss: rdpo}}
+  "05_evaluation":
+    eval_split: validation
+""")
+    spec = tmp_path / "spec.yaml"
+    results = tmp_path / "results" / "search.jsonl"
+    spec.write_text(f"""config: {config}
+root: {tmp_path / 'runs'}
+results: {results}
+candidates:
+  default: {{}}
+  steps_5: {{"04_training.max_steps": 5}}
+""")
+    cmd = [sys.executable, str(root / "experiments" / "recipe_search.py"), "--spec", str(spec)]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [r["candidate"] for r in recs] == ["default", "steps_5"]
+    for r in recs:
+        assert r["eval_split"] == "validation" and r["models"] == ["base", "dpo_seed0", "dpo_seed1", "rdpo_seed0",
+                                                                   "rdpo_seed1"]
+        d = r["paired_differences"]["rdpo - base"]["pope/adversarial/f1"]
+        assert d["n"] == 2 and len(d["diffs"]) == 2
+    # the candidates' runs answered the validation questions, never the test ones
+    ev = json.loads((tmp_path / "runs" / "steps_5" / "05_evaluation" / "metrics.json").read_text())
+    assert all("pope_val" in p for p in ev["pope_files"].values())
+    log = [json.loads(x) for x in open(tmp_path / "runs" / "steps_5" / "04_training" / "rdpo_seed1" / "train_log.jsonl")]
+    assert len(log) == 5
+    # stages 00-02 ran once (in _base); the candidates' copies skipped them (their markers are the copies)
+    for stage in ("00_tiny_world", "01_retrieval", "02_masking"):
+        made = json.loads((tmp_path / "runs" / "_base" / stage / ".done.json").read_text())["finished"]
+        for name in ("default", "steps_5"):
+            assert json.loads((tmp_path / "runs" / name / stage / ".done.json").read_text())["finished"] == made
+
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and len(results.read_text().splitlines()) == 2  # nothing redone
+    rep = subprocess.run(cmd + ["--report"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "| steps_5 |" in results.with_suffix(".md").read_text()
+    assert (results.parent / "dose_response.png").stat().st_size > 5000
