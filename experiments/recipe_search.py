@@ -4,7 +4,7 @@
     python experiments/recipe_search.py --only steps_20 lr_2e-4
     python experiments/recipe_search.py --report             # table + dose-response plot from the results
 
-Stages 00-02 (world, tiny VLM, retrieval, masking) run once into ``<root>/_base``; each candidate's
+Stages 00-03 (world, tiny VLM, retrieval, masking, pairs) run once into ``<root>/_base``; each candidate's
 folder starts as a copy of it (:func:`realign_lib.cli.seed_run`), so only the stages its settings
 touch run again, then training (DPO and rDPO per seed) and evaluation on the validation images. One
 JSON line per candidate goes to the results file: its settings, the mean ± sd per condition and the
@@ -75,16 +75,16 @@ def search(spec_path: Path, only: list[str] | None) -> None:
     done = {r["candidate"] for r in read_appended(results)} if results.is_file() else set()
     base = root / "_base"
     stages = list(load_config(config).stages)
-    if not (base / "02_masking" / ".done.json").is_file():
-        print(f"building stages 00-02 once in {base}", flush=True)
-        _realign(config, base, {}, ["--stage", "0", "--stage", "1", "--stage", "2"])
+    if not (base / "03_induction" / ".done.json").is_file():
+        print(f"building stages 00-03 once in {base}", flush=True)
+        _realign(config, base, {}, ["--stage", "0", "--stage", "1", "--stage", "2", "--stage", "3"])
     for name, sets in candidates.items():
         if (only and name not in only) or name in done:
             continue
         run_dir = root / name
         if not run_dir.exists():
             seed_run(base, run_dir, stages, only={"data", "model", "00_tiny_world", "01_retrieval", "02_masking",
-                                                  "config.json"})
+                                                  "03_induction", "config.json"})
         t0 = time.time()
         print(f"[{name}] {sets or 'defaults'}", flush=True)
         _realign(config, run_dir, sets or {})

@@ -1,4 +1,4 @@
-"""The recipe search (experiments/recipe_search.py) on the smoke chain: it builds stages 00-02 once,
+"""The recipe search (experiments/recipe_search.py) on the smoke chain: it builds stages 00-03 once,
 runs each candidate from a copy of them on the VALIDATION images, appends one result line per
 candidate, resumes without redoing finished candidates, and writes the table and dose-response plot."""
 import json
@@ -46,8 +46,8 @@ candidates:
     assert all("pope_val" in p for p in ev["pope_files"].values())
     log = [json.loads(x) for x in open(tmp_path / "runs" / "steps_5" / "04_training" / "rdpo_seed1" / "train_log.jsonl")]
     assert len(log) == 5
-    # stages 00-02 ran once (in _base); the candidates' copies skipped them (their markers are the copies)
-    for stage in ("00_tiny_world", "01_retrieval", "02_masking"):
+    # stages 00-03 ran once (in _base); the candidates' copies skipped them (their markers are the copies)
+    for stage in ("00_tiny_world", "01_retrieval", "02_masking", "03_induction"):
         made = json.loads((tmp_path / "runs" / "_base" / stage / ".done.json").read_text())["finished"]
         for name in ("default", "steps_5"):
             assert json.loads((tmp_path / "runs" / name / stage / ".done.json").read_text())["finished"] == made
