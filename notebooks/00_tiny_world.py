@@ -22,7 +22,9 @@
 #
 # 1. **The tiny world** — seeded synthetic scenes with *co-occurrence priors* (a moon usually comes
 #    with a star) and *weak evidence* (small, faint objects), written in the official formats:
-#    LLaVA-Instruct-150K training JSON, POPE question files, MME-style folders.
+#    LLaVA-Instruct-150K training JSON, POPE question files, MME-style folders. Held-out images come
+#    in two disjoint sets: *validation* images, on which a recipe is chosen, and *test* images, on
+#    which the chosen recipe is reported once.
 # 2. **The tiny VLM** — a genuine `LlavaForConditionalGeneration` (CLIP tower + Llama) trained from
 #    scratch: the vision tower first learns the world's labels (a stand-in for CLIP's
 #    pre-training), then projector and language model are instruction-tuned on the conversations.
