@@ -232,8 +232,8 @@ def _results(run_dir, under=("",)):
         if not p.is_file() or rel.endswith(_NOT_RESULTS) or "embedding_parts/" in rel or not rel.startswith(under):
             continue
         data = p.read_bytes().replace(str(run_dir).encode(), b"<run>")
-        if p.suffix == ".json" and not rel.startswith("data/tiny_world/pope/"):  # (POPE's .json is JSON lines)
-            data = strip(json.loads(data))
+        if p.suffix == ".json" and not rel.startswith(("data/tiny_world/pope/", "data/tiny_world/pope_val/")):
+            data = strip(json.loads(data))  # (POPE's question files are JSON lines under .json: compared as bytes)
         out[rel] = data
     return out
 
