@@ -283,15 +283,18 @@ def _phrase(o: ObjectInstance) -> str:
     return " ".join(w for w in words if w)
 
 
+def _listing(phrases: Sequence[str]) -> str:
+    """``"a , b and c"`` (the world's spaced punctuation)."""
+    return phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
 def describe(s: Scene) -> str:
     """A detailed description naming every object with size, colour, position, plus a relation.
 
     Example: ``"in this night scene there is a big yellow star on the left and a small white moon
     at the top . the star is to the left of the moon ."`` (lower case, punctuation spaced).
     """
-    phrases = [_phrase(o) for o in s.objects]
-    body = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
-    text = f"{_INTROS[s.template].format(scene=s.scene)} {body} ."
+    text = f"{_INTROS[s.template].format(scene=s.scene)} {_listing([_phrase(o) for o in s.objects])} ."
     if len(s.objects) >= 2:
         a, b = s.objects[0], s.objects[1]
         rel = _REL.get((a.position, b.position))
@@ -374,9 +377,7 @@ def short_answer_questions(s: Scene, rng: np.random.Generator, n: int = 1) -> li
     out = []
     for kind in [kinds[i] for i in rng.permutation(len(kinds))][:n]:
         if kind == "objects":
-            phrases = [_short_phrase(o) for o in s.objects]
-            body = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
-            q, a = SHORT_QUESTIONS["objects"], f"there is {body} ."
+            q, a = SHORT_QUESTIONS["objects"], f"there is {_listing([_short_phrase(o) for o in s.objects])} ."
         elif kind == "count":
             t = s.objects[int(rng.integers(len(s.objects)))].type
             k = s.count(t)
