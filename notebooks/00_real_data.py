@@ -25,9 +25,23 @@
 # images are opened. Each sample is the first human → gpt exchange of a record whose image exists;
 # records without one are counted, never silently dropped. With `chosen_source = "openai"` a VLM
 # behind an OpenAI-compatible endpoint (e.g. vLLM) answers each prompt instead, looking at the image.
+# With `chosen_source = "caption_qa"` a text LLM writes short question-answer pairs from each sampled
+# image's caption, as the paper made its chosen responses (section "QA pairs from captions" below).
 #
 # The model itself is not touched here: stages 01–05 take it by `model_path` (a hub id such as
 # `llava-hf/llava-1.5-7b-hf` or a local folder). See `configs/backbones/` for the paper's models.
+
+# %%
+# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
+# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+import importlib.util, os, subprocess, sys  # noqa: E401
+if importlib.util.find_spec("realign_lib") is None:
+    _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
+                 os.path.abspath("realign-kit"))
+    if not os.path.isdir(_root):
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+    sys.path.insert(0, _root)
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
@@ -39,7 +53,9 @@ n_samples = 6000  # samples handed to stages 01-03
 prompt_contains = ""  # keep only records whose first question contains this text; empty: all
 shuffle = True  # a seeded random subset of the images; False: the file's first images
 records_per_image = 1  # records kept per image (the paper samples images: 1); more keep further conversations under the ids <id>_1, <id>_2
-chosen_source = "llava"  # llava (the dataset's answers) | openai (a VLM behind an OpenAI-compatible endpoint answers)
+chosen_source = "llava"  # llava (the dataset's answers) | openai (a VLM behind an OpenAI-compatible endpoint answers) | caption_qa (a text LLM behind the endpoint writes short question-answer pairs from each image's caption, as the paper)
+qa_per_image = 1  # caption_qa: question-answer pairs asked per image, each one sample (1: one sample per image, as the paper samples images)
+captions_json = ""  # caption_qa: COCO captions file (captions_train2017.json) or JSON lines of image and caption; empty: the dataset's answers of each image (e.g. detail_23k descriptions)
 api_base_url = ""  # openai backend: base URL, e.g. http://localhost:8000/v1 (vLLM); empty: OpenAI
 api_model = ""  # openai backend: the served model name
 api_key_env = "OPENAI_API_KEY"  # openai backend: NAME of the environment variable holding the key (never the key)
@@ -48,9 +64,11 @@ n_show = 6  # examples shown in the notebook
 
 # %%
 import json
+import math
 import time
 from pathlib import Path
 
+from realign_lib import workspace
 from realign_lib.data import SKIP_REASONS, samples_from_llava
 from realign_lib.files import write_json, write_jsonl
 from realign_lib.stages import RealDataStage
@@ -58,7 +76,7 @@ from realign_lib.stages import RealDataStage
 stage = RealDataStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 t0 = time.time()
-run = Path(run_dir)
+run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
 if not llava_json or not image_folder:
     raise ValueError("set llava_json (the LLaVA-Instruct-150K JSON) and image_folder (its COCO images); "
                      "for the offline tiny world use notebook 00_tiny_world instead")
@@ -69,7 +87,9 @@ if small_run:
     n_samples = min(n_samples or 20, 20)
 # group the records by image (one per image by default, as the paper samples images), take a seeded
 # subset of the images, and open only the images taken (not the whole COCO folder)
-samples, counts = samples_from_llava(llava_json, image_folder, limit=n_samples or None,
+# caption_qa: each image gives qa_per_image samples, so fewer images are taken
+n_take = math.ceil(n_samples / qa_per_image) * records_per_image if chosen_source == "caption_qa" else n_samples
+samples, counts = samples_from_llava(llava_json, image_folder, limit=n_take or None,
                                      prompt_contains=prompt_contains or None, records_per_image=records_per_image,
                                      shuffle_seed=seed if shuffle else None)
 samples = sorted(samples, key=lambda s: s["id"])
@@ -89,8 +109,82 @@ if chosen_source == "openai":  # chosen responses from a VLM endpoint (resumable
     samples, endpoint_counts = chosen_from_endpoint(samples, ep, run / "00_real_data" / "chosen_answers.jsonl")
     ep.close()
     print(f"chosen responses from {ep.name}: {endpoint_counts}; requests {dict(ep.stats)}")
+elif chosen_source == "caption_qa":  # the next cells write the samples
+    pass
 elif chosen_source != "llava":
-    raise ValueError(f"chosen_source {chosen_source!r}: use llava or openai")
+    raise ValueError(f"chosen_source {chosen_source!r}: use llava, openai or caption_qa")
+
+# %% [markdown]
+# ## QA pairs from captions (`chosen_source = "caption_qa"`)
+#
+# Re-Align §4.1: the chosen responses are "QA pairs generated from image captions and simple VQA
+# tasks using GPT-4o mini" (Appendix C, Figure 5: *What types of bags are seen in the image?* →
+# *The image shows a suitcase and a backpack.*). Here a text LLM behind an OpenAI-compatible endpoint
+# (`api_model` at `api_base_url`, e.g. `gpt-4o-mini`; the key only from the environment variable
+# named by `api_key_env`) reads each sampled image's caption(s) — COCO captions from `captions_json`,
+# or, without it, the dataset's answers (LLaVA-Instruct's `detail_23k` descriptions are captions) —
+# and writes `qa_per_image` question-answer pairs as a JSON list; the image itself is not sent. Each
+# pair becomes one sample (`<id>_qa<k>`: the question is the prompt, the answer the chosen response).
+# Replies are parsed strictly (`realign_lib.caption_qa.parse_qa_reply`): code fences and text around
+# the list are tolerated and counted; a reply that is no list of pairs, and each pair that is a yes/no
+# question, has an empty answer, shares no word with the caption, repeats a question or is beyond
+# `qa_per_image`, is rejected and counted under its reason. Replies are appended to
+# `00_real_data/caption_qa.jsonl` batch by batch: a killed run asks only for the images it has not
+# finished; another model, prompt or `qa_per_image` starts the file again. The prompt (the paper does
+# not publish its own; this constant is the one sent):
+
+# %%
+if chosen_source == "caption_qa":
+    from realign_lib.caption_qa import PAIR_REJECTS, QA_PROMPT, REPLY_REJECTS, load_captions, qa_from_captions
+    from realign_lib.data import llava_records
+    from realign_lib.endpoint import ChatEndpoint
+
+    print(QA_PROMPT)
+    by_image = {}  # image → its record: the first sample's id, the captions
+    if captions_json:
+        coco = load_captions(captions_json)
+    for s in samples:
+        rec = by_image.setdefault(s["image"], {"id": s["id"], "image": s["image"], "image_root": image_root,
+                                               "caption": []})
+        if not captions_json:
+            rec["caption"].append(s["chosen"])
+    if captions_json:
+        for image, rec in by_image.items():
+            rec["caption"] = coco.get(image, [])
+    caption_records = [r for r in by_image.values() if r["caption"]]
+    no_caption = len(by_image) - len(caption_records)
+    print(f"{len(caption_records)} images with captions ({'from ' + captions_json if captions_json else 'the dataset answers'});"
+          f" {no_caption} sampled images without a caption left out")
+    ep = ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
+                      max_concurrency=max_concurrency, max_tokens=100 + 120 * qa_per_image)
+    samples, endpoint_counts = qa_from_captions(caption_records, ep, run / "00_real_data", qa_per_image)
+    ep.close()
+    endpoint_counts["no_caption"] = no_caption
+    samples = samples[:n_samples]
+    print(f"{endpoint_counts['images']} images: {endpoint_counts['asked']} asked now, {endpoint_counts['resumed']} "
+          f"finished before; {endpoint_counts['images_with_pairs']} gave pairs, {endpoint_counts['pairs']} pairs in all "
+          f"({len(samples)} kept for n_samples {n_samples}); requests {dict(ep.stats)}")
+    for title, reasons, got in (("replies rejected", REPLY_REJECTS, endpoint_counts["reply_rejects"]),
+                                ("pairs rejected", PAIR_REJECTS, endpoint_counts["pair_rejects"])):
+        print(f"{title}: {sum(got.values())}")
+        for reason, why in reasons.items():
+            print(f"  {reason:20s} {got[reason]:6d}  {why}"
+                  + (f" (e.g. {', '.join(endpoint_counts['examples'][reason])})" if got[reason] else ""))
+    print(f"replies repaired: {endpoint_counts['repaired']}")
+    if not samples:
+        raise RuntimeError(f"no question-answer pairs from {ep.name}: {endpoint_counts['reply_rejects']}; "
+                           f"see {run / '00_real_data' / 'caption_qa.jsonl'}")
+    write_json(run / "00_real_data" / "caption_qa_llava.json", llava_records(samples))  # LLaVA-Instruct layout
+    # one example: a caption and the pairs written from it
+    first = {r["id"]: r for r in caption_records}
+    shown = list(dict.fromkeys(s["id"].rsplit("_qa", 1)[0] for s in samples))[:max(1, min(n_show, 3))]
+    for rid in shown:
+        print(f"\n[{rid}] caption:\n  " + "\n  ".join(first[rid]["caption"])[:600])
+        for s in samples:
+            if s["id"].rsplit("_qa", 1)[0] == rid:
+                print(f"  Q: {s['prompt']}\n  A: {s['chosen']}")
+
+# %%
 write_jsonl(run / "data" / "samples.jsonl", samples)
 print(f"{len(samples)} samples → {run / 'data' / 'samples.jsonl'}; kept {counts['kept']} records")
 for reason, why in SKIP_REASONS.items():  # every skipped record is counted, with where to find the first ones

@@ -34,6 +34,18 @@
 #
 # Everything is written into the run folder; later notebooks read only files.
 
+# %%
+# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
+# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+import importlib.util, os, subprocess, sys  # noqa: E401
+if importlib.util.find_spec("realign_lib") is None:
+    _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
+                 os.path.abspath("realign-kit"))
+    if not os.path.isdir(_root):
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+    sys.path.insert(0, _root)
+
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
@@ -65,7 +77,7 @@ import torch
 import transformers
 from PIL import Image
 
-from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm
+from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm, workspace
 from realign_lib.data import samples_from_llava
 from realign_lib.files import read_jsonl, write_json, write_jsonl
 from realign_lib.prompts import DESCRIBE_PROMPT
@@ -78,7 +90,7 @@ if small_run:
     n_train, n_test, n_mme, n_val, n_samples = 1500, 120, 10, 60, 300
     tower_steps, sft_steps, n_show = 120, 150, 6
 torch.manual_seed(seed)
-run = Path(run_dir)
+run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
 stage_dir = run / "00_tiny_world"
 stage_dir.mkdir(parents=True, exist_ok=True)
 versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

@@ -39,6 +39,18 @@
 # plus `retrieved_image`, `similarity`, `rank`, `masked`), `skipped.jsonl`, the comparison sets
 # for the ablations and `metrics.json`. Output is appended as it is made: a killed run resumes.
 
+# %%
+# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
+# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+import importlib.util, os, subprocess, sys  # noqa: E401
+if importlib.util.find_spec("realign_lib") is None:
+    _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
+                 os.path.abspath("realign-kit"))
+    if not os.path.isdir(_root):
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+    sys.path.insert(0, _root)
+
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
@@ -73,7 +85,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from realign_lib import fillers, induction, similarity, vlm
+from realign_lib import fillers, induction, similarity, vlm, workspace
 from realign_lib.comparisons import corrupted_candidates, random_swap_records
 from realign_lib.data import load_samples
 from realign_lib.files import read_jsonl, write_json, write_jsonl
@@ -82,7 +94,8 @@ from realign_lib.stages import InductionStage
 stage = InductionStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
 t_start = time.time()
-run = Path(run_dir)
+run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
+workspace.ensure_stages(run, needs=['00', '01', '02'])  # missing? built in the small setting, with one realign run call
 stage_dir = run / "03_induction"
 stage_dir.mkdir(parents=True, exist_ok=True)
 masked_path = run / "02_masking" / "masked.jsonl"

@@ -56,6 +56,18 @@
 # model; writes `04_training/<output_name>/` (the adapter, `train_log.jsonl`, `metrics.json`, figures)
 # and adds the run's figures to `04_training/metrics.json`.
 
+# %%
+# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
+# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+import importlib.util, os, subprocess, sys  # noqa: E401
+if importlib.util.find_spec("realign_lib") is None:
+    _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
+                 os.path.abspath("realign-kit"))
+    if not os.path.isdir(_root):
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+    sys.path.insert(0, _root)
+
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
@@ -104,7 +116,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from realign_lib import trainer as preference_trainer, vlm
+from realign_lib import trainer as preference_trainer, vlm, workspace
 from realign_lib.files import read_json, read_jsonl, write_json
 from realign_lib.stages import TrainingStage
 
@@ -114,7 +126,8 @@ t_start = time.time()
 torch.manual_seed(seed)
 if cpu_threads and not torch.cuda.is_available():
     torch.set_num_threads(cpu_threads)
-run = Path(run_dir)
+run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
+workspace.ensure_stages(run, needs=['00', '03'])  # missing? built in the small setting, with one realign run call
 stage_dir = run / "04_training"
 output_name = output_name or f"{loss}_seed{seed}"
 out_dir = stage_dir / output_name

@@ -42,6 +42,18 @@
 # (COCO val2014), `mme_root` (the MME benchmark folder) and `model_path` (e.g. a LLaVA-1.5 folder);
 # the trained adapters of stage 04 are applied on top of `model_path`.
 
+# %%
+# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
+# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+import importlib.util, os, subprocess, sys  # noqa: E401
+if importlib.util.find_spec("realign_lib") is None:
+    _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
+                 os.path.abspath("realign-kit"))
+    if not os.path.isdir(_root):
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+    sys.path.insert(0, _root)
+
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
@@ -72,7 +84,7 @@ import numpy as np
 import torch
 from IPython.display import Markdown, display
 
-from realign_lib import evaluation as ev
+from realign_lib import evaluation as ev, workspace
 from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm
 from realign_lib.files import append_jsonl, read_appended, read_json, read_jsonl, write_json, write_jsonl
 from realign_lib.prompts import DESCRIBE_PROMPT, LMMS_EVAL_SUFFIX
@@ -83,7 +95,8 @@ stage = EvaluationStage.from_namespace(globals())  # checks every parameter by n
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():
     torch.set_num_threads(cpu_threads)
-run = Path(run_dir)
+run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
+workspace.ensure_stages(run, needs=['00', '04'])  # missing? built in the small setting, with one realign run call
 stage_dir = run / "05_evaluation"
 stage_dir.mkdir(parents=True, exist_ok=True)
 world_dir = run / "data" / "tiny_world"

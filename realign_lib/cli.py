@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .config import NOTEBOOK_DIR, load_config, parse_override
+from .workspace import CHAIN_ENV, resolve_run_dir
 
 __all__ = ["main", "run_stage", "upstream_digest", "seed_run", "train_main"]
 
@@ -137,7 +138,7 @@ def run_main(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"realign: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.run_dir)
+    run_dir = resolve_run_dir(cfg.run_dir)  # relative: under $REALIGN_HOME or the repository, as the notebooks do
     stages = list(cfg.stages)
     if args.stage:
         wanted = {f"{n:02d}" for n in args.stage}
@@ -174,11 +175,23 @@ def run_main(args) -> int:
 
 
 def _run_stages(cfg, stages: list[str], args) -> int:
+    previous = os.environ.get(CHAIN_ENV)
+    os.environ[CHAIN_ENV] = "1"  # the notebooks' ensure_stages then reports a missing stage instead of building it
+    try:
+        return _run_stages_in_chain(cfg, stages, args)
+    finally:
+        if previous is None:
+            os.environ.pop(CHAIN_ENV, None)
+        else:
+            os.environ[CHAIN_ENV] = previous
+
+
+def _run_stages_in_chain(cfg, stages: list[str], args) -> int:
     import papermill as pm
 
     from .files import write_json
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = resolve_run_dir(cfg.run_dir)
     write_json(run_dir / "config.json", {"config": args.config, "overrides": args.overrides, "run_dir": cfg.run_dir,
                                          "seed": cfg.seed, "shared": cfg.shared, "stages": cfg.stages})
     t0 = time.time()

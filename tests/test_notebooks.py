@@ -1,8 +1,8 @@
 """Notebook hygiene (one policy, enforced) and a headless papermill run of the chain in its small setting.
 
 Policy: every ``notebooks/NN_*.ipynb`` is paired with a py:percent twin (jupytext) holding the same
-cells, the ``.ipynb`` is committed without outputs, and its first code cell is the only one tagged
-``parameters``.
+cells, the ``.ipynb`` is committed without outputs, its first code cell installs the kit on Colab or a
+bare kernel (and does nothing here), and its second code cell is the only one tagged ``parameters``.
 """
 import json
 import subprocess
@@ -26,7 +26,8 @@ def test_notebooks_are_stripped_paired_and_parameterised(root):
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{path}: outputs committed"
         tagged = [i for i, c in enumerate(code) if "parameters" in c["metadata"].get("tags", [])]
-        assert tagged == [0], f"{path}: exactly one parameters cell, the first code cell (found {tagged})"
+        assert tagged == [1], f"{path}: exactly one parameters cell, the second code cell (found {tagged})"
+        assert "REALIGN_KIT_REPO" in "".join(code[0]["source"]), f"{path}: the first code cell is the setup cell"
         twin = path.with_suffix(".py")
         assert twin.is_file(), f"{path}: py:percent twin missing"
         paired = jupytext.read(twin)
@@ -354,3 +355,50 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     (tmp_path / "leak").mkdir()
     (tmp_path / "leak" / ".hidden.json").write_text(json.dumps({"k": FAKE_KEY}))
     assert _files_holding(tmp_path / "leak", FAKE_KEY.encode()) == [str(tmp_path / "leak" / ".hidden.json")]
+
+
+def _figure_cells(nb: dict) -> list[tuple[str, bool]]:
+    """``(first line, has an image output)`` for every code cell of an executed notebook that shows a figure."""
+    return [(c["source"] if isinstance(c["source"], str) else "".join(c["source"])).splitlines()[0]
+            for c in nb["cells"] if c["cell_type"] == "code" and "plt.show()" in "".join(c["source"])], \
+        [any("image/png" in o.get("data", {}) for o in c.get("outputs", []))
+         for c in nb["cells"] if c["cell_type"] == "code" and "plt.show()" in "".join(c["source"])]
+
+
+@pytest.mark.slow
+def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(root, smoke_chain, tmp_path,
+                                                                                 monkeypatch):
+    """A student's path: the kernel starts in notebooks/, run_dir is relative. Each stage notebook, run by
+    hand (not under `realign run`), finds the run under $REALIGN_HOME (else the repository root) and its
+    executed copy holds an image for every figure cell. Then notebook 03 opened on a run that has only
+    stage 00 builds the missing stages 01-02 in the small setting (one `realign run` call) and goes on."""
+    import papermill as pm
+
+    from realign_lib.workspace import CHAIN_ENV
+
+    home = tmp_path / "home"
+    _copy_run(root, smoke_chain, home / "runs" / "student")
+    monkeypatch.setenv("REALIGN_HOME", str(home))
+    monkeypatch.delenv(CHAIN_ENV, raising=False)
+    for name in ("00_tiny_world", "01_retrieval", "02_masking", "03_induction", "04_training", "05_evaluation"):
+        out = tmp_path / f"{name}.ipynb"
+        pm.execute_notebook(str(root / "notebooks" / f"{name}.ipynb"), str(out), kernel_name="python3",
+                            parameters={"run_dir": "runs/student", "small_run": True}, cwd=str(root / "notebooks"),
+                            progress_bar=False)
+        firsts, shown = _figure_cells(json.loads(out.read_text()))
+        assert firsts and all(shown), (name, [f for f, s in zip(firsts, shown) if not s])
+    assert not (root / "notebooks" / "runs").exists(), "a relative run_dir was resolved against the kernel's folder"
+    assert (home / "runs" / "student" / "05_evaluation" / "metrics.json").is_file()
+
+    _copy_run(root, smoke_chain, home / "runs" / "partial", only=["data", "model", "00_tiny_world"])
+    out = tmp_path / "03_alone.ipynb"
+    pm.execute_notebook(str(root / "notebooks" / "03_induction.ipynb"), str(out), kernel_name="python3",
+                        parameters={"run_dir": "runs/partial", "small_run": True}, cwd=str(root / "notebooks"),
+                        progress_bar=False)
+    partial = home / "runs" / "partial"
+    assert (partial / "01_retrieval" / ".done.json").is_file() and (partial / "02_masking" / ".done.json").is_file()
+    assert not (partial / "00_tiny_world" / "00_tiny_world.ipynb").stat().st_mtime > out.stat().st_mtime
+    assert sum(1 for _ in open(partial / "03_induction" / "preferences.jsonl")) > 10
+    text = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
+                   for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+    assert "building stages 01, 02 in the small setting" in text
