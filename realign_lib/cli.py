@@ -83,8 +83,9 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
     nb = NOTEBOOK_DIR / f"{base}.ipynb"
     out_dir = run_dir / stage  # <run_dir>/<stage> or, for a variant, <run_dir>/<stage>/<name>
     marker = out_dir / ".done.json"
-    import hashlib
-    nb_hash = hashlib.sha256(nb.read_bytes()).hexdigest()[:16]
+    from .nbstore import read as read_notebook, source_digest
+
+    nb_hash = source_digest(read_notebook(nb))  # the cells' sources: storing new outputs in it changes nothing
     if not redo and marker.is_file():
         done = read_json(marker)
         if (done.get("parameters") == params and done.get("notebook_sha256") == nb_hash

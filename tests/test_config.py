@@ -208,7 +208,7 @@ def test_overrides(root):
     with pytest.raises(ValueError, match="key=value"):
         parse_override("seed")
     # a stage override reaches every variant of it; a variant override only that one
-    cmp = load_config(root / "configs" / "tiny_world_comparison.yaml",
+    cmp = load_config(root / "configs" / "tiny_world_ablations.yaml",
                       ["04_training.beta=0.2", "04_training/rdpo_seed1.beta=0.3"])
     betas = {s: cmp.parameters(s)["beta"] for s in cmp.stages if s.startswith("04_training/")}
     assert betas.pop("04_training/rdpo_seed1") == 0.3 and set(betas.values()) == {0.2}
@@ -239,7 +239,7 @@ def test_stage_variants_and_the_matrix(root):
         expand_matrix("04_training/{x}", {"matrix": {"loss": ["dpo"]}})
     with pytest.raises(ValueError, match="both named"):
         expand_matrix("04_training/{loss}", {"matrix": {"loss": ["dpo"], "seed": [0, 1]}})
-    cmp = load_config(root / "configs" / "tiny_world_comparison.yaml")
+    cmp = load_config(root / "configs" / "tiny_world_ablations.yaml")
     runs = [s.split("/", 1)[1] for s in cmp.stages if s.startswith("04_training/")]
     # every condition over the same three seeds, with the same steps and learning rate
     assert sorted({r.rsplit("_seed", 1)[1] for r in runs}) == ["0", "1", "2"] and len(runs) == 15
@@ -248,6 +248,18 @@ def test_stage_variants_and_the_matrix(root):
                 for r in runs}) == 1
     assert cmp.parameters("04_training/dpo_swap_seed2")["preferences"] == "comparison_random_swap.jsonl"
     assert cmp.parameters("04_training/dpo_swap_seed2")["seed"] == 2
+    # the README's comparison: the main chain's recipe, DPO and rDPO paired over five seeds, test images
+    main, cmp = load_config(root / "configs" / "tiny_world.yaml"), load_config(root / "configs" / "tiny_world_comparison.yaml")
+    runs = [s.split("/", 1)[1] for s in cmp.stages if s.startswith("04_training/")]
+    assert sorted(runs) == sorted(f"{c}_seed{i}" for c in ("dpo", "rdpo") for i in range(5))
+    for r in runs:
+        p = cmp.parameters(f"04_training/{r}")
+        assert p["seed"] == int(r[-1]) and p["loss"] == r.split("_")[0]
+        assert {k: v for k, v in p.items() if k not in ("seed", "loss", "output_name", "run_dir")} == \
+            {k: v for k, v in main.parameters("04_training").items() if k not in ("seed", "loss", "run_dir")}
+    for stage in ("00_tiny_world", "01_retrieval", "02_masking", "03_induction"):
+        assert dict(cmp.parameters(stage), run_dir="") == dict(main.parameters(stage), run_dir=""), stage
+    assert cmp.parameters("05_evaluation").get("eval_split", "test") == "test"
 
 
 def test_notebook_checks_its_parameters():
