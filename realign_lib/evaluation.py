@@ -2,7 +2,7 @@
 
 POPE lives in :mod:`realign_lib.pope`. This module adds
 
-* **MME** (design notes §6). The benchmark ships one folder per subtask, in one of two layouts:
+* **MME**. The benchmark ships one folder per subtask, in one of two layouts:
   images and their question files side by side (``existence/000000006040.jpg`` +
   ``existence/000000006040.txt``), or ``<subtask>/images/`` + ``<subtask>/questions_answer_YN/``.
   A question file holds ``question<TAB>answer`` lines (two per image: one Yes, one No).

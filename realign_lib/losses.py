@@ -1,6 +1,6 @@
 """Preference losses as pure functions of summed response log-probabilities.
 
-Notation (Re-Align, Eq. 3–5; design notes §2): ``x`` prompt, ``v`` the image, ``v_l`` the
+Notation (Re-Align, Eq. 3–5): ``x`` prompt, ``v`` the image, ``v_l`` the
 retrieved image, ``y_w`` chosen, ``y_l`` rejected; every ``*_logps`` argument is a ``(B,)``
 tensor of log π(y | x, v) summed over the response tokens (see
 :func:`realign_lib.vlm.sequence_logprobs`), for the policy or the frozen reference. Each function

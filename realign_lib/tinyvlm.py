@@ -7,7 +7,8 @@ CLS, hidden 128, 3 layers), a two-layer GELU projector, and a Llama language mod
 after ``save_pretrained`` the folder loads with ``AutoProcessor`` / ``AutoModelForImageTextToText``
 exactly like a hub checkpoint.
 
-Training has two phases (design notes §4 explain why the first is needed):
+Training has two phases. The first is needed: with a tower that has not learned the world's objects
+first, the model's descriptions ignore the image beyond its scene.
 
 1. :func:`pretrain_vision_tower` — the CLIP tower alone with small heads on the world's labels
    (scene, object presence, per-position object and colour), a stand-in for CLIP's pre-training;

@@ -42,7 +42,7 @@ LOSSES = ("dpo", "rdpo", "mdpo", "rdpo_released")
 # ----------------------------------------------------------------------------------------- config
 @dataclass
 class PreferenceConfig:
-    """Preference-training settings; defaults are the paper's (Re-Align §4.1, design notes §2 step 6)."""
+    """Preference-training settings; defaults are the paper's (Re-Align §4.1, Table 6)."""
 
     loss: str = field(default="rdpo", metadata={"help": "one of dpo, rdpo (paper), mdpo, rdpo_released "
                                                         "(the authors' released 'noisy' variant, for comparison)"})
