@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .files import append_jsonl, iter_jsonl, read_appended, read_json, safe_join
 
-__all__ = ["SAMPLE_KEYS", "SKIP_REASONS", "image_problem", "samples_from_llava", "load_samples", "chosen_from_endpoint"]
+__all__ = ["SAMPLE_KEYS", "SKIP_REASONS", "image_problem", "samples_from_llava", "load_samples", "chosen_from_endpoint",
+           "llava_records"]
 
 
 SAMPLE_KEYS = ("id", "image", "prompt", "chosen")
@@ -149,6 +150,17 @@ def samples_from_llava(json_path: str | os.PathLike, image_root: str | os.PathLi
     counts = {"kept": len(samples), "records": len(data), "images": len(images), "duplicate_records": duplicates,
               "images_opened": opened, **skipped, "examples": examples}
     return samples, counts
+
+
+def llava_records(samples: list[dict]) -> list[dict]:
+    """Samples back in the LLaVA-Instruct-150K layout: one record per sample, ``{"id", "image",
+    "conversations": [{"from": "human", "value": "<image>\\n" + prompt}, {"from": "gpt", "value":
+    chosen}]}``; :func:`samples_from_llava` reads such a file back into the same questions and answers
+    (with ``records_per_image`` at least the most samples an image has; it renames the second and later
+    record of an image ``<id>_1``, ``<id>_2`` …)."""
+    return [{"id": str(s["id"]), "image": s["image"],
+             "conversations": [{"from": "human", "value": "<image>\n" + s["prompt"]},
+                               {"from": "gpt", "value": s["chosen"]}]} for s in samples]
 
 
 def load_samples(path: str | os.PathLike) -> list[dict]:

@@ -174,7 +174,14 @@ class RealDataStage(Stage, EndpointKnobs):
     records_per_image: int = knob(1, "records kept per image (the paper samples images: 1); more keep further "
                                      "conversations under the ids <id>_1, <id>_2", min=1)
     chosen_source: str = knob("llava", "llava (the dataset's answers) | openai (a VLM behind an "
-                                       "OpenAI-compatible endpoint answers)", choices=("llava", "openai"))
+                                       "OpenAI-compatible endpoint answers) | caption_qa (a text LLM behind the "
+                                       "endpoint writes short question-answer pairs from each image's caption, as "
+                                       "the paper)", choices=("llava", "openai", "caption_qa"))
+    qa_per_image: int = knob(1, "caption_qa: question-answer pairs asked per image, each one sample (1: one "
+                                "sample per image, as the paper samples images)", min=1, max=20)
+    captions_json: str = knob("", "caption_qa: COCO captions file (captions_train2017.json) or JSON lines of "
+                                  "image and caption; empty: the dataset's answers of each image (e.g. detail_23k "
+                                  "descriptions)")
     n_show: int = shared("n_show")
 
 
