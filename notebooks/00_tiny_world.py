@@ -101,10 +101,29 @@ t_start = time.time()
 # %% [markdown]
 # ## 1 · Build the world
 #
-# Each image has one to three objects of twelve types. A second object is the first one's
-# *partner* 75 % of the time, and partners are more often small and faint, so a model can learn
-# to guess them from the prior instead of seeing them — the way large VLMs hallucinate a fork next
-# to a plate.
+# Why a world of its own? Re-Align is about *object hallucination*: a VLM names things that are
+# not in the image. Large VLMs do it for a known reason — their training text has strong
+# co-occurrence habits (a fork next to a plate, a car in front of a house), and when the visual
+# evidence is weak the habit wins. To study the method on a CPU we need a small model that
+# hallucinates *for the same reason*, and ground truth to check every answer against. So the world
+# builds the reason in:
+#
+# * **Scenes and objects.** Each 64×64 image is one of five scenes (night, sea, field, street,
+#   beach) with one to three objects of twelve types, each with a colour, a position, a size and an
+#   opacity; every scene has its typical objects.
+# * **Partners.** The twelve types come in six pairs — star↔moon, fish↔boat, car↔house,
+#   tree↔flower, ball↔kite, bird↔cloud. When an image has a second object, it is the first one's
+#   *partner* 75 % of the time.
+# * **Weak evidence.** Objects are small (3.5–10 px radius) and partly transparent, and a partner
+#   is more often the small, faint one.
+#
+# A model trained on these images and their descriptions learns that "star" is usually followed by
+# "moon". Looking at a star alone, it is tempted to say "moon" too: that is the hallucination to
+# remove. POPE's *adversarial* split asks exactly about the absent objects that co-occur most with
+# the present ones — here, the partners.
+#
+# The cell builds the world into `data/tiny_world/` and prints, for each type, the share of
+# training images with that type that also hold its partner.
 
 # %%
 t0 = time.time()
@@ -116,6 +135,36 @@ train_scenes = tw.load_annotations(world["annotations_train"])
 test_scenes = tw.load_annotations(world["annotations_test"])
 print(f"world: {len(train_scenes)} training and {len(test_scenes)} test images in {t_world:.0f} s")
 print("partner co-occurrence P(partner | object):", world["partner_cooccurrence"])
+
+# %% [markdown]
+# How strong is the habit a model can learn? Below, for each object type $o$ with partner $p(o)$,
+# the world's training images give
+#
+# $$P\big(p(o)\text{ present} \mid o\text{ present}\big)
+#   \quad\text{against}\quad P\big(p(o)\text{ present}\big),$$
+#
+# the chance of seeing the partner when $o$ is there, and in any image. The ratio of the two (the
+# *lift*) is how much seeing $o$ should raise a model's belief in $p(o)$. The last line compares how
+# often partners and other objects are weak evidence (radius under 6 px and opacity under 0.7).
+
+# %%
+share = {o: np.mean([tw.PARTNER[o] in s.types for s in train_scenes if o in s.types]) for o in tw.OBJECTS}
+base_rate = {o: np.mean([tw.PARTNER[o] in s.types for s in train_scenes]) for o in tw.OBJECTS}
+print(f"{'object':<8}{'partner':<9}{'P(partner | object)':>21}{'P(partner)':>12}{'lift':>7}")
+for o in tw.OBJECTS:
+    print(f"{o:<8}{tw.PARTNER[o]:<9}{share[o]:21.2f}{base_rate[o]:12.2f}{share[o] / max(base_rate[o], 1e-9):7.1f}")
+objects = [x for s in train_scenes for x in s.objects]
+faint = {k: np.mean([x.radius < 6 and x.opacity < 0.7 for x in objects if x.partner_of_first == k]) for k in (True, False)}
+print(f"weak evidence: {100 * faint[True]:.0f} % of partner objects, {100 * faint[False]:.0f} % of the others")
+
+# %% [markdown]
+# Read the table row by row: every type's partner is several times more likely when the type is
+# present than in a random image (lift well above 1), and partners are faint far more often than
+# other objects. Both together make "say the partner" a cheap guess that is often right in training
+# — and wrong on every test image where the partner is missing.
+#
+# Twelve training images with their ground-truth descriptions (the figure's titles) show what the
+# model sees and reads. Look for the small, faint second object beside a bright first one.
 
 # %%
 fig, axes = plt.subplots(3, 4, figsize=(13, 10.5))
@@ -129,7 +178,10 @@ fig.savefig(stage_dir / "scenes.png", dpi=80)
 plt.show()
 
 # %% [markdown]
-# The world's files are in the official layouts, so the same readers serve COCO later:
+# The world's files are in the official layouts, so the same readers serve COCO later. The cell
+# prints the first LLaVA-Instruct training record (an image and a conversation), one POPE question
+# line (`question_id`, `image`, `text`, `label`) and one MME question file (two questions about one
+# image, one answered Yes and one No):
 
 # %%
 llava = json.load(open(world["train_json"]))
@@ -160,7 +212,10 @@ for s in [x for x in samples if x["kind"] == "short_answer"][:3]:
 # ## 2 · Train (or load) the tiny VLM
 #
 # Training saves its state every 100 steps (`model/tiny_vlm/resume/`); if the run is killed, running
-# the stage again continues from there and ends with the same weights as an uninterrupted run.
+# the stage again continues from there and ends with the same weights as an uninterrupted run. The
+# figure after it shows the two training phases' losses per step: the vision tower learning the
+# world's labels (left), then the whole model learning to answer (right). Both should fall and
+# flatten; a loss still falling steeply at the end means more steps would help.
 
 # %%
 t0 = time.time()
@@ -207,7 +262,14 @@ print(q["text"], "→", vlm.generate(model, processor, [Path(world["test_images"
 # %% [markdown]
 # ## 4 · What it says about held-out images
 #
-# Object names in **its** description that are absent from the image are hallucinations.
+# Object names in **its** description that are absent from the image are hallucinations. The cell
+# describes up to 300 test images and prints CHAIR: `CHAIR_i`, the share of named objects that are
+# absent; `CHAIR_s`, the share of descriptions with at least one; the recall of present objects; and
+# the *partner share*, the share of hallucinated objects that are the partner of a present one. A
+# partner share well above what chance would give (one type out of the eleven absent ones) means
+# the model hallucinates for the reason the world was built to provoke. In the figure, each title
+# gives the objects present ("truth"), those the model named ("said") and, in red, the absent ones
+# it named.
 
 # %%
 show = test_scenes[:max(n_show, 1)]
@@ -241,7 +303,11 @@ for ex in hallucinated_examples[:5]:
 #
 # Negatives are sampled as POPE does: *random* absent objects, the most *popular* ones, and the ones
 # that *co-occur* most with what is present (adversarial). A model that leans on priors loses
-# accuracy from random to adversarial and says "yes" to absent partners.
+# accuracy from random to adversarial and says "yes" to absent partners. The table gives per split
+# accuracy, precision, recall, F1 and yes-ratio (half the questions are "yes", so 50 % is unbiased),
+# then the yes-rate on absent objects that are a present object's partner against other absent
+# objects; the bar chart shows accuracy and yes-ratio per split. These answers are reused by stage
+# 05 as the base model's.
 
 # %%
 t0 = time.time()
@@ -296,3 +362,21 @@ metrics = {
 }
 write_json(stage_dir / "metrics.json", metrics)
 print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['total']:.0f} s")
+
+
+# %% [markdown]
+# ## What to try next
+#
+# The world is the experiment's material; its parameters set how hard the hallucination is.
+#
+# * **`seed`** — another world (other scenes, images and questions) and another tiny VLM from the
+#   same recipe. The lift table and the partner yes-rate should look alike; how much CHAIR and POPE
+#   move tells you how much any single world's numbers can be trusted.
+# * **`sft_steps`** (and `tower_steps`) — a model trained less or longer. Fewer steps give a
+#   model that has learned the text habits but not yet the faint objects: expect more
+#   hallucination and a larger partner yes-rate; more steps, the reverse, and less room for stages
+#   01–04 to improve on it.
+# * **`n_train`** — more training images make the co-occurrence statistics sharper and the model
+#   better; fewer make it lean on the prior. Watch the training loss curves and the partner share of
+#   hallucinations in section 4.
+

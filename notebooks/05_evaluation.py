@@ -16,18 +16,30 @@
 # %% [markdown]
 # # 05 · Evaluation: POPE, MME, CHAIR, and the comparison of conditions
 #
-# Evaluates the base model and every trained run of stage 04 (or those named in `runs`) with
+# Stage 04 trained the tiny VLM on the preference pairs, with rDPO (`rdpo_seed0`) and, for
+# comparison, with plain DPO (`dpo_seed0`). Did it hallucinate less afterwards — and did it stay a
+# good model? This notebook asks every model the same questions and counts. It uses the three
+# measurements of the Re-Align paper:
 #
-# * **POPE** — the official question files (`*_random.json`, `*_popular.json`, `*_adversarial.json`),
-#   greedy answers written as JSON lines keyed by `question_id`, scored as POPE's `evaluate.py` does
-#   (`realign_lib.pope`); on the tiny world also the yes-rate for an absent *partner* object, the
-#   hallucination the world is built to provoke;
-# * **MME** — MME's folder layout; the result files `<subtask>.txt` (`image⇥question⇥gt⇥prediction`,
-#   an image's two questions on consecutive lines) are written so MME's own `calculation.py` can score
-#   them, and scored here by the same rule (acc·100 + acc+·100 per subtask); plus the share of answers
-#   in the bare yes/no format (`realign_lib.evaluation`);
-# * **CHAIR** on the tiny world — descriptions of held-out images: share of named objects that are
-#   absent (`chair_i`), of descriptions with one or more (`chair_s`), and object recall.
+# * **POPE** asks *"Is there a ⟨object⟩ in the image?"* for objects that are there (label *yes*) and
+#   objects that are not (label *no*). The absent objects come in three splits: *random*, the most
+#   *popular* objects, and *adversarial* — the objects that co-occur most with what is present. A
+#   model that answers from habit instead of from the image says "yes" too often, most of all on
+#   the adversarial split. The official question files (`*_random.json`, `*_popular.json`,
+#   `*_adversarial.json`) are read as they are, the greedy answers written as JSON lines keyed by
+#   `question_id`, and scored exactly as POPE's `evaluate.py` does (`realign_lib.pope`). On the tiny
+#   world we also count the yes-rate for an absent *partner* object: the hallucination the world
+#   is built to provoke.
+# * **MME** asks two yes/no questions per image (one true, one false) in four perception subtasks
+#   (existence, count, position, colour). The result files `<subtask>.txt`
+#   (`image⇥question⇥gt⇥prediction`, an image's two questions on consecutive lines) are written so
+#   MME's own `calculation.py` can score them, and scored here by the same rule (acc·100 + acc+·100
+#   per subtask, at most 200); plus the share of answers in the bare yes/no format
+#   (`realign_lib.evaluation`). MME checks that training against hallucination did not cost general
+#   perception.
+# * **CHAIR** on the tiny world: the model *describes* held-out images in its own words, and we
+#   count the named objects that are absent. POPE asks about one object at a time; CHAIR measures
+#   hallucination in free text, where preference training acts.
 #
 # Then it compares conditions. A run named `<condition>_seed<k>` (stage 04's default `rdpo_seed0`)
 # belongs to `<condition>`; the table gives mean ± sd over seeds, and differences against the base
@@ -73,9 +85,8 @@ baseline = "base"  # condition the others are compared with, paired by seed
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
 # %%
-import hashlib
 import json
-import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -83,11 +94,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from IPython.display import Markdown, display
+from PIL import Image
 
 from realign_lib import evaluation as ev, workspace
-from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm
-from realign_lib.files import append_jsonl, read_appended, read_json, read_jsonl, write_json, write_jsonl
-from realign_lib.prompts import DESCRIBE_PROMPT, LMMS_EVAL_SUFFIX
+from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe
+from realign_lib.files import read_json, read_jsonl, write_json
+from realign_lib.prompts import LMMS_EVAL_SUFFIX
 from realign_lib.stages import EvaluationStage
 
 stage = EvaluationStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
@@ -142,111 +154,39 @@ print(f"POPE {', '.join(f'{s} {len(q)}' for s, q in questions.items())} question
 print("models:", ", ".join(models))
 
 # %% [markdown]
+# The cell above printed what will be asked (questions per POPE split, MME questions, images described
+# for CHAIR) and which models answer: `base` is the model of stage 00, the others are stage 04's
+# runs. In the small setting every number is shrunk (40 POPE questions per split), so one question
+# moves a POPE accuracy by 2.5 points: read the smoke run's figures as a check that everything runs,
+# not as results.
+#
 # ## 1 · Answer and score, model by model
 #
-# Each model's answers go to `05_evaluation/<model>/` (`pope_<split>_answers.jsonl`,
-# `mme_answers.jsonl`, `mme/<subtask>.txt`, `descriptions.jsonl`, `metrics.json`). Answer files are
-# appended batch by batch, so a killed run resumes where it stopped; a model whose weights or
-# evaluation settings changed since is evaluated afresh. LoRA adapters are merged into the base
-# weights for evaluation (same outputs, faster).
+# `ev.evaluate_model` does one model: it answers POPE, MME and the CHAIR descriptions, scores them,
+# and writes everything to `05_evaluation/<model>/` (`pope_<split>_answers.jsonl`,
+# `mme_answers.jsonl`, `mme/<subtask>.txt`, `descriptions.jsonl`, `fingerprint.json`,
+# `metrics.json`). The bookkeeping lives in the library: a *fingerprint* of the model's weights and
+# of the settings (question files, images, prompt suffix, …) is kept with the results, so a model
+# that was already evaluated the same way is not evaluated again, and one whose weights or settings
+# changed starts afresh. Answer files are appended batch by batch, so a killed run resumes where it
+# stopped. LoRA adapters are merged into the base weights for evaluation (same outputs, faster). The
+# base model's POPE answers from stage 00 (same model, questions and prompt) are reused.
+#
+# Each printed line is one model: POPE accuracy and yes-ratio on the adversarial split, the MME
+# perception score (out of 200 per subtask) with the share of bare yes/no answers, CHAIR_i, and the
+# time it took (0 s: read from the cache).
 
 # %%
-def fingerprint(name: str) -> dict:
-    """What an evaluation depends on: the weights' bytes (hashed) and the evaluation settings."""
-    folder = base_path if name == "base" else train_dir / name
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):  # bytes of small files; size and mtime of big ones
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        h.update(f.read_bytes() if st.st_size < 256 * 2**20 else str(st.st_mtime_ns).encode())
-    return {"model": str(folder), "weights_sha256": h.hexdigest()[:16] if folder.exists() else str(folder),
-            "base": str(base_path),
-            "pope": {s: [str(p), hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]] for s, p in pope_files.items()},
-            "image_root": str(img_root), "suffix": suffix, "mme": str(mme_dir),
-            "mme_questions": sum(map(len, mme_records.values())), "n_chair": len(chair_scenes)}
-
-
-def load(name: str):
-    if name == "base":
-        return vlm.load_vlm(base_path)
-    folder = train_dir / name
-    if (folder / "adapter_config.json").is_file():
-        model, processor = vlm.load_vlm(base_path, adapter=folder)
-        return model.merge_and_unload().eval(), processor
-    return vlm.load_vlm(folder)
-
-
-def evaluate(name: str) -> dict:
-    out = stage_dir / name
-    sig = fingerprint(name)
-    if (out / "metrics.json").is_file():
-        old = read_json(out / "metrics.json")
-        if old.get("fingerprint") == sig:
-            return old
-    if (out / "fingerprint.json").is_file() and read_json(out / "fingerprint.json") != sig:
-        for f in list(out.glob("*.jsonl")) + list(out.glob("mme/*.txt")) + [out / "metrics.json"]:
-            f.unlink(missing_ok=True)  # answers of other weights or settings: start over
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "fingerprint.json", sig)
-    t0 = time.time()
-    model, processor = load(name)
-    res = {"model": name, "fingerprint": sig, "seconds": {}}
-    # POPE (the base tiny model's answers from stage 00 are the same questions, prompt and weights: reused)
-    t = time.time()
-    seed_dir = run / "00_tiny_world" / "eval_base"
-    if name == "base" and not model_path and not pope_dir and not suffix and not validation and seed_dir.is_dir():
-        for split, qs in questions.items():
-            src, dst = seed_dir / f"pope_{split}_answers.jsonl", out / f"pope_{split}_answers.jsonl"
-            if src.is_file() and not dst.exists():  # with the model they were made by (answer_pope checks it)
-                ids = {q["question_id"] for q in qs}
-                write_jsonl(dst, [a for a in read_jsonl(src) if a["question_id"] in ids])
-                if src.with_name(src.stem + ".settings.json").is_file():
-                    shutil.copy2(src.with_name(src.stem + ".settings.json"), dst.with_name(dst.stem + ".settings.json"))
-                res.setdefault("reused", []).append(str(src))
-    res["pope"] = {}
-    res["pope_partner"] = {}
-    for split, qs in questions.items():
-        ans = pope.answer_pope(model, processor, qs, img_root, out / f"pope_{split}_answers.jsonl",
-                               batch_size=batch_size, suffix=suffix, model_id=name,
-                               model_key=None if name == "base" else sig)  # (merged adapters: not a folder's)
-        pairs = pope.join_answers(qs, ans, source=str(out / f"pope_{split}_answers.jsonl"))
-        preds = [pope.parse_yes_no(a) for _, a in pairs]
-        res["pope"][split] = pope.score_pope([q["label"] for q, _ in pairs], preds)
-        if scenes:
-            res["pope_partner"][split] = twe.partner_yes_rate([q for q, _ in pairs], preds, scenes)
-    res["seconds"]["pope"] = round(time.time() - t, 1)
-    # MME
-    if mme_records:
-        t = time.time()
-        answered = ev.answer_mme(model, processor, mme_records, out / "mme_answers.jsonl", batch_size=batch_size,
-                                 model_id=name)
-        ev.write_mme_results(answered, out / "mme")
-        res["mme"] = ev.score_mme_results(out / "mme", tasks=list(mme_records))
-        res["seconds"]["mme"] = round(time.time() - t, 1)
-    # CHAIR
-    if chair_scenes:
-        t = time.time()
-        cache = out / "descriptions.jsonl"
-        texts = {r["id"]: r["text"] for r in read_appended(cache)}  # cuts a torn line
-        todo = [s for s in chair_scenes if s.id not in texts]
-        if todo:
-            folder = world_dir / ("val_images" if validation else "test_images")
-            outs = vlm.generate(model, processor, [folder / f"{s.id}.png" for s in todo],
-                                [DESCRIBE_PROMPT] * len(todo), max_new_tokens=48, batch_size=batch_size)
-            append_jsonl(cache, [{"id": s.id, "text": o} for s, o in zip(todo, outs)])
-            texts.update({s.id: o for s, o in zip(todo, outs)})
-        res["chair"] = twe.caption_hallucination([texts[s.id] for s in chair_scenes], chair_scenes)
-        res["seconds"]["chair"] = round(time.time() - t, 1)
-    res["seconds"]["total"] = round(time.time() - t0, 1)
-    write_json(out / "metrics.json", res)
-    del model
-    return res
-
-
+setup = ev.EvaluationSetup(
+    base_path=base_path, train_dir=train_dir, questions=questions, pope_files=pope_files, image_root=img_root,
+    suffix=suffix, mme_records=mme_records, mme_dir=mme_dir, scenes=scenes, chair_scenes=chair_scenes,
+    chair_image_dir=world_dir / ("val_images" if validation else "test_images"), batch_size=batch_size,
+    # stage 00's base answers: same questions and prompt only on the tiny world's test images, no suffix
+    base_answers=run / "00_tiny_world" / "eval_base"
+    if not (model_path or pope_dir or suffix or validation) else None)
 results = {}
 for name in models:
-    results[name] = evaluate(name)
-    r = results[name]
+    results[name] = r = ev.evaluate_model(setup, name, stage_dir / name)
     pa = r["pope"].get("adversarial") or next(iter(r["pope"].values()))
     other = sum(x.get("other_answers", 0) for x in r["pope"].values())
     print(f"{name:<22} POPE adv acc {100 * pa['accuracy']:.1f} yes {100 * pa['yes_ratio']:.1f}"
@@ -257,7 +197,145 @@ for name in models:
           + f" | {r['seconds']['total']:.0f} s")
 
 # %% [markdown]
-# ## 2 · Every model, every metric
+# ## 2 · The POPE score, written out
+#
+# A POPE answer is free text ("Yes.", "No, there is not.", "There is a kite."). The official
+# `evaluate.py` turns it into yes or no with one blunt rule: keep the text before the first full
+# stop, drop the commas, split on spaces; the answer is **no** if one of the words is exactly
+# `No`, `not` or `no`, and **yes** otherwise. So anything without a no-word counts as *yes* — also
+# a rambling "A star and a moon." (the kit counts those separately as `other_answers`), and also
+# "Not really.", because the capitalised `Not` is not in the list.
+#
+# With *yes* as the positive class, the parsed answers and the labels give the four counts of a
+# confusion matrix: true positives $TP$ (yes to a present object), false positives $FP$ (yes to an
+# absent object — a hallucination), true negatives $TN$ and false negatives $FN$. Then
+#
+# $$\text{accuracy} = \frac{TP + TN}{N}, \qquad
+#   \text{precision} = \frac{TP}{TP + FP}, \qquad \text{recall} = \frac{TP}{TP + FN},$$
+#
+# $$F_1 = \frac{2\,\text{precision}\cdot\text{recall}}{\text{precision} + \text{recall}}
+#       = \frac{2\,TP}{2\,TP + FP + FN}, \qquad
+#   \text{yes-ratio} = \frac{TP + FP}{N}.$$
+#
+# Half of POPE's questions have the label *yes*, so an unbiased model has a yes-ratio near 50 %. A
+# hallucinating model has more false positives: its precision and its accuracy drop, and its
+# yes-ratio climbs above 50 %. The cell below writes the rule and the scores out in plain Python,
+# runs them on a handful of real answers (and a few made-up ones that show the rule's corners), and
+# asserts that they equal `realign_lib.pope.parse_yes_no` and `realign_lib.pope.score_pope` — the
+# functions that scored every model above. Then it scores a whole split with the plain code and
+# checks the result against the figures the stage wrote.
+
+# %%
+def parse(text):                                   # POPE's evaluate.py
+    first = text.split(".")[0]                     # the first sentence
+    words = first.replace(",", "").split(" ")
+    return "no" if {"No", "not", "no"} & set(words) else "yes"
+
+
+def pope_scores(labels, preds):
+    tp = sum(y == "yes" and p == "yes" for y, p in zip(labels, preds))
+    fp = sum(y == "no" and p == "yes" for y, p in zip(labels, preds))
+    tn = sum(y == "no" and p == "no" for y, p in zip(labels, preds))
+    fn = sum(y == "yes" and p == "no" for y, p in zip(labels, preds))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(labels), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": preds.count("yes") / len(preds)}
+
+
+name = models[0]
+split = "adversarial" if "adversarial" in questions else next(iter(questions))
+said = {a["question_id"]: a["text"] for a in read_jsonl(stage_dir / name / f"pope_{split}_answers.jsonl")}
+qs = questions[split]
+few = [q for q in qs if q["label"] == "yes"][:4] + [q for q in qs if q["label"] == "no"][:4]
+made_up = ["No, there is not.", "There is no kite.", "Not really.", "Yes, a small moon.", "A star and a moon."]
+assert all(parse(t) == pope.parse_yes_no(t) for t in [said[q["question_id"]] for q in few] + made_up)
+labels, preds = [q["label"] for q in few], [parse(said[q["question_id"]]) for q in few]
+lib = pope.score_pope(labels, [pope.parse_yes_no(said[q["question_id"]]) for q in few])
+assert all(np.isclose(pope_scores(labels, preds)[k], lib[k]) for k in pope_scores(labels, preds))
+full = pope_scores([q["label"] for q in qs], [parse(said[q["question_id"]]) for q in qs])
+assert all(np.isclose(full[k], results[name]["pope"][split][k]) for k in full)  # what the stage reported
+
+rows = ["| question | label | answer | parsed |", "| --- | --- | --- | --- |"]
+rows += [f"| {q['text']} | {q['label']} | {said[q['question_id']]!r} | "
+         + ("**" + parse(said[q["question_id"]]) + "**" if parse(said[q["question_id"]]) != q["label"]
+            else parse(said[q["question_id"]])) + " |" for q in few]
+rows += [f"| (made up) | | {t!r} | {parse(t)} |" for t in made_up]
+display(Markdown(f"{name}, {split} split (**bold**: wrong)\n\n" + "\n".join(rows)))
+print("the handful: " + ", ".join(f"{k} {v:.2f}" for k, v in pope_scores(labels, preds).items()))
+print(f"all {len(qs)} {split} questions: " + ", ".join(f"{k} {v:.3f}" for k, v in full.items())
+      + "  = realign_lib.pope")
+
+# %% [markdown]
+# The table shows the question, its label, the model's raw answer and what the rule makes of it;
+# a **bold** parse is a wrong answer (on a *no* question: a hallucination). The made-up rows show
+# the rule's corners: "There is no kite." is a *no*, "Not really." a *yes*. The two printed lines
+# are the plain-Python scores of the handful and of the whole split; the `assert`s above passed, so
+# they equal the library's, and the whole-split line equals what the stage wrote to `metrics.json`.
+
+# %% [markdown]
+# ## 3 · CHAIR, written out
+#
+# CHAIR (Rohrbach et al., 2018) counts hallucinated objects in descriptions. Each description names
+# a set of object types; those not in the image are hallucinated. Over all described images,
+#
+# $$\text{CHAIR}_i = \frac{|\{\text{hallucinated objects named}\}|}{|\{\text{objects named}\}|},
+#   \qquad
+#   \text{CHAIR}_s = \frac{|\{\text{descriptions naming a hallucinated object}\}|}{|\{\text{descriptions}\}|}.$$
+#
+# Lower is better for both. A model can lower them by naming fewer objects, so the kit also reports
+# the *recall*: the share of the objects present that the description names. On the tiny world the
+# object names are the twelve types (singular or plural), found by `tinyworld_eval.mentioned_objects`.
+# The cell below recomputes both figures from the description files and checks them against the
+# stage's `tinyworld_eval.caption_hallucination`; then it shows a few images with every model's
+# description.
+
+# %%
+if chair_scenes:
+    texts = {m: {r["id"]: r["text"] for r in read_jsonl(stage_dir / m / "descriptions.jsonl")} for m in models}
+    for m in models:
+        named = hallucinated = with_hallucination = 0
+        for s in chair_scenes:
+            objects = twe.mentioned_objects(texts[m][s.id])      # object types the description names
+            absent = [o for o in objects if o not in s.types]
+            named, hallucinated = named + len(objects), hallucinated + len(absent)
+            with_hallucination += bool(absent)
+        chair_i, chair_s = hallucinated / max(named, 1), with_hallucination / len(chair_scenes)
+        assert np.isclose(chair_i, results[m]["chair"]["chair_i"]) and np.isclose(chair_s, results[m]["chair"]["chair_s"])
+        print(f"{m:<22} CHAIR_i = {hallucinated}/{named} = {chair_i:.3f}   "
+              f"CHAIR_s = {with_hallucination}/{len(chair_scenes)} = {chair_s:.3f}")
+
+    show = sorted(chair_scenes, key=lambda s: -sum(o not in s.types for m in models
+                                                 for o in twe.mentioned_objects(texts[m][s.id])))[:3]
+    fig, axes = plt.subplots(len(show), 2, figsize=(11, 2.3 * len(show)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 5]})
+    for (ax_img, ax_txt), s in zip(axes, show):
+        ax_img.imshow(Image.open(setup.chair_image_dir / f"{s.id}.png"), interpolation="nearest")
+        ax_img.set_title(f"present: {', '.join(sorted(set(s.types)))}", fontsize=8)
+        ax_txt.axis("off")
+        ax_img.axis("off")
+        for i, m in enumerate(models):
+            absent = [o for o in twe.mentioned_objects(texts[m][s.id]) if o not in s.types]
+            ax_txt.text(0, 1 - i / len(models), f"{m}: " + textwrap.shorten(texts[m][s.id], 110)
+                        + (f"   [absent: {', '.join(absent)}]" if absent else ""), va="top", fontsize=8,
+                        color="tab:red" if absent else "black", transform=ax_txt.transAxes)
+    fig.suptitle("Held-out images and every model's description (red: names an absent object)", fontsize=9)
+    fig.tight_layout()
+    plt.show()
+else:
+    print("no CHAIR descriptions (real data, or n_chair = 0)")
+
+# %% [markdown]
+# Each printed line is one model's CHAIR as a fraction of counts, equal to the library's. In the
+# figure, each row is one held-out image (the ones with the most hallucinated mentions over all
+# models), with the objects it really holds above it; to its right, every model's description,
+# in red where it names an absent object, which is listed in brackets. Look for absent objects that
+# are the *partner* of a present one (moon beside a star, boat beside a fish): those are the
+# tiny world's designed hallucinations, and what training should remove.
+
+# %% [markdown]
+# ## 4 · Every model, every metric
 #
 # POPE in percent (accuracy, F1, yes-ratio per split); on the tiny world the yes-rate for absent
 # partner objects; MME scores per subtask (max 200 each) and the perception total; CHAIR in percent.
@@ -273,7 +351,7 @@ for name, f in flat.items():
 display(Markdown("\n".join(rows)))
 
 # %% [markdown]
-# ## 3 · The comparison: conditions over seeds
+# ## 5 · The comparison: conditions over seeds
 #
 # Mean ± sd over seeds per condition (the base model is one deterministic evaluation), then each
 # condition minus the baseline paired by seed, and rDPO minus DPO where both ran.
@@ -296,39 +374,40 @@ comparisons = [(c, baseline) for c in conditions if c != baseline and baseline i
 if "rdpo" in conditions and "dpo" in conditions:
     comparisons.append(("rdpo", "dpo"))
 diffs = {f"{a} - {b}": ev.paired_differences(table_rows, a, b) for a, b in comparisons}
-diff_rows = ["| comparison | " + " | ".join(key_metrics) + " |", "| --- |" + " ---: |" * len(key_metrics)]
-for label, d in diffs.items():
-    cells = []
-    for m in key_metrics:
-        x = d.get(m)
-        if x is None:
-            cells.append("–")
-        else:
-            sd = f" ± {x['sd']:.1f}" if x["n"] > 1 and x["sd"] == x["sd"] else ""
-            cells.append(f"{'**' if x['clear'] else ''}{x['mean']:+.1f}{sd}{'**' if x['clear'] else ''} "
-                         f"({x['same_sign']}/{x['n']})")
-    diff_rows.append(f"| {label} | " + " | ".join(cells) + " |")
-diff_md = "\n".join(diff_rows)
+diff_md = ev.format_differences(diffs, key_metrics)
 display(Markdown("Paired differences, mean ± sd over seeds (seeds agreeing in sign / seeds); **bold**: clear.\n\n"
                  + diff_md))
 
 # %% [markdown]
-# ## 4 · Paired differences around zero
+# The first table is the level of every condition: mean ± sd over its seeds (a single number where
+# there is one model). The second is the *change*: each condition minus the baseline, computed seed
+# by seed and then averaged; the bracket says how many seeds agree in sign out of how many there
+# are. Differences are in the metric's own unit: percentage points for POPE and CHAIR, score points
+# for MME.
 #
-# One panel per metric, one column per comparison: each dot is one seed's difference (the same seed's
-# model minus the baseline), the bar is the mean ± 2 standard errors, and the dashed line is no change.
-# The y-axis is symmetric around zero, so a 0.3-point change looks like one. The absolute values are
-# in the tables above.
+# ## 6 · Paired differences around zero
+#
+# The figure shows the second table, with its spread. One panel per metric, one column per
+# comparison: each blue dot is one seed's difference (that seed's model minus the baseline), the
+# diamond is their mean with a bar of ± 2 standard errors, and the dashed line is no change. The
+# y-axis is symmetric around zero, so a 0.3-point change looks like one. The arrow in a panel's
+# title says which direction is better (↑ higher, ↓ lower); the yes-ratio is best near 50 %, so a
+# base model that says yes too often improves when it goes down.
+#
+# How to read it: a *black* diamond is a clear change (every seed on the same side of zero, and the
+# bar clear of the line); a grey one is within the seed-to-seed spread. With one seed per
+# condition, as in the small setting, there is one dot, no bar, and nothing can be clear. The
+# absolute values are in the tables above.
 
 # %%
 plot_metrics = [m for m in ("pope/adversarial/f1", "pope/adversarial/accuracy", "pope/adversarial/yes_ratio",
                             "pope/adversarial/absent_partner_yes_rate", "mme/perception", "chair/chair_i",
                             "chair/recall") if m in key_metrics]
 labels = list(diffs)
-short_names = {"pope/adversarial/f1": "POPE-adv F1", "pope/adversarial/accuracy": "POPE-adv accuracy",
+short_names = {"pope/adversarial/f1": "POPE-adv F1 ↑", "pope/adversarial/accuracy": "POPE-adv accuracy ↑",
                "pope/adversarial/yes_ratio": "POPE-adv yes-ratio",
-               "pope/adversarial/absent_partner_yes_rate": "yes | absent partner", "mme/perception": "MME perception",
-               "chair/chair_i": "CHAIR_i", "chair/recall": "CHAIR recall"}
+               "pope/adversarial/absent_partner_yes_rate": "yes | absent partner ↓",
+               "mme/perception": "MME perception ↑", "chair/chair_i": "CHAIR_i ↓", "chair/recall": "CHAIR recall ↑"}
 fig, axes = plt.subplots(1, max(len(plot_metrics), 1), figsize=(2.6 * max(len(plot_metrics), 1), 3.4), squeeze=False)
 for ax, m in zip(axes[0], plot_metrics):
     top = 0.5
@@ -347,16 +426,19 @@ for ax, m in zip(axes[0], plot_metrics):
     ax.set_ylim(-1.15 * top, 1.15 * top)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(labels) - 0.4)
-    ax.set_title(short_names.get(m, m) + " (points)", fontsize=9)
+    ax.set_title(short_names.get(m, m), fontsize=9)
+axes[0][0].set_ylabel("difference (points)", fontsize=8)
 fig.suptitle(f"Paired differences per seed ({eval_split} images); black: clear, grey: within the spread", fontsize=9)
 fig.tight_layout()
 fig.savefig(stage_dir / "comparison.png", dpi=80)
 plt.show()
 
 # %% [markdown]
-# ## 5 · Reading
+# ## 7 · Reading
 #
-# Generated from the paired differences above, so it cannot say more than they do.
+# The reading below is generated from the paired differences above, so it cannot say more than
+# they do: per comparison, the key metrics whose change is clear (with the mean change in points),
+# or that none is. It goes into `comparison.md` and `metrics.json` as it is.
 
 # %%
 lines = []
@@ -381,6 +463,13 @@ if n_seeds > 1:
         reading += (f" An MME-style subtask holds {n_img} images, so one image moves its score by up to "
                     f"{150 / n_img:.0f} points.")
 display(Markdown(reading))
+
+# %% [markdown]
+# ## 8 · The files this stage leaves
+#
+# `comparison.md` (the two tables, the reading, library versions and the run's configuration) is the
+# report to read or paste; `metrics.json` holds every model's scores, the summary and the paired
+# differences for scripts and tests; `comparison.png` is the figure above.
 
 # %%
 import importlib.metadata as md
@@ -410,3 +499,24 @@ metrics = {
 }
 write_json(stage_dir / "metrics.json", metrics)
 print(f"wrote {stage_dir / 'metrics.json'} and {stage_dir / 'comparison.md'} in {metrics['seconds']:.0f} s")
+
+
+# %% [markdown]
+# ## What to try next
+#
+# * **More questions: `small_run = False` (or `max_questions = 0`).** The small setting asks 40
+#   questions per POPE split, so one answer moves an accuracy by 2.5 points and its binomial standard
+#   error near 80 % is about $\sqrt{0.8 \cdot 0.2 / 40} \approx 6$ points; with every question of
+#   the tiny world's test images (≈ 3,700 per split) it is below 1 point. Expect the differences
+#   between models to stop jumping from run to run.
+# * **More seeds in stage 04.** With one seed per condition nothing can be *clear*. Run
+#   `realign run --config configs/tiny_world_comparison.yaml` (five seeds each of DPO and rDPO, every
+#   POPE question): the figure of section 6 then has five dots per column and an error bar, and
+#   the reading names the metrics on which all five seeds agree.
+# * **`pope_suffix = True`.** Appends lmms-eval's "Answer the question using a single word or
+#   phrase." to every POPE question, the prompt behind LLaVA-1.5's published POPE figures. The
+#   tiny VLM never saw that sentence in training: watch section 1 for answers that say neither yes
+#   nor no (scored *yes* by the official rule, so the yes-ratio can rise without any
+#   hallucination). The stage answers again (the prompt is part of the fingerprint); stage 00's base
+#   answers are not reused.
+

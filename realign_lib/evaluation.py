@@ -17,12 +17,18 @@ POPE lives in :mod:`realign_lib.pope`. This module adds
   final full stop allowed). DPO-trained models are known to drift from the short-answer format.
 * **The comparison** of conditions over seeds: mean ± sd per metric and paired differences
   (same seed) against a baseline condition, with how many seeds agree in sign.
+* **One model's evaluation**, cached: :func:`evaluate_model` answers and scores POPE, MME and
+  CHAIR for one model under an :class:`EvaluationSetup`, keyed by a fingerprint of its weights and
+  the settings, resumable from its answer files.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +38,7 @@ __all__ = [
     "MME_PERCEPTION", "MME_COGNITION", "IMAGE_SUFFIXES", "load_mme", "parse_mme_answer", "clean_prediction",
     "is_compliant", "answer_mme", "write_mme_results", "score_mme_file", "score_mme_results",
     "flat_metrics", "condition_of", "summarize_conditions", "paired_differences", "format_table",
+    "EvaluationSetup", "load_for_evaluation", "evaluate_model", "format_differences",
 ]
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -328,3 +335,179 @@ def format_table(summary: dict[str, dict[str, dict]], metrics: Sequence[str], co
         rows.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
+
+
+# ------------------------------------------------------------------- one model, answered once
+@dataclass
+class EvaluationSetup:
+    """What stage 05 evaluates every model on, fixed once per stage.
+
+    ``questions``: POPE split → question records (a prefix of each file with ``max_questions``);
+    ``pope_files``: split → the question file they came from (hashed once, here, for every model's
+    fingerprint); ``image_root``: the POPE images; ``suffix``: text appended to each POPE question;
+    ``mme_records``/``mme_dir``: MME subtask → records and the folder they came from (empty / None:
+    no MME); ``scenes``: the tiny world's ground truth of the evaluated images (empty for real data:
+    no partner yes-rate), ``chair_scenes`` the ones described for CHAIR, whose images are in
+    ``chair_image_dir``; ``base_path``/``train_dir``: the base model and stage 04's runs;
+    ``base_answers``: a folder of stage 00's POPE answers by the same base model to the same
+    questions and prompt (``pope_<split>_answers.jsonl``), reused instead of answering again.
+    """
+    base_path: Path
+    train_dir: Path
+    questions: dict[str, list[dict]]
+    pope_files: dict[str, str]
+    image_root: Path
+    suffix: str = ""
+    mme_records: dict[str, list[dict]] = field(default_factory=dict)
+    mme_dir: Path | None = None
+    scenes: Sequence = ()
+    chair_scenes: Sequence = ()
+    chair_image_dir: Path | None = None
+    batch_size: int = 64
+    base_answers: Path | None = None
+    pope_digests: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self):
+        from .fingerprints import file_sha256
+
+        self.pope_digests = {s: [str(p), file_sha256(p)] for s, p in self.pope_files.items()}
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of model ``name``: the base model's for ``"base"``, else ``train_dir/name``."""
+        return Path(self.base_path) if name == "base" else Path(self.train_dir) / name
+
+    def fingerprint(self, name: str) -> dict:
+        """What model ``name``'s evaluation depends on: its weights' bytes
+        (:func:`~realign_lib.fingerprints.weights_sha256`) and every evaluation setting."""
+        from .fingerprints import weights_sha256
+
+        folder = self.model_dir(name)
+        return {"model": str(folder), "weights_sha256": weights_sha256(folder) if folder.exists() else str(folder),
+                "base": str(self.base_path), "pope": self.pope_digests, "image_root": str(self.image_root),
+                "suffix": self.suffix, "mme": str(self.mme_dir),
+                "mme_questions": sum(map(len, self.mme_records.values())), "n_chair": len(self.chair_scenes)}
+
+
+def load_for_evaluation(setup: EvaluationSetup, name: str):
+    """``(model, processor)`` of model ``name``: the base model, a stage-04 LoRA adapter merged into
+    it (same outputs, faster), or a stage-04 full model."""
+    from .vlm import load_vlm
+
+    folder = setup.model_dir(name)
+    if name == "base":
+        return load_vlm(folder)
+    if (folder / "adapter_config.json").is_file():
+        model, processor = load_vlm(setup.base_path, adapter=folder)
+        return model.merge_and_unload().eval(), processor
+    return load_vlm(folder)
+
+
+def _reuse_base_answers(src_dir: Path, out: Path, questions: dict[str, list[dict]]) -> list[str]:
+    """Copy stage 00's answers of the questions asked here (and their settings record, which
+    :func:`~realign_lib.pope.answer_pope` checks) into ``out`` where no answer file is yet."""
+    from .files import read_jsonl, write_jsonl
+
+    reused = []
+    for split, qs in questions.items():
+        src, dst = src_dir / f"pope_{split}_answers.jsonl", out / f"pope_{split}_answers.jsonl"
+        if src.is_file() and not dst.exists():
+            ids = {q["question_id"] for q in qs}
+            write_jsonl(dst, [a for a in read_jsonl(src) if a["question_id"] in ids])
+            settings = src.with_name(src.stem + ".settings.json")
+            if settings.is_file():
+                shutil.copy2(settings, dst.with_name(dst.stem + ".settings.json"))
+            reused.append(str(src))
+    return reused
+
+
+def evaluate_model(setup: EvaluationSetup, name: str, out_dir: str | os.PathLike) -> dict:
+    """Answer and score POPE, MME and CHAIR for model ``name``; files in ``out_dir``; the metrics.
+
+    Writes ``pope_<split>_answers.jsonl``, ``mme_answers.jsonl``, ``mme/<subtask>.txt``,
+    ``descriptions.jsonl``, ``fingerprint.json`` and ``metrics.json`` (returned: ``model``,
+    ``fingerprint``, ``seconds``, ``reused`` when stage 00's answers were, ``pope`` split → POPE
+    scores, ``pope_partner`` split → tiny-world partner yes-rates, ``mme``, ``chair``).
+
+    Cached and resumable: a ``metrics.json`` with this :meth:`EvaluationSetup.fingerprint` is
+    returned as it is (the model is not even loaded); answers made under another fingerprint are
+    deleted first; answer files are appended batch by batch, so a killed evaluation continues
+    where it stopped.
+    """
+    from . import pope
+    from . import tinyworld_eval as twe
+    from .files import read_json, write_json
+    from .prompts import DESCRIBE_PROMPT
+    from .vlm import generate
+
+    out = Path(out_dir)
+    sig = setup.fingerprint(name)
+    if (out / "metrics.json").is_file():
+        old = read_json(out / "metrics.json")
+        if old.get("fingerprint") == sig:
+            return old
+    if (out / "fingerprint.json").is_file() and read_json(out / "fingerprint.json") != sig:
+        for f in list(out.glob("*.jsonl")) + list(out.glob("mme/*.txt")) + [out / "metrics.json"]:
+            f.unlink(missing_ok=True)  # answers of other weights or settings: start over
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "fingerprint.json", sig)
+    t0 = time.time()
+    model, processor = load_for_evaluation(setup, name)
+    res = {"model": name, "fingerprint": sig, "seconds": {}}
+    # POPE (the base model's answers from stage 00 are the same questions, prompt and weights: reused)
+    t = time.time()
+    if name == "base" and setup.base_answers is not None and Path(setup.base_answers).is_dir():
+        reused = _reuse_base_answers(Path(setup.base_answers), out, setup.questions)
+        if reused:
+            res["reused"] = reused
+    res["pope"], res["pope_partner"] = {}, {}
+    for split, qs in setup.questions.items():
+        path = out / f"pope_{split}_answers.jsonl"
+        ans = pope.answer_pope(model, processor, qs, setup.image_root, path, batch_size=setup.batch_size,
+                               suffix=setup.suffix, model_id=name,
+                               model_key=None if name == "base" else sig)  # (merged adapters: not a folder's)
+        pairs = pope.join_answers(qs, ans, source=str(path))
+        preds = [pope.parse_yes_no(a) for _, a in pairs]
+        res["pope"][split] = pope.score_pope([q["label"] for q, _ in pairs], preds)
+        if setup.scenes:
+            res["pope_partner"][split] = twe.partner_yes_rate([q for q, _ in pairs], preds, setup.scenes)
+    res["seconds"]["pope"] = round(time.time() - t, 1)
+    if setup.mme_records:
+        t = time.time()
+        answered = answer_mme(model, processor, setup.mme_records, out / "mme_answers.jsonl",
+                              batch_size=setup.batch_size, model_id=name)
+        write_mme_results(answered, out / "mme")
+        res["mme"] = score_mme_results(out / "mme", tasks=list(setup.mme_records))
+        res["seconds"]["mme"] = round(time.time() - t, 1)
+    if setup.chair_scenes:
+        t = time.time()
+        cache = out / "descriptions.jsonl"
+        texts = {r["id"]: r["text"] for r in read_appended(cache)}  # cuts a torn line
+        todo = [s for s in setup.chair_scenes if s.id not in texts]
+        if todo:
+            outs = generate(model, processor, [Path(setup.chair_image_dir) / f"{s.id}.png" for s in todo],
+                            [DESCRIBE_PROMPT] * len(todo), max_new_tokens=48, batch_size=setup.batch_size)
+            append_jsonl(cache, [{"id": s.id, "text": o} for s, o in zip(todo, outs)])
+            texts.update({s.id: o for s, o in zip(todo, outs)})
+        res["chair"] = twe.caption_hallucination([texts[s.id] for s in setup.chair_scenes], setup.chair_scenes)
+        res["seconds"]["chair"] = round(time.time() - t, 1)
+    res["seconds"]["total"] = round(time.time() - t0, 1)
+    write_json(out / "metrics.json", res)
+    return res
+
+
+def format_differences(diffs: dict[str, dict[str, dict]], metrics: Sequence[str]) -> str:
+    """A Markdown table of :func:`paired_differences` results: one row per comparison (``label →
+    metric → difference``), ``mean ± sd (seeds agreeing in sign/seeds)`` per metric, **bold** when clear."""
+    rows = ["| comparison | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+    for label, d in diffs.items():
+        cells = []
+        for m in metrics:
+            x = d.get(m)
+            if x is None:
+                cells.append("–")
+            else:
+                sd = f" ± {x['sd']:.1f}" if x["n"] > 1 and x["sd"] == x["sd"] else ""
+                cells.append(f"{'**' if x['clear'] else ''}{x['mean']:+.1f}{sd}{'**' if x['clear'] else ''} "
+                             f"({x['same_sign']}/{x['n']})")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -9,7 +9,8 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["weights_fingerprint", "parameter_fingerprint", "model_identity", "file_stamp"]
+__all__ = ["weights_fingerprint", "weights_sha256", "parameter_fingerprint", "model_identity", "file_stamp",
+           "file_sha256"]
 
 _EDGE = 1 << 20  # bytes read from each end of a weights file
 
@@ -33,6 +34,28 @@ def weights_fingerprint(folder: str | os.PathLike) -> str | None:
             fh.seek(max(0, size - _EDGE))
             h.update(fh.read(_EDGE))
     return h.hexdigest()[:16]
+
+
+def weights_sha256(folder: str | os.PathLike, full_below: int = 256 * 2**20) -> str:
+    """A digest of every byte of the ``*.safetensors`` files in ``folder`` below ``full_below`` bytes
+    (a LoRA adapter: read whole), and of the name, size and mtime of bigger ones; 16 hex digits.
+
+    Stage 05 keys its evaluations with it. Unlike :func:`weights_fingerprint` (header and first /
+    last MiB), two adapters that differ in any byte always get different digests; a full model's
+    multi-GiB shards are not read at all. A folder without safetensors files gives the digest of
+    nothing (``e3b0c44298fc1c14``).
+    """
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        h.update(f.read_bytes() if st.st_size < full_below else str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the sha256 of a file's bytes (a question file, a config)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def parameter_fingerprint(model, skip_adapters: bool) -> str:

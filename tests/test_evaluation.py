@@ -196,3 +196,76 @@ def test_flat_metrics_picks_percentages():
     assert f["pope/adversarial/accuracy"] == 75.0 and f["pope/adversarial/absent_partner_yes_rate"] == 50.0
     assert "pope/adversarial/absent_other_yes_rate" not in f and "mme/cognition" not in f
     assert f["mme/perception"] == 150.0 and f["mme/compliance"] == 90.0 and f["chair/chair_i"] == 20.0
+
+
+def _old_weights_digest(folder):
+    """The digest stage 05 wrote into fingerprint.json before it moved into the library."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        h.update(f.read_bytes() if st.st_size < 256 * 2**20 else str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def test_evaluate_model_caches_by_fingerprint_resumes_and_reuses_base_answers(tmp_path, monkeypatch):
+    import json
+
+    from realign_lib.fingerprints import file_sha256, weights_sha256
+    from realign_lib.testing import save_tiny
+
+    base = save_tiny("llava", tmp_path / "base")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    qfile = tmp_path / "pope" / "x_random.json"
+    qfile.parent.mkdir()
+    qs = [{"question_id": k, "image": f"im{k % 2}.png", "text": f"Is there a {o} in the image?",
+           "label": "yes" if k % 2 else "no"} for k, o in enumerate(["star", "moon", "boat", "fish"])]
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    setup = ev.EvaluationSetup(base_path=base, train_dir=tmp_path / "04", questions={"random": qs},
+                               pope_files={"random": str(qfile)}, image_root=images, batch_size=4)
+    sig = setup.fingerprint("base")
+    assert sig["weights_sha256"] == weights_sha256(base) == _old_weights_digest(base)  # the files stay the same
+    assert sig["pope"] == {"random": [str(qfile), file_sha256(qfile)]} and sig["mme"] == "None"
+
+    out = tmp_path / "05" / "base"
+    res = ev.evaluate_model(setup, "base", out)
+    assert res["pope"]["random"]["n"] == 4 and res["fingerprint"] == sig and "mme" not in res and "reused" not in res
+    assert json.loads((out / "fingerprint.json").read_text()) == sig
+    assert len((out / "pope_random_answers.jsonl").read_text().splitlines()) == 4
+
+    def no_load(*_):
+        raise AssertionError("a cached evaluation loaded the model")
+
+    monkeypatch.setattr(ev, "load_for_evaluation", no_load)
+    assert ev.evaluate_model(setup, "base", out) == json.loads((out / "metrics.json").read_text())
+    monkeypatch.undo()
+
+    # stage 00's answers to the same questions are reused (not asked again), with the same scores
+    reused = ev.EvaluationSetup(base_path=base, train_dir=tmp_path / "04", questions={"random": qs[:3]},
+                                pope_files={"random": str(qfile)}, image_root=images, batch_size=4, base_answers=out)
+    again = ev.evaluate_model(reused, "base", tmp_path / "05b" / "base")
+    assert again["reused"] == [str(out / "pope_random_answers.jsonl")] and again["pope"]["random"]["n"] == 3
+    assert (tmp_path / "05b" / "base" / "pope_random_answers.jsonl").read_text().splitlines() == \
+        (out / "pope_random_answers.jsonl").read_text().splitlines()[:3]
+
+    # other settings: the old answers are dropped and the questions asked again with the new prompt
+    changed = ev.EvaluationSetup(base_path=base, train_dir=tmp_path / "04", questions={"random": qs},
+                                 pope_files={"random": str(qfile)}, image_root=images, batch_size=4,
+                                 suffix="Answer with one word.")
+    res2 = ev.evaluate_model(changed, "base", out)
+    assert res2["fingerprint"]["suffix"] == "Answer with one word." != res["fingerprint"]["suffix"]
+    prompts = [json.loads(x)["prompt"] for x in (out / "pope_random_answers.jsonl").read_text().splitlines()]
+    assert len(prompts) == 4 and all(p.endswith("\nAnswer with one word.") for p in prompts)
+
+
+def test_format_differences_marks_clear_ones():
+    d = {"rdpo - base": {"acc": {"mean": 1.5, "sd": 0.5, "n": 3, "same_sign": 3, "clear": True},
+                         "f1": {"mean": -0.2, "sd": float("nan"), "n": 1, "same_sign": 1, "clear": False}}}
+    table = ev.format_differences(d, ["acc", "f1", "chair"])
+    assert table.splitlines()[2] == "| rdpo - base | **+1.5 ± 0.5** (3/3) | -0.2 (1/1) | – |"
