@@ -16,14 +16,29 @@
 # %% [markdown]
 # # 01 · Embed the images and retrieve their nearest neighbours
 #
-# Re-Align induces a hallucination by showing the VLM a *different but similar* image: one that
-# shares most of the context (the scene, some objects) but not everything. Step 3 of Algorithm 1:
-# embed every training image with the VLM's own vision encoder, L2-normalise, and retrieve the
-# top-k most cosine-similar **other** images with FAISS (the image itself and exact duplicates are
-# excluded).
+# Re-Align makes its rejected responses by showing the model a *different but similar* image. Stage
+# 03 hides the content words of a correct description and lets the VLM fill them in while it looks
+# at another picture; whatever it then writes is plausible for the scene but wrong for the original
+# image, which is exactly the kind of hallucination we want the model to learn to avoid. This
+# notebook finds those other pictures (step 3 of the paper's Algorithm 1).
 #
-# Reads `data/samples.jsonl` and the model from stage 00; writes `01_retrieval/embeddings.npy`,
-# `ids.json`, `index.faiss` and `neighbours.jsonl` (id → top-k ids and scores).
+# The recipe is short:
+#
+# 1. turn every training image $v_i$ into a vector $e_i \in \mathbb{R}^D$ with the VLM's own vision
+#    encoder (in the paper: LLaVA's CLIP tower; here: the tiny VLM's tower, its stand-in);
+# 2. score every pair of images by the **cosine similarity** of their vectors;
+# 3. keep, for each image, the $k$ best-scoring **other** images (the image itself and exact copies
+#    of it are dropped: a copy shows the same objects, so filling the masks while looking at it
+#    would reproduce the correct answer instead of a hallucination).
+#
+# What you will see: the embeddings (section 1), the retrieval rule written out in a dozen lines
+# of numpy and checked against the library (section 2), the same rule at scale with a FAISS index
+# (section 3), a gallery of queries with their neighbours and scores (section 4), and in the tiny
+# world a check that the neighbours are really "similar but different" (section 5).
+#
+# **Reads** `data/samples.jsonl` and the model from stage 00. **Writes** `01_retrieval/embeddings.npy`,
+# `ids.json`, `index.faiss`, `neighbours.jsonl` (id → top-k ids and scores), `neighbours.png` and
+# `metrics.json`. Stage 03 reads `neighbours.jsonl` and tries the neighbours in rank order.
 
 # %%
 # Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
@@ -47,6 +62,10 @@ index_kind = "flat"  # flat (exact) | ivf | hnsw
 batch_size = 64  # inputs per batched model call
 max_samples = 0  # use the first N samples of stage 00; 0: all
 n_show = 6  # examples shown in the notebook
+
+# %% [markdown]
+# The next cell reads the parameters, finds the run folder (building stage 00 first if it is
+# missing) and lists the images to embed. `small_run` keeps the first 300 samples.
 
 # %%
 import json
@@ -81,8 +100,14 @@ t_start = time.time()
 # %% [markdown]
 # ## 1 · Embeddings from the model's own vision tower
 #
-# `vlm.image_embeddings` mean-pools the image features the language model receives (vision tower
-# and projector); chunks are saved as they finish, so a killed run resumes.
+# `vlm.image_embeddings` runs each image through the vision tower and the projector — the image
+# exactly as the language model receives it, a sequence of feature vectors — and averages them
+# into one vector per image. Using the VLM's own encoder matters: images that *look alike to this
+# model* are the ones that will mislead it.
+#
+# The library computes the embeddings in chunks and saves each finished chunk under a key of the
+# model and the images (`retrieval.embed_images_resumable`), so a killed run picks up where it
+# stopped and another model never reuses stale vectors. The cell prints the shape $(N, D)$.
 
 # %%
 model, processor = vlm.load_vlm(model_dir, device=None)
@@ -95,7 +120,78 @@ write_json(stage_dir / "ids.json", [s["id"] for s in samples])
 print(f"embeddings {emb.shape} in {t_embed:.1f} s ({len(samples) / max(t_embed, 1e-9):.0f} images/s)")
 
 # %% [markdown]
-# ## 2 · FAISS index and the top-k other images
+# ## 2 · Cosine top-k, written out
+#
+# The cosine similarity of two embeddings is the cosine of the angle between them:
+#
+# $$\cos(e_i, e_j) \;=\; \frac{e_i^\top e_j}{\lVert e_i\rVert\,\lVert e_j\rVert} \;\in\; [-1, 1].$$
+#
+# It ignores the vectors' lengths and compares only their directions. Once every row is divided by
+# its length, $\hat e_i = e_i / \lVert e_i \rVert$, the cosine *is* the dot product, and all scores
+# come out of one matrix product, $S = \hat E\,\hat E^\top$ with $S_{ij} = \cos(e_i, e_j)$. The
+# neighbours of image $i$ are then the $k$ largest entries of row $i$, leaving out $i$ itself
+# ($S_{ii} = 1$) and every exact copy of it:
+#
+# $$\mathcal{N}_k(i) \;=\; \operatorname*{top-}k_{\,j \neq i,\; S_{ij} < 0.9999}\; S_{ij}.$$
+#
+# The function below is that rule in plain numpy. We try it on six embeddings of this run plus a
+# seventh, planted one: a near-exact copy of the first (as if the same photo were in the data set
+# twice). Read the printed matrix row by row: the diagonal is 1, the copy scores ≈ 1 against
+# image 0 and must not be retrieved for it, while for every other image the copy and image 0 come
+# out almost tied. (So another image may well retrieve both of them: the rule only drops copies
+# of the *query*.)
+
+# %%
+def cosine_top_k(E, queries, k, dup_threshold=0.9999):
+    """For each row index in `queries`: the k most cosine-similar *other* rows of E and their scores."""
+    E = E / np.linalg.norm(E, axis=1, keepdims=True)       # unit rows: dot product = cosine
+    S = E[queries] @ E.T                                    # (n_queries, N) cosine similarities
+    ids, sims = [], []
+    for row, i in enumerate(queries):
+        order = np.argsort(-S[row], kind="stable")          # most similar first
+        keep = [j for j in order if j != i and S[row, j] < dup_threshold][:k]  # not itself, not a copy
+        ids.append(keep)
+        sims.append(S[row, keep])
+    return np.array(ids), np.array(sims)
+
+
+hand_rng = np.random.default_rng(seed)
+six = hand_rng.choice(len(samples), 6, replace=False)      # six images of this run
+noise = hand_rng.normal(size=emb.shape[1]).astype(np.float32)
+copy = emb[six[0]] + 1e-2 * noise / np.linalg.norm(noise)   # a near copy of the first one (cosine ≈ 0.99995)
+E7 = np.vstack([emb[six], copy])
+np.set_printoptions(precision=3, suppress=True)
+print("cosine matrix of the 7 embeddings (row 6 is the planted copy of row 0):")
+print((E7 / np.linalg.norm(E7, axis=1, keepdims=True)) @ (E7 / np.linalg.norm(E7, axis=1, keepdims=True)).T)
+
+hand_ids, hand_scores = cosine_top_k(E7, range(len(E7)), k=3)
+lib_ids, lib_scores, lib_dups = retrieval.nearest_others(retrieval.build_index(E7, kind="flat"), E7, k=3)
+for i in range(len(E7)):
+    print(f"image {i}: neighbours {hand_ids[i].tolist()}  scores {[f'{v:.4f}' for v in hand_scores[i]]}")
+assert np.array_equal(hand_ids, lib_ids) and np.allclose(hand_scores, lib_scores, atol=1e-5)
+assert 6 not in hand_ids[0] and 0 not in hand_ids[6] and lib_dups == 2  # the copy is never retrieved for its original
+print(f"same neighbours and scores as retrieval.nearest_others; duplicates dropped: {lib_dups}")
+
+# %% [markdown]
+# Both checks pass: the library returns the same neighbours in the same order with the same
+# scores, and neither image 0 nor its copy is offered as the other's neighbour (the two dropped
+# "duplicates" are these two directions of the same pair).
+#
+# ## 3 · The whole run: a FAISS index
+#
+# At scale the library does the same thing with [FAISS](https://github.com/facebookresearch/faiss):
+# `retrieval.build_index` normalises the rows and puts them in an inner-product index, and
+# `retrieval.nearest_others` searches it and drops the query and its copies exactly as above.
+# `index_kind = "flat"` compares every pair: exact, at a cost that grows as $N^2 D$. `ivf` and
+# `hnsw` are approximate indexes that visit only part of the collection for each query — much
+# faster on millions of images — and can miss a true neighbour now and then.
+#
+# The cell also checks the hand-written rule against the stage's result at full scale, for the six
+# images of section 2 as queries over the whole collection: same scores rank by rank, and the
+# stage's neighbours really have those cosines. (When the data holds the same picture several
+# times — one image with several questions — its copies tie, and FAISS may list tied images in
+# another order than `argsort`; both are correct.) With an approximate index the cell reports
+# instead how many of the exact neighbours the index found.
 
 # %%
 t0 = time.time()
@@ -113,15 +209,56 @@ write_jsonl(stage_dir / "neighbours.jsonl", records)
 print(f"index + search {t_search:.2f} s; exact duplicates skipped: {n_dups}; "
       f"mean cosine rank 1 {scores[:, 0].mean():.3f}, rank {top_k} {scores[:, -1].mean():.3f}")
 
+hand_ids, hand_scores = cosine_top_k(emb, six, k=top_k)
+if index_kind == "flat":
+    lib_cos = np.sum(emb[six][:, None, :] * emb[nbrs[six]], axis=-1)  # cosines of the stage's neighbours
+    assert np.allclose(hand_scores, scores[six], atol=1e-5) and np.allclose(lib_cos, hand_scores, atol=1e-5)
+    same = np.array_equal(hand_ids, nbrs[six])  # ids may differ only among tied scores (copies of one image)
+    print(f"the hand-written rule gives the stage's top-{top_k} scores for images {six.tolist()}; "
+          f"same ids in the same order: {same}")
+else:
+    found = np.mean([len(set(h) & set(n)) / top_k for h, n in zip(hand_ids, nbrs[six])])
+    print(f"the {index_kind} index found {100 * found:.0f} % of the exact neighbours of images {six.tolist()}")
+
+# %% [markdown]
+# ## 4 · Queries and their neighbours
+#
+# Each row is one query image (left, blue title) followed by its top-k retrieved images in rank
+# order; the title of each neighbour is its rank and its cosine score with the query. Scores fall
+# slowly along a row: rank 1 is the most similar image, rank k the least similar that is still
+# kept. In the tiny world the second title line names the scene and the objects; a neighbour
+# titled in **green** shares the query's scene but not all of its objects — the useful kind, since
+# filling the masks from it yields objects that are plausible in the scene but absent from the
+# query. Grey titles mark neighbours of another scene or with exactly the same objects.
+
 # %%
-fig, axes = plt.subplots(n_show, top_k + 1, figsize=(1.9 * (top_k + 1), 2.1 * n_show))
+by_id = {}
+ann_path = run / "data" / "tiny_world" / "annotations_train.jsonl"
+if ann_path.is_file():
+    from realign_lib.tinyworld import load_annotations
+
+    by_id = {s.id: s for s in load_annotations(ann_path)}
+
+
+def _describe(sid):
+    a = by_id.get(sid)
+    return "" if a is None else f"\n{a.scene}: {', '.join(sorted(set(a.types)))}"
+
+
+fig, axes = plt.subplots(n_show, top_k + 1, figsize=(2.1 * (top_k + 1), 2.4 * n_show), squeeze=False)
 for row, i in enumerate(np.random.default_rng(seed).choice(len(samples), n_show, replace=False)):
+    q = by_id.get(samples[i]["id"])
     axes[row, 0].imshow(Image.open(image_paths[i]), interpolation="nearest")
-    axes[row, 0].set_title("query", fontsize=8, color="blue")
+    axes[row, 0].set_title(f"query {samples[i]['id']}{_describe(samples[i]['id'])}", fontsize=7, color="blue")
     for c in range(top_k):
         j = nbrs[i, c]
+        if j < 0:
+            continue
+        n = by_id.get(samples[j]["id"])
+        useful = q is not None and n.scene == q.scene and set(n.types) != set(q.types)
         axes[row, c + 1].imshow(Image.open(image_paths[j]), interpolation="nearest")
-        axes[row, c + 1].set_title(f"#{c + 1}  cos {scores[i, c]:.3f}", fontsize=8)
+        axes[row, c + 1].set_title(f"#{c + 1}  cos {scores[i, c]:.4f}{_describe(samples[j]['id'])}", fontsize=7,
+                                   color="green" if useful else ("dimgray" if q is not None else "black"))
 for ax in axes.flat:
     ax.axis("off")
 fig.tight_layout()
@@ -129,18 +266,46 @@ fig.savefig(stage_dir / "neighbours.png", dpi=80)
 plt.show()
 
 # %% [markdown]
-# ## 3 · Are the neighbours *similar but different*? (tiny world)
+# How close is "close"? The histogram below compares the rank-1 and rank-k neighbours of every
+# image with random pairs of images. Because good neighbours have cosines very close to 1, it plots
+# the *cosine distance* $1 - \cos$ on a logarithmic axis: left is more similar, and each step of
+# the axis is a factor of ten. The further the neighbour bars sit to the left of the random pairs,
+# the better the embedding separates similar from unrelated images; if they overlapped, retrieval
+# would be no better than picking an image at random. (In the tiny world the random pairs have a
+# shoulder on the left: pairs that happen to come from the same scene, about one in five.)
+
+# %%
+pair_rng = np.random.default_rng(seed + 1)
+a, b = pair_rng.integers(len(emb), size=(2, min(20000, len(emb) ** 2)))
+random_cos = np.sum(emb[a[a != b]] * emb[b[a != b]], axis=1)
+dist = {"random pairs": 1 - random_cos, f"rank {top_k} neighbour": 1 - scores[:, -1], "rank 1 neighbour": 1 - scores[:, 0]}
+dist = {k: np.clip(v[np.isfinite(v)], 1e-6, None) for k, v in dist.items()}
+bins = np.logspace(np.log10(min(v.min() for v in dist.values())), np.log10(max(v.max() for v in dist.values())), 60)
+fig, ax = plt.subplots(figsize=(7.5, 3.2))
+for (label, v), colour in zip(dist.items(), ("gray", "tab:orange", "tab:blue")):
+    ax.hist(v, bins=bins, weights=np.full(len(v), 1 / len(v)), alpha=0.55, color=colour,
+            label=f"{label} (median cos {1 - np.median(v):.4f})")
+ax.set_xscale("log")
+ax.set_xlabel("cosine distance 1 − cos to the query (log scale; left: more similar)")
+ax.set_ylabel("share of the pairs")
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 5 · Are the neighbours *similar but different*? (tiny world)
 #
-# A useful retrieved image shares the query's context but not all of its objects: filling the
-# masks while looking at it makes the model name objects that are plausible here but absent.
+# In the tiny world we know what every image contains, so we can count what the retrieval found.
+# For every (query, neighbour) pair the next cell reports the share that are in the same scene but
+# without exactly the same objects (the useful kind), the share that have at least one object in
+# common, and the share with the same object set. As a baseline it gives how often a *random* image
+# is in the query's scene. A good retrieval has `same_scene_not_all_objects` well above that
+# baseline; the smoke test of the kit checks exactly this. (With real data there are no
+# annotations and the cell prints nothing.)
 
 # %%
 world_stats = {}
-ann_path = run / "data" / "tiny_world" / "annotations_train.jsonl"
-if ann_path.is_file():
-    from realign_lib.tinyworld import load_annotations
-
-    by_id = {s.id: s for s in load_annotations(ann_path)}
+if by_id:
     same_scene_diff_objects = share_object = same_objects = 0
     total = 0
     rand = np.random.default_rng(seed)
@@ -161,6 +326,10 @@ if ann_path.is_file():
                    "random_pair_same_scene": base_scene / len(samples)}
     print(json.dumps({k: round(v, 3) for k, v in world_stats.items()}, indent=1))
 
+# %% [markdown]
+# Finally the stage's figures go to `metrics.json`: the mean score at every rank, the number of
+# duplicates skipped, the tiny-world shares above and the timings.
+
 # %%
 metrics = {"stage": "01_retrieval", "n_images": len(samples), "dim": int(emb.shape[1]), "top_k": top_k,
            "index_kind": index_kind, "duplicates_skipped": int(n_dups),
@@ -171,3 +340,19 @@ metrics = {"stage": "01_retrieval", "n_images": len(samples), "dim": int(emb.sha
            "images_per_second": round(len(samples) / max(t_embed, 1e-9), 1)}
 write_json(stage_dir / "metrics.json", metrics)
 print(f"wrote {stage_dir / 'metrics.json'}")
+
+# %% [markdown]
+# ## What to try next
+#
+# * **`top_k`** — how many candidates stage 03 may try for each sample. A larger $k$ adds
+#   neighbours further down each row (lower cosine, more often another scene): stage 03 then
+#   finds an accepted rejected response for more samples, but some come from images that share
+#   little with the query. A smaller $k$ keeps only the closest images and loses samples whose
+#   few fills were all too similar to the chosen answer. Watch `mean_score_by_rank` and, in
+#   stage 03, the acceptance rate by rank.
+# * **`index_kind`** — `ivf` or `hnsw` instead of the exact `flat` index. At this size the
+#   neighbours should be (almost) the same — section 3 reports the share of exact neighbours
+#   found; on millions of images the approximate indexes are what keeps the search fast.
+# * **`model_path`** — embed with another VLM (for instance a LLaVA checkpoint, whose tower is
+#   CLIP, as in the paper). Other eyes, other neighbours: compare the gallery of section 4 and the
+#   shares of section 5.

@@ -16,30 +16,44 @@
 # %% [markdown]
 # # 02 · Strategic masking
 #
-# Step 2 of Algorithm 1: `y_m = V(P_m, y_w)`. The chosen response `y_w` keeps its sentence
-# structure, but the words or segments that name what the image shows — **objects**,
-# **attributes** and **logical relationships** — are replaced by `[MASK]`. In stage 3 the VLM fills
-# these masks while looking at a *retrieved* image, and what it fills in becomes the rejected
-# response. The paper asks GPT-4o-mini, with this prompt:
+# Step 2 of the paper's Algorithm 1: $y_m = V(P_m, y_w)$. The chosen response $y_w$ — a correct
+# description of the image — keeps its sentence structure, but the words or segments that name
+# what the image shows are replaced by `[MASK]`. In stage 03 the VLM fills these masks while looking
+# at a *retrieved* image (stage 01), and what it fills in becomes the rejected response $y_l$.
+#
+# **Which words, and why.** The masks go where vision-language models hallucinate: **objects**
+# ("a bus", "pedestrians"), **attributes** ("red", "wooden"), **counts** ("two", "several") and
+# **positions and relations** ("on the left", "behind"). These are exactly what hallucination
+# benchmarks test — POPE asks whether an object is there, CHAIR counts described objects that are
+# not, MME has existence, count, position and colour subtasks. The rest — articles, "the image
+# shows", "there is", most verbs — stays, so the rejected response reads as fluently as the chosen
+# one and differs from it *only* in content words. The preference pair then teaches the model
+# about grounding, not about style.
+#
+# The paper asks GPT-4o-mini, with this prompt:
 #
 # > Please mask any words of the segments related to the objects, attributes, and logical
 # > relationships of the input image in the following description by replacing them with [MASK].
 #
-# Three interchangeable backends (`realign_lib.maskers`):
+# Four interchangeable backends (`realign_lib.maskers`):
 #
 # | `backend` | what | needs |
 # | --- | --- | --- |
 # | `rule` | spaCy part-of-speech and dependency tags: nouns and noun compounds, adjectives, colours, numbers, spatial words | nothing (offline, deterministic) |
 # | `hf` | a local Hugging Face causal LM with the paper's prompt (default SmolLM2-135M-Instruct, shipped offline) | CPU is fine; a bigger instruct model does much better |
+# | `constrained` | the local LLM, allowed only to copy or mask each word (valid by construction; section 5) | as `hf` |
 # | `openai` | any OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama) with the paper's prompt | `api_base_url`, `api_model`, the key in the environment variable `api_key_env` |
 #
-# Whatever the backend, **one check** decides what is passed on: the masked text must be the original
-# with some whole-word spans replaced by `[MASK]` and nothing else changed (whitespace next to a mask
-# and at the ends is tolerated; the record keeps the masking rebuilt from the original). Invalid
-# outputs are counted, retried once with a one-shot example (LLM backends) and otherwise skipped.
+# Whatever the backend, **one check** decides what is passed on: the masked text must be the
+# original with some whole-word spans replaced by `[MASK]` and nothing else changed. An LLM does
+# not always obey — it rewrites a word, drops a sentence, masks half a word — and such an output
+# would give stage 03 a "rejected" answer that differs from the chosen one in ways that have
+# nothing to do with the image. Section 1 writes that rule out by hand; invalid outputs are
+# counted, retried once with a one-shot example (LLM backends) and otherwise skipped.
 #
-# Reads `data/samples.jsonl`; writes `02_masking/masked.jsonl` (id, chosen, masked, spans, backend),
-# `masking_failures.jsonl` (skipped samples and why) and `metrics.json`. The run appends as it goes,
+# **Reads** `data/samples.jsonl`. **Writes** `02_masking/masked.jsonl` (id, chosen, masked, spans,
+# backend), `masking_failures.jsonl` (skipped samples and why), `backend_eval.json` (the backend
+# comparison of section 5, cached), `masking.png` and `metrics.json`. The run appends as it goes,
 # so a killed run resumes where it stopped.
 
 # %%
@@ -71,11 +85,14 @@ compare_backends = True  # also measure the other offline backends (the local LL
 max_mask_words = 10  # validity check: the most words one [MASK] may cover; 0: no bound
 stoplist = True  # rule backend: never mask the set phrases and abstract words of maskers.STOPLIST (In addition, a total of, excitement, teamwork)
 
+# %% [markdown]
+# The next cell reads the parameters, finds the run folder (building stage 00 first if it is
+# missing) and loads the samples; `small_run` keeps the first 200.
+
 # %%
-import hashlib
-import shutil
+import re
 import time
-from pathlib import Path
+from collections import Counter
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -83,8 +100,10 @@ from IPython.display import Markdown, display
 
 from realign_lib import maskers, workspace
 from realign_lib.data import load_samples
-from realign_lib.files import read_appended, read_json, read_jsonl, write_json
-from realign_lib.masking_driver import FREE_FORM_EXAMPLES, evaluate_masker, run_masking, summarize_files
+from realign_lib.files import read_jsonl, write_json
+from realign_lib.masking import validate_masking
+from realign_lib.masking_driver import (FREE_FORM_EXAMPLES, evaluate_backends, run_masking, set_aside_other_backend,
+                                        summarize_files)
 from realign_lib.stages import MaskingStage
 
 stage = MaskingStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
@@ -115,10 +134,114 @@ def _cell(text):
 t_start = time.time()
 
 # %% [markdown]
-# ## 1 · The masker
+# ## 1 · The validity rule, written out
+#
+# Cut the chosen response into kept pieces $u_0, \dots, u_m$ and masked spans $s_1, \dots, s_m$. A
+# masking is valid when it is exactly
+#
+# $$y_w = u_0\, s_1\, u_1\, s_2 \cdots s_m\, u_m \quad\longmapsto\quad
+#   y_m = u_0\,[\mathrm{MASK}]\,u_1\,[\mathrm{MASK}] \cdots [\mathrm{MASK}]\,u_m ,$$
+#
+# with the kept pieces $u_i$ unchanged (same words, case and punctuation, in order; only the
+# whitespace right next to a mask may differ) and every span $s_i$
+#
+# * made of **whole words** (a mask never starts or ends inside a word),
+# * at most `max_mask_words` words long (a longer mask is usually a dropped clause),
+# * inside one sentence (a mask over a sentence end is a dropped or merged sentence),
+#
+# and at least one word of $y_w$ left unmasked. The function below checks exactly this with one
+# regular expression: it escapes the kept pieces, puts a lazy group `(\S.*?)` where each mask was,
+# and asks whether the pattern matches the whole original. If it does, the groups are the masked
+# spans (the lazy groups find the leftmost ones) and the remaining conditions are simple tests on
+# them. Two masks with nothing between them, `[MASK][MASK]`, count as one; two separated by a
+# space need a space in the original there. The library's
+# `realign_lib.masking.check_masking` does the same with an explicit left-to-right search and also
+# forgives a few harmless habits of LLM replies (a preamble such as "Masked text:", `[mask]` in
+# lower case, curly quotes, line breaks); the rule is the same.
+
+# %%
+MASK = "[MASK]"
+
+
+def check_by_hand(original, masked, max_mask_words=10):
+    """("ok", [(start, end) of each masked span]) or (reason, []): is `masked` a valid masking of `original`?"""
+    if MASK not in masked:
+        return ("no_mask" if masked.strip() == original.strip() else "text_changed"), []
+    raw = masked.strip().split(MASK)
+    raw = raw[:1] + [u for u in raw[1:-1] if u] + raw[-1:]      # [MASK][MASK] counts as one mask
+    kept = [re.escape(u.strip()) for u in raw]                     # u_0 ... u_m
+    after = [r"\s+" if u.isspace() else r"\s*" + k for u, k in zip(raw[1:-1], kept[1:-1])] + [r"\s*" + kept[-1]]
+
+    def find_spans(whole_words):
+        edge = r"(?!(?<=\w)\w)" if whole_words else ""      # not between two letters of one word
+        gap = edge + r"(\S.*?)" + edge                       # s_i: some text, starting and ending with a non-space
+        pattern = kept[0] + "".join(r"\s*" + gap + a for a in after)
+        lead = len(original) - len(original.lstrip())
+        m = re.fullmatch(pattern, original.strip(), flags=re.S)
+        return None if m is None else [(lead + m.start(g), lead + m.end(g)) for g in range(1, len(raw))]
+
+    spans = find_spans(whole_words=True)
+    if spans is None:   # no decomposition: a mask inside a word, or the text itself changed
+        return ("partial_word" if find_spans(whole_words=False) else "text_changed"), []
+    starts, ends = [0] + [b for _, b in spans], [a for a, _ in spans] + [len(original)]
+    if not any(re.search(r"\w", original[a:b]) for a, b in zip(starts, ends)):
+        return "all_masked", []
+    for a, b in spans:
+        if re.search(r"[.!?]\s+\S|\n\s*\n|\s.*[.!?]$", original[a:b], flags=re.S):
+            return "crosses_sentence", []
+        if max_mask_words and len(re.findall(r"\w+", original[a:b])) > max_mask_words:
+            return "long_mask", []
+    return "ok", spans
+
+# %% [markdown]
+# Now a handful of maskings of one LLaVA-style description (one of the kit's free-form test texts),
+# some valid and some of the kinds of mistakes LLMs make. The table gives, for each, the verdict of
+# the hand-written rule and of the library function the stage applies to every backend output,
+# `realign_lib.masking.validate_masking`; the `assert` checks that they agree on the verdict and,
+# for the valid ones, on the exact character spans.
+
+# %%
+original = FREE_FORM_EXAMPLES[0]
+
+
+def hide(*phrases):
+    """`original` with the first occurrence of each phrase replaced by [MASK]."""
+    text = original
+    for p in phrases:
+        text = text.replace(p, MASK, 1)
+    return text
+
+
+examples = {
+    "objects, attributes, counts, positions": hide("busy city street", "several", "road", "red double-decker bus",
+                                                   "curb", "left", "a few pedestrians", "crosswalk"),
+    "a space missing next to a mask": hide("busy city street").replace(f"a {MASK} with", f"a{MASK}with"),
+    "nothing masked": original,
+    "a word changed outside the masks": hide("red double-decker bus").replace("stopped", "parked"),
+    "a mask inside a word": original.replace("pedestrians", f"{MASK}trians"),
+    "every word masked": MASK,
+    "one mask over 11 words": hide("a busy city street with several cars driving along the road"),
+    "a mask across a sentence end": hide("road. A red"),
+}
+rows = ["| example | by hand | library | masked text |", "| --- | --- | --- | --- |"]
+for name, masked in examples.items():
+    verdict, spans = check_by_hand(original, masked, max_mask_words)
+    lib = validate_masking(original, masked, max_mask_words)
+    assert verdict == (lib.reason or "ok") and spans == [(s.start, s.end) for s in lib.spans], name
+    rows.append(f"| {name} | {verdict} | {lib.reason or 'ok'} | {_cell(masked)} |")
+display(Markdown(f"Original: *{original}*\n\n" + "\n".join(rows)))
+
+# %% [markdown]
+# Read the table top to bottom: the first two rows are valid (the second shows that the spacing
+# next to a mask is forgiven); every other row is refused, and the reason names the broken
+# condition. These reasons are the ones counted in `masking_failures.jsonl` and in the tables below.
+#
+# ## 2 · The masker
 #
 # Built from the parameters. For `openai` the key is read from the environment variable named by
-# `api_key_env` and nowhere else; it is never written to any file.
+# `api_key_env` and nowhere else; it is never written to any file. If the stage folder holds the
+# output of *another* backend, the library moves it into a `previous_<backend>_<time>` folder
+# first, so the records of two backends are never mixed.
 
 # %%
 t0 = time.time()
@@ -127,22 +250,18 @@ masker = maskers.make_masker(backend, hf_model=hf_model, api_base_url=api_base_u
                              **({"stoplist": stoplist} if backend == "rule" else {}))
 t_load = time.time() - t0
 print(f"{masker!r} ready in {t_load:.1f} s")
-
-# output of another backend is moved aside, not mixed with this one's records
-previous = {r["backend"] for p in (masked_path, failures_path) for r in read_appended(p)}  # cuts a torn line
-if previous and previous != {masker.name}:
-    old = stage_dir / f"previous_{'_'.join(sorted(previous)).replace(':', '-').replace('/', '-')}_{int(time.time())}"
-    old.mkdir()
-    for p in (masked_path, failures_path):
-        if p.is_file():
-            shutil.move(str(p), old / p.name)
-    print(f"{stage_dir} held the output of {sorted(previous)}: moved to {old}")
+old, previous = set_aside_other_backend(masked_path, failures_path, masker.name)
+if old is not None:
+    print(f"{stage_dir} held the output of {previous}: moved to {old}")
 
 # %% [markdown]
-# ## 2 · Mask every chosen response
+# ## 3 · Mask every chosen response
 #
-# `run_masking` appends valid records batch by batch (fsynced) and skips ids already in the file, so
-# rerunning after an interruption continues where it stopped.
+# `run_masking` sends the chosen responses to the backend batch by batch, checks every output with
+# `validate_masking`, retries invalid ones once (LLM backends) and appends the valid records to
+# `masked.jsonl`. It skips ids already in the file, so rerunning after an interruption continues
+# where it stopped (the counts of *this* run are then small). The second line counts the whole
+# stage output; the *mask rate* is the share of words that ended up under a mask.
 
 # %%
 counts = run_masking(samples, masker, masked_path, failures_path, batch_size=batch_size, max_mask_words=max_mask_words)
@@ -161,16 +280,77 @@ if getattr(masker, "stats", None):
     print("backend stats:", dict(masker.stats))
 
 # %% [markdown]
-# ## 3 · Originals beside their maskings
+# The hand-written rule of section 1 agrees with every record the stage wrote: each stored masking
+# passes it, with exactly the stored spans (checked on up to 200 records).
 
 # %%
 records = {r["id"]: r for r in read_jsonl(masked_path)} if masked_path.is_file() else {}
+ours = [records[s["id"]] for s in samples if s["id"] in records][:200]
+for r in ours:
+    assert check_by_hand(r["chosen"], r["masked"], max_mask_words) == ("ok", [(s["start"], s["end"]) for s in r["spans"]]), r["id"]
+print(f"{len(ours)} stored maskings pass the hand-written rule with the same spans")
+
+# %% [markdown]
+# ## 4 · Originals beside their maskings
+#
+# Each row of the figure is one sample: on the left the chosen response with the words the masker
+# hid highlighted, on the right the masked text that stage 03 receives, with each `[MASK]` in
+# grey. The colour says what kind of word was hidden, as spaCy's tags see it: **objects** blue,
+# **attributes** (colours, sizes, materials) orange, **counts** purple, **positions and
+# relations** green, anything else pink (an LLM backend may hide other words). Check two things:
+# that the hidden words are the ones a wrong image could change, and that what is left still
+# tells you the structure of the sentence.
+
+# %%
+try:
+    nlp = masker.nlp if backend == "rule" else maskers.load_spacy()
+except OSError:  # no spaCy pipeline: masked words are shown without their category
+    nlp = None
+COLOURS = {"object": "#9ecae1", "attribute": "#fdae6b", "count": "#bcbddc", "relation": "#a1d99b", "other": "#fbb4c4",
+           "mask": "#d9d9d9"}
+
+
+def draw_marked(ax, pieces, fontsize=8.5):
+    """Write [(text, category or None)] into `ax` word by word, wrapping at its right edge; a category gets a coloured box."""
+    renderer, to_axes = ax.figure.canvas.get_renderer(), ax.transAxes.inverted()
+    space = 0.5 * fontsize * ax.figure.dpi / 72 / ax.get_window_extent(renderer).width  # one space, in axes units
+    x, y, line, gap = 0.0, 1.0, None, False
+    for text, cat in pieces:
+        for word in re.findall(r"\s+|\S+", text):
+            if word.isspace():
+                gap = True  # the next word is drawn one space further
+                continue
+            x, gap = x + (space if gap and x > 0 else 0.0), False
+            box = dict(boxstyle="square,pad=0.08", fc=COLOURS[cat], ec="none") if cat else None
+            t = ax.text(x, y, word, fontsize=fontsize, va="top", transform=ax.transAxes, bbox=box)
+            bb = t.get_window_extent(renderer).transformed(to_axes)
+            line = line or 1.5 * bb.height
+            if bb.x1 > 1.0 and x > 0:  # past the right edge: next line
+                x, y = 0.0, y - line
+                t.set_position((x, y))
+                bb = t.get_window_extent(renderer).transformed(to_axes)
+            x = bb.x1
+
+
 shown = [s["id"] for s in samples if s["id"] in records]
 shown = [shown[i] for i in sorted(rng.choice(len(shown), min(n_show, len(shown)), replace=False))] if shown else []
 if shown:
-    rows = ["| id | chosen response | masked response |", "| --- | --- | --- |"]
-    rows += [f"| {i} | {_cell(records[i]['chosen'])} | {_cell(records[i]['masked'])} |" for i in shown]
-    display(Markdown("\n".join(rows)))
+    n_lines = [len(records[i]["chosen"]) // 90 + 1 for i in shown]  # about 90 characters a line
+    fig, axes = plt.subplots(len(shown), 2, figsize=(13, 0.6 + 0.2 * sum(n_lines) + 0.4 * len(shown)),
+                             gridspec_kw={"height_ratios": n_lines}, squeeze=False)
+    for row, sid in enumerate(shown):
+        axes[row, 0].set_title(f"{sid} · chosen response", fontsize=8, loc="left")
+        axes[row, 1].set_title(f"masked ({len(records[sid]['spans'])} masks)", fontsize=8, loc="left")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, fc=c) for c in COLOURS.values()], labels=list(COLOURS),
+               loc="lower center", ncol=len(COLOURS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # layout first: the words are placed in the final axes
+    for row, sid in enumerate(shown):
+        r = records[sid]
+        draw_marked(axes[row, 0], maskers.masked_pieces(r["chosen"], r["spans"], nlp))
+        draw_marked(axes[row, 1], [(p, "mask" if p == MASK else None) for p in re.split(r"(\[MASK\])", r["masked"])])
+    plt.show()
 else:
     print("no valid masking to show")
 failures = [f for f in (read_jsonl(failures_path) if failures_path.is_file() else [])
@@ -181,7 +361,35 @@ if failures:
     display(Markdown("**Skipped (never passed on):**\n\n" + "\n".join(rows)))
 
 # %% [markdown]
-# ## 4 · How the offline backends do, on the tiny world and on free-form English
+# What does the masker hide overall? The next cell tags the masked words of up to 500 stored
+# maskings the same way and counts them by category, with the words hidden most often in each.
+# With the rule backend on the tiny world you should see objects and their colours and sizes
+# dominate, then positions. The tiny world's descriptions name no numbers, so there are no counts
+# here; on free-form text the rule masker also hides counts such as "two", "several" and "few".
+
+# %%
+hidden = Counter()
+for r in list(records.values())[:500]:
+    for piece, cat in maskers.masked_pieces(r["chosen"], r["spans"], nlp):
+        if cat:
+            hidden[cat, piece.lower()] += 1
+by_cat = Counter()
+for (cat, _), n in hidden.items():
+    by_cat[cat] += n
+if by_cat:
+    cats = [c for c in COLOURS if c in by_cat]
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    ax.barh(cats[::-1], [by_cat[c] for c in cats[::-1]], color=[COLOURS[c] for c in cats[::-1]])
+    ax.set_xlabel("masked words (tokens)")
+    ax.set_title(f"what {masker.name} hides in {min(500, len(records))} maskings", fontsize=9)
+    fig.tight_layout()
+    plt.show()
+    for c in cats:
+        top = [f"{w} ({n})" for (cc, w), n in hidden.most_common() if cc == c][:8]
+        print(f"{c:>9}: {', '.join(top)}")
+
+# %% [markdown]
+# ## 5 · How the offline backends do, on the tiny world and on free-form English
 #
 # The tiny world's descriptions are templated; real chosen responses (LLaVA-Instruct answers) are
 # free-form. `masking_driver.FREE_FORM_EXAMPLES` holds twenty LLaVA-style detailed descriptions for a
@@ -190,14 +398,12 @@ if failures:
 # is measured on its own output above; the rule masker on up to 1,000 descriptions and all twenty
 # free-form texts; the local LLM on 10 of each (4 in a small run), since it is slow on a CPU.
 # `compare_backends = False` measures only this run's backend (the main chain does, to stay short).
-# Results are cached in `backend_eval.json`, so a rerun does not repeat them. The local LLM stops
-# generating once its reply can no longer become a valid masking, so its rejected outputs shown
-# below are cut where they went wrong.
+# `evaluate_backends` caches each result in `backend_eval.json`, so a rerun does not repeat them.
+# The local LLM stops generating once its reply can no longer become a valid masking, so its
+# rejected outputs shown below are cut where they went wrong.
 
 # %%
 t0 = time.time()
-eval_path = stage_dir / "backend_eval.json"
-cache = read_json(eval_path) if eval_path.is_file() else {}
 texts_tiny = [s["chosen"] for s in samples]
 n_llm = 4 if small_run else 10
 pick = sorted(rng.choice(len(texts_tiny), min(n_llm, len(texts_tiny)), replace=False).tolist())
@@ -209,37 +415,9 @@ elif backend == "constrained":
     sets["constrained"] = dict(sets["hf"])
 if not compare_backends:
     sets = {backend: sets[backend]}
-evaluation = {}
-for name, text_sets in sets.items():
-    m = masker if name == backend else None
-    res = {}
-    if name == backend:
-        res["tiny_world"] = {"n": summary["valid"] + summary["failed"], "validity_rate": summary["validity_rate"],
-                             "mask_rate": summary["mask_rate"], "invalid_by_reason": summary["failures_by_reason"],
-                             "source": "this run's output"}
-    for set_name, texts in text_sets.items():
-        if set_name in res:
-            continue
-        key = f"{name}|{hf_model if name in ('hf', 'constrained') else ''}|{set_name}|" + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
-        if key not in cache:
-            if m is None:
-                try:
-                    m = maskers.make_masker(name, hf_model=hf_model, batch_size=batch_size,
-                                            **({"stoplist": stoplist} if name == "rule" else {}))
-                except (FileNotFoundError, OSError) as err:
-                    res[set_name] = {"unavailable": str(err)[:200]}
-                    continue
-            cache[key] = {"backend": m.name, **evaluate_masker(m, texts, max_mask_words=max_mask_words)}
-            write_json(eval_path, cache)
-        r = cache[key]
-        res[set_name] = {"n": r["tried"], "validity_rate": r["validity_rate"], "mask_rate": r["mask_rate"],
-                         "invalid_by_reason": r["invalid_by_reason"], "seconds": r["seconds"],
-                         "invalid_examples": r["invalid_examples"], "source": "evaluation subset"}
-    evaluation[name] = res
-    if m is not None and m is not masker:
-        m.close()
+evaluation = evaluate_backends(sets, stage_dir / "backend_eval.json", backend, masker, summary, hf_model=hf_model,
+                               batch_size=batch_size, stoplist=stoplist, max_mask_words=max_mask_words)
 t_eval = time.time() - t0
-
 
 rows = ["| backend | text set | texts | validity rate | mask rate | invalid (reasons) |", "| --- | --- | --- | --- | --- | --- |"]
 for name, res in evaluation.items():
@@ -278,9 +456,12 @@ print(f"evaluation {t_eval:.1f} s")
 # `openai` backend (GPT-4o-mini, as in the paper) is the way to an LLM masker.
 
 # %% [markdown]
-# ## 5 · How much is masked
+# ## 6 · How much is masked
 #
-# Left: masks per text in this stage's output. Right: validity rate of each backend per text set.
+# Left: how many `[MASK]` tokens each masked text has in this stage's output — a few per text is
+# what stage 03 works with best; a text with a single mask gives a rejected response that differs
+# in one phrase only. Right: the validity rate of each backend and text set measured in section 5
+# (green above 90 %).
 
 # %%
 per_text = [len(records[s["id"]]["spans"]) for s in samples if s["id"] in records]
@@ -304,6 +485,10 @@ fig.tight_layout()
 fig.savefig(stage_dir / "masking.png", dpi=80)
 plt.show()
 
+# %% [markdown]
+# Finally the stage's figures go to `metrics.json`: validity and mask rates of the stage output,
+# the failures by reason, what this run did, the backend comparison and the timings.
+
 # %%
 metrics = {"stage": "02_masking", "backend": masker.name, "small_run": small_run, "n_samples": len(samples),
            "valid": summary["valid"], "failed": summary["failed"], "validity_rate": summary["validity_rate"],
@@ -321,3 +506,21 @@ metrics = {"stage": "02_masking", "backend": masker.name, "small_run": small_run
 write_json(stage_dir / "metrics.json", metrics)
 masker.close()
 print(f"wrote {stage_dir / 'metrics.json'}")
+
+
+# %% [markdown]
+# ## What to try next
+#
+# * **`max_mask_words`** — the longest span one `[MASK]` may cover. Set it to 2: the rule
+#   masker's three-word segments ("small blue bird") become `long_mask` failures, the validity rate
+#   drops and fewer samples reach stage 03; set it to 0 (no bound) with an LLM backend and dropped
+#   clauses slip through as giant masks, which stage 03 fills with whole invented sentences.
+# * **`backend`** — `hf` or `constrained` (a local LLM with the paper's prompt) instead of `rule`.
+#   Compare the validity rate and the category chart of section 4: a small LLM hides many words
+#   that are not about the image (pink), so the rejected responses of stage 03 differ from the
+#   chosen ones in places that have nothing to do with hallucination. `openai` with a capable
+#   model is the paper's setting.
+# * **`stoplist`** — `False` lets the rule masker hide set phrases and abstract words ("In
+#   addition", "a total of", "excitement"). The mask rate rises; on free-form text the new masks
+#   are words no image can contradict, so stage 03 fills them with noise rather than
+#   hallucinations.

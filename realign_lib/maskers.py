@@ -36,7 +36,7 @@ from .prompts import MASK_PROMPT, ONE_SHOT_EXAMPLE
 
 __all__ = [
     "META_NOUNS", "POSITION_WORDS", "RELATION_WORDS", "COLOUR_WORDS", "COUNT_WORDS", "NON_ATTRIBUTE_ADJS",
-    "STOPLIST", "SENTENCE_END", "load_spacy", "RuleMasker", "default_smollm2_gguf", "resolve_hf_model", "HFMasker", "OpenAIMasker", "make_masker",
+    "STOPLIST", "SENTENCE_END", "load_spacy", "RuleMasker", "masked_pieces", "default_smollm2_gguf", "resolve_hf_model", "HFMasker", "OpenAIMasker", "make_masker",
 ]
 
 
@@ -289,6 +289,48 @@ class RuleMasker(Masker):
                 self.category_counts.update(cats)
             out.append(apply_spans(text, [(a, b) for a, b, _ in spans]))
         return out
+
+
+def masked_pieces(text: str, spans, nlp=None) -> list[tuple[str, str | None]]:
+    """``text`` cut into ``(piece, category)`` to show a masking: what it hides, word by word.
+
+    ``spans``: the masked character spans (``(start, end)`` pairs, ``{"start", "end"}`` dicts as in
+    ``masked.jsonl``, or :class:`~realign_lib.masking.Span`). Text outside them is one piece with
+    category None; inside, each spaCy token of ``nlp`` (a spaCy pipeline, e.g. a
+    :class:`RuleMasker`'s ``nlp``) is a piece tagged as the rule masker sees it
+    (:meth:`RuleMasker.token_category`), with counts split from the other attributes:
+    ``"object"``, ``"attribute"``, ``"count"`` (numbers, count words), ``"relation"`` (positions,
+    spatial words), or ``"other"`` for a masked token of none of them (another backend may hide
+    any word; also glue such as the hyphens of "black-and-white"). Whitespace inside a span is a
+    piece of its own with category None. Without ``nlp`` each span is one ``"other"`` piece.
+    ``"".join(p for p, _ in pieces) == text``.
+    """
+    cuts = sorted((s["start"], s["end"]) if isinstance(s, dict) else
+                  (s.start, s.end) if hasattr(s, "start") else (int(s[0]), int(s[1])) for s in spans)
+    doc = nlp(text) if nlp is not None and cuts else None
+    out: list[tuple[str, str | None]] = []
+    pos = 0
+    for a, b in cuts:
+        if a > pos:
+            out.append((text[pos:a], None))
+        at = a
+        for tok in (doc if doc is not None else ()):
+            lo, hi = max(tok.idx, a), min(tok.idx + len(tok.text), b)
+            if lo >= hi:
+                continue
+            if lo > at:
+                out.append((text[at:lo], None))
+            cat = RuleMasker.token_category(tok) or "other"
+            if cat == "attribute" and (tok.like_num or tok.lower_ in COUNT_WORDS):
+                cat = "count"
+            out.append((text[lo:hi], cat))
+            at = hi
+        if at < b:
+            out.append((text[at:b], "other" if doc is None else None))
+        pos = b
+    if pos < len(text):
+        out.append((text[pos:], None))
+    return out
 
 
 # --- local Hugging Face causal LM

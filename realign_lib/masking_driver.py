@@ -6,23 +6,27 @@ per skipped sample, with reason). Every output passes the one check of the metho
 :func:`realign_lib.masking.check_masking`; invalid outputs are counted, retried once with a
 one-shot example where a retry can help (the LLM backends), then skipped — never passed on
 (:func:`mask_texts`). :func:`evaluate_masker` measures a backend without writing anything, e.g.
-on :data:`FREE_FORM_EXAMPLES`; :func:`summarize_results` and :func:`summarize_files` count.
+on :data:`FREE_FORM_EXAMPLES`; :func:`evaluate_backends` does so for several backends with a cache;
+:func:`summarize_results` and :func:`summarize_files` count; :func:`set_aside_other_backend` moves
+another backend's output out of the way before a run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import append_jsonl, check_settings, iter_jsonl, repair_jsonl_tail, write_jsonl
+from .files import append_jsonl, check_settings, iter_jsonl, read_appended, read_json, repair_jsonl_tail, write_json, write_jsonl
 from .masking import MAX_MASK_WORDS, BackendFailure, Masker, Span, validate_masking, word_count
 
 __all__ = [
-    "FREE_FORM_EXAMPLES", "MaskResult", "mask_texts", "summarize_results", "evaluate_masker", "run_masking",
-    "summarize_files",
+    "FREE_FORM_EXAMPLES", "MaskResult", "mask_texts", "summarize_results", "evaluate_masker", "evaluate_backends",
+    "run_masking", "summarize_files", "set_aside_other_backend",
 ]
 
 #: Twenty LLaVA-style detailed descriptions (written for this kit) to test the maskers off the tiny world.
@@ -169,6 +173,80 @@ def evaluate_masker(masker: Masker, texts: Sequence[str], n_examples: int = 3,
     out["invalid_examples"] = [{"chosen": r.text, "output": r.output, "reason": r.reason}
                                for r in results if not r.ok][:n_examples]
     return out
+
+
+def evaluate_backends(text_sets: dict[str, dict[str, Sequence[str]]], cache_path: str | os.PathLike, backend: str,
+                      masker: Masker, summary: dict | None = None, *, hf_model: str = "", batch_size: int = 64,
+                      stoplist: bool = True, max_mask_words: int = MAX_MASK_WORDS) -> dict:
+    """Validity and mask rate of several backends on named sets of texts, each result cached.
+
+    ``text_sets``: ``{backend: {set name: texts}}`` (backend names of
+    :func:`realign_lib.maskers.make_masker`). ``backend``/``masker``: this run's backend and the
+    masker built for it, used for its own entries; for it, ``summary`` (:func:`summarize_files` of
+    the run's output) stands in for the set ``"tiny_world"``. Other backends are built here (and
+    closed); one that cannot be loaded is reported as ``{"unavailable": why}``. Each
+    :func:`evaluate_masker` result is stored in the JSON file ``cache_path`` under
+    ``"<backend>|<hf_model for hf and constrained>|<set name>|<sha1 of the texts, 12 hex>"`` and
+    reused by a rerun. Returns ``{backend: {set name: {"n", "validity_rate", "mask_rate",
+    "invalid_by_reason", "source", ...}}}``.
+    """
+    from .maskers import make_masker
+
+    cache_path = Path(cache_path)
+    cache = read_json(cache_path) if cache_path.is_file() else {}
+    evaluation = {}
+    for name, sets in text_sets.items():
+        m = masker if name == backend else None
+        res = {}
+        if name == backend and summary is not None:
+            res["tiny_world"] = {"n": summary["valid"] + summary["failed"], "validity_rate": summary["validity_rate"],
+                                 "mask_rate": summary["mask_rate"], "invalid_by_reason": summary["failures_by_reason"],
+                                 "source": "this run's output"}
+        for set_name, texts in sets.items():
+            if set_name in res:
+                continue
+            key = (f"{name}|{hf_model if name in ('hf', 'constrained') else ''}|{set_name}|"
+                   + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12])
+            if key not in cache:
+                if m is None:
+                    try:
+                        m = make_masker(name, hf_model=hf_model, batch_size=batch_size,
+                                        **({"stoplist": stoplist} if name == "rule" else {}))
+                    except (FileNotFoundError, OSError) as err:
+                        res[set_name] = {"unavailable": str(err)[:200]}
+                        continue
+                cache[key] = {"backend": m.name, **evaluate_masker(m, texts, max_mask_words=max_mask_words)}
+                write_json(cache_path, cache)
+            r = cache[key]
+            res[set_name] = {"n": r["tried"], "validity_rate": r["validity_rate"], "mask_rate": r["mask_rate"],
+                             "invalid_by_reason": r["invalid_by_reason"], "seconds": r["seconds"],
+                             "invalid_examples": r["invalid_examples"], "source": "evaluation subset"}
+        evaluation[name] = res
+        if m is not None and m is not masker:
+            m.close()
+    return evaluation
+
+
+def set_aside_other_backend(out_path: str | os.PathLike, failures_path: str | os.PathLike, backend: str,
+                            now: float | None = None) -> tuple[Path | None, list[str]]:
+    """Move the output of *another* backend out of the way before :func:`run_masking` (which refuses it).
+
+    When the records of ``out_path`` (``masked.jsonl``) and ``failures_path`` name any backend other
+    than ``backend`` (a masker's ``name``), both files go into a new folder
+    ``previous_<their backends>_<unix time>`` beside ``out_path``; a half-written last line is cut
+    first. Returns ``(that folder or None when nothing moved, the backends found)``.
+    """
+    out_path, failures_path = Path(out_path), Path(failures_path)
+    previous = {r["backend"] for p in (out_path, failures_path) for r in read_appended(p)}
+    if not previous or previous == {backend}:
+        return None, sorted(previous)
+    tag = "_".join(sorted(previous)).replace(":", "-").replace("/", "-")
+    old = out_path.parent / f"previous_{tag}_{int(time.time() if now is None else now)}"
+    old.mkdir()
+    for p in (out_path, failures_path):
+        if p.is_file():
+            shutil.move(str(p), old / p.name)
+    return old, sorted(previous)
 
 
 def _failure_record(sid: str, r: MaskResult, backend: str) -> dict:

@@ -506,3 +506,56 @@ def test_a_text_too_long_for_spacy_is_one_counted_failure_not_the_end_of_the_bat
     assert counts["valid"] == 2 and counts["invalid_by_reason"] == {"too_long": 1}
     fail = json.loads((tmp_path / "masking_failures.jsonl").read_text())
     assert fail["id"] == "s01" and "1,200 characters; spaCy reads at most 500" in fail["detail"]
+
+
+# ------------------------------------------------------------------------------ notebook helpers
+def test_masked_pieces_tags_what_the_rule_masker_hides(rule):
+    text = "A black-and-white dog sits next to 3 cups on a wooden table."
+    chk = validate_masking(text, rule.mask_batch([text])[0])
+    pieces = maskers.masked_pieces(text, chk.spans, rule.nlp)
+    assert "".join(p for p, _ in pieces) == text
+    tags = {p: c for p, c in pieces if c}
+    assert tags["dog"] == tags["cups"] == tags["table"] == "object"
+    assert tags["black"] == tags["white"] == tags["wooden"] == "attribute"
+    assert tags["3"] == "count" and tags["next"] == "relation" and tags["-"] == "other"
+    assert all(c is None for p, c in pieces if p in ("A ", " sits ", " on a "))
+    as_dicts = [s.to_dict() for s in chk.spans]  # as stored in masked.jsonl; without spaCy: one piece a span
+    assert maskers.masked_pieces(text, as_dicts) == maskers.masked_pieces(text, [(s.start, s.end) for s in chk.spans])
+    assert [p for p, c in maskers.masked_pieces(text, as_dicts) if c] == [s.text for s in chk.spans]
+    assert maskers.masked_pieces(text, []) == [(text, None)]
+
+
+def test_set_aside_other_backend_moves_only_another_backends_output(tmp_path):
+    out, fails = tmp_path / "masked.jsonl", tmp_path / "masking_failures.jsonl"
+    assert D.set_aside_other_backend(out, fails, "rule") == (None, [])  # nothing there
+    D.run_masking(_samples(3), SecondWordMasker(), out)
+    fails.write_text(json.dumps({"id": "x", "backend": "second-word"}) + "\n")
+    assert D.set_aside_other_backend(out, fails, "second-word") == (None, ["second-word"])  # its own: kept
+    old, found = D.set_aside_other_backend(out, fails, "rule", now=123)
+    assert found == ["second-word"] and old == tmp_path / "previous_second-word_123"
+    assert not out.exists() and not fails.exists()
+    assert len((old / "masked.jsonl").read_text().splitlines()) == 3 and (old / "masking_failures.jsonl").is_file()
+
+
+def test_evaluate_backends_caches_each_result(tmp_path, rule):
+    cache = tmp_path / "backend_eval.json"
+    sets = {"rule": {"tiny_world": ["a red car is on the left ."], "free_form": list(D.FREE_FORM_EXAMPLES[:2])}}
+    summary = {"valid": 9, "failed": 1, "validity_rate": 0.9, "mask_rate": 0.4, "failures_by_reason": {"all_masked": 1}}
+    ev = D.evaluate_backends(sets, cache, "rule", rule, summary)
+    assert ev["rule"]["tiny_world"] == {"n": 10, "validity_rate": 0.9, "mask_rate": 0.4,
+                                        "invalid_by_reason": {"all_masked": 1}, "source": "this run's output"}
+    ff = ev["rule"]["free_form"]
+    assert ff["n"] == 2 and ff["validity_rate"] == 1.0 and ff["source"] == "evaluation subset"
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [next(k for k in stored if k.startswith("rule||free_form|"))]
+
+    class Refuses(M.Masker):
+        name = "rule"
+
+        def mask_batch(self, texts, attempt=0):
+            raise AssertionError("a cached result was computed again")
+
+    assert D.evaluate_backends(sets, cache, "rule", Refuses(), summary) == ev  # from the cache
+    other = D.evaluate_backends({"hf": {"free_form": ["a red car ."]}}, cache, "rule", rule, summary,
+                                hf_model=str(tmp_path / "no_such_model"))
+    assert "unavailable" in other["hf"]["free_form"]
