@@ -16,15 +16,36 @@
 # %% [markdown]
 # # 03 · Induce hallucinations: the dual-preference dataset
 #
-# Step 4 of Algorithm 1. For each sample, in rank order over its top-k retrieved images, the
-# hallucination-prone VLM fills the `[MASK]` segments of the masked chosen response while looking
-# at the retrieved image t; a sentence-transformers model embeds the chosen response and the
-# candidate; if their cosine is below τ (0.95) the candidate becomes the **rejected** response and
-# image t the **retrieved image**, otherwise rank t + 1 is tried; a sample with no accepted
-# candidate is skipped and counted. Rank 1 is done for all samples in one batched pass, then
-# rank 2 for those still pending, and so on.
+# Step 4 of Algorithm 1, the heart of Re-Align. Stage 02 hid the content words of each correct
+# description $y_w$ behind `[MASK]`, giving a masked text $y_m$. Here the **hallucination-prone
+# VLM** fills those masks again — but while looking at a *retrieved* image $v_t$ (stage 01), not at
+# the sample's own image $v$. Whatever it writes fits the scene of $v_t$, keeps the sentence of
+# $y_w$, and is wrong for $v$: a realistic hallucination. That candidate $\hat y_t$ becomes the
+# **rejected** response $y_l$, and $v_t$ the **retrieved image** $v_l$ that stage 04's visual term
+# uses.
 #
-# Two ways to fill the masks (`realign_lib.fillers.MaskFiller`):
+# Not every fill is useful. If the VLM writes the same words back (the retrieved image shows the same
+# objects), the "rejected" response would be the chosen one. So a sentence encoder $T$ (a
+# sentence-transformers model) judges each candidate by its cosine similarity to the chosen response,
+#
+# $$
+# s(y_w, \hat y_t) \;=\; \frac{T(y_w)\cdot T(\hat y_t)}{\lVert T(y_w)\rVert\,\lVert T(\hat y_t)\rVert},
+# $$
+#
+# and the candidates are tried in rank order $t = 1, \dots, k$ (best neighbour first). **The τ rule:**
+#
+# $$
+# s(y_w, \hat y_t) < \tau \;\Rightarrow\; \text{accept: } y_l = \hat y_t,\; v_l = v_t;
+# \qquad \text{else try rank } t+1 .
+# $$
+#
+# A sample with no accepted candidate among its $k$ ranks is **skipped** (and counted). The paper
+# uses $\tau = 0.95$ and all-mpnet-base-v2; the kit's offline default encoder is the smaller
+# all-MiniLM-L6-v2. The kit adds one guard the paper does not need with its large VLM: a candidate
+# with fewer than `min_length_ratio` × the words of $y_w$ is refused whatever its similarity (a reply
+# that was cut off is "dissimilar" only because it is short).
+#
+# **Two ways to fill the masks** (`realign_lib.fillers.MaskFiller`):
 #
 # * **`instruction`** — the paper's completion prompt, *"Please complete the following sentence
 #   based on the input image by filling in the masked segments."*, with the masked sentence and
@@ -34,10 +55,18 @@
 #   the sample's own prompt ("Describe the image in detail.") and the retrieved image, forcing
 #   the scaffold's tokens; a span ends when the model (nearly) chooses the next scaffold token.
 #
-# Reads `02_masking/masked.jsonl`, `01_retrieval/neighbours.jsonl`, `data/samples.jsonl` and the
-# model; writes `03_induction/preferences.jsonl` (TRL's `prompt`, `chosen`, `rejected`, `images`
-# plus `retrieved_image`, `similarity`, `rank`, `masked`), `skipped.jsonl`, the comparison sets
-# for the ablations and `metrics.json`. Output is appended as it is made: a killed run resumes.
+# **What you will see:** the two models (section 1); the τ loop written out in plain Python on a
+# dozen samples and checked against the library's rule (section 2); the library running the same rule
+# on the whole run, batched and resumable, and a check that it made the same decisions (section 3);
+# chosen beside rejected with the changed words highlighted, next to both images (section 4); how
+# often each rank is accepted and where the similarities fall (section 5); the comparison sets for the
+# ablations (section 6); and, in the tiny world, whether the rejected responses really name absent
+# objects (section 7).
+#
+# **Reads** `02_masking/masked.jsonl`, `01_retrieval/neighbours.jsonl`, `data/samples.jsonl` and the
+# model. **Writes** `03_induction/preferences.jsonl` (TRL's `prompt`, `chosen`, `rejected`, `images`
+# plus `retrieved_image`, `similarity`, `rank`, `masked`), `skipped.jsonl`, the comparison sets for
+# the ablations and `metrics.json`. Output is appended as it is made: a killed run resumes.
 
 # %%
 # Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
@@ -74,9 +103,15 @@ comparisons = True  # also build the random-swap and corrupted-image comparison 
 min_length_ratio = 0.5  # refuse a candidate with fewer words than this share of the chosen response (a cut-off reply); 0: off
 n_show = 6  # examples shown in the notebook
 
+# %% [markdown]
+# The next cell checks the parameters, makes sure stages 00–02 have outputs (building them in the
+# small setting if they are missing) and joins the three inputs by sample id into **items**: one per
+# sample, holding its prompt, image, chosen response $y_w$, masked text $y_m$ and the paths of its
+# top-k retrieved images in rank order. It prints one masked text.
+
 # %%
-import hashlib
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -89,6 +124,7 @@ from realign_lib import fillers, induction, similarity, vlm, workspace
 from realign_lib.comparisons import corrupted_candidates, random_swap_records
 from realign_lib.data import load_samples
 from realign_lib.files import read_jsonl, write_json, write_jsonl
+from realign_lib.prompts import MASK
 from realign_lib.stages import InductionStage
 
 stage = InductionStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
@@ -114,6 +150,15 @@ print("e.g.", items[0].masked)
 
 # %% [markdown]
 # ## 1 · The models: the VLM that fills, the sentence model that judges
+#
+# `filler(images, prompts, masked)` returns one filled text per input; it is the tiny VLM of stage 00
+# (or `model_path`) in this process, or a VLM behind an OpenAI-compatible endpoint
+# (`fill_backend="openai"`, instruction mode only). `encoder.encode(texts)` returns one unit-length
+# sentence embedding $T(y)$ per text.
+#
+# The last lines record what the output depends on — the model and its weight files, digests of the
+# two input files, the fill settings — with `induction.induction_settings`. `induce` (section 3) keeps
+# that record beside its output and reuses earlier results only while it is unchanged.
 
 # %%
 t0 = time.time()
@@ -134,19 +179,88 @@ else:
     raise ValueError(f"fill_backend {fill_backend!r}: use local or openai")
 encoder = similarity.SentenceEncoder(sentence_model)
 t_load = time.time() - t0
-weights = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() and fill_backend == "local" else []
-digest = lambda p: hashlib.sha1(Path(p).read_bytes()).hexdigest()[:16]  # noqa: E731
-# results are reused on a rerun only if these match (other inputs or settings: start over)
-settings = {"model": model_label,
-            "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weights],
-            "inputs": [digest(masked_path), digest(run / "01_retrieval" / "neighbours.jsonl")],
-            "fill_mode": fill_mode, "sentence_model": encoder.name, "top_k": top_k}
-settings.update({"max_span_tokens": max_span_tokens, "stop_margin": stop_margin} if fill_mode == "slot" else
-                {"max_new_tokens": filler.max_new_tokens})
+settings = induction.induction_settings(
+    model_label, [masked_path, run / "01_retrieval" / "neighbours.jsonl"], fill_mode, encoder.name, top_k,
+    weights_dir=model_dir if fill_backend == "local" else None, max_span_tokens=max_span_tokens,
+    stop_margin=stop_margin, max_new_tokens=filler.max_new_tokens)
 print(f"loaded in {t_load:.1f} s; sentence model {encoder.name}")
 
 # %% [markdown]
-# ## 2 · The τ loop over the retrieved images (resumable)
+# ## 2 · The τ loop by hand, on a dozen samples
+#
+# Here is the whole method for one sample, in plain Python and numpy: for each rank $t$ in order,
+# fill the masks looking at retrieved image $v_t$, embed both texts, take their cosine
+# $s(y_w, \hat y_t)$, and stop at the first candidate that is below τ (and not cut short). An empty
+# fill has no similarity and is never accepted. Similarities are kept to six decimals, as in the files.
+#
+# After each sample the cell asks the library's rule, `induction.accept_rank(similarities, tau,
+# too_short_flags)`, for its decision on the same numbers — the function `induce` applies after every
+# rank pass — and asserts that it is the same. The printout reads: per sample, the similarity at each
+# rank tried (`✗` refused, `✓` accepted, `short` cut off), then the outcome.
+
+# %%
+n_hand = 12  # samples walked through by hand: the first ones of the run
+
+
+def cosine(a, b):
+    """s(a, b) of two embeddings."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def n_words(text):
+    return len(re.findall(r"\w+", text))
+
+
+by_hand = {}
+for it in [it for it in items if MASK in it.masked][:n_hand]:
+    sims, shorts, fills, accepted = [], [], [], None
+    for t, cand in enumerate(it.candidates):                          # ranks 1..k, best neighbour first
+        y_hat = filler([cand.path], [it.prompt], [it.masked])[0]      # fill the masks looking at image v_t
+        s = round(cosine(*encoder.encode([it.chosen, y_hat])), 6) if y_hat.strip() else None
+        short = s is not None and n_words(y_hat) < min_length_ratio * n_words(it.chosen)
+        sims, shorts, fills = sims + [s], shorts + [short], fills + [y_hat]
+        if s is not None and not short and s < tau:                   # the τ rule: accept and stop
+            accepted = t
+            break
+    by_hand[it.id] = {"similarities": sims, "too_short": shorts, "fills": fills, "accepted": accepted}
+    assert induction.accept_rank(sims, tau, shorts) == accepted       # the library's rule decides the same
+
+rows = {sid: "   ".join(f"#{t + 1} {'—' if s is None else f'{s:.3f}'} "
+                        f"{'short' if sh else '✓' if t == h['accepted'] else '✗'}"
+                        for t, (s, sh) in enumerate(zip(h["similarities"], h["too_short"])))
+        for sid, h in by_hand.items()}
+for sid, h in by_hand.items():
+    outcome = "skipped" if h["accepted"] is None else f"accepted at rank {h['accepted'] + 1}"
+    print(f"{sid}: {rows[sid]:<{max(map(len, rows.values()))}}  → {outcome}")
+
+# %% [markdown]
+# Three edge cases of the rule, given as numbers: the first candidate below τ wins even if a later
+# one is lower; a similarity *equal* to τ is refused (the rule is strict); a cut-off candidate is
+# refused whatever its similarity.
+
+# %%
+assert induction.accept_rank([0.97, 0.91, 0.80], tau=0.95) == 1                # rank 2, not the lowest (rank 3)
+assert induction.accept_rank([0.95, 0.99], tau=0.95) is None                    # s = τ is not below τ: skipped
+assert induction.accept_rank([0.60, 0.93], tau=0.95, too_short_flags=[True, False]) == 1  # rank 1 cut short
+print("edge cases: as described")
+
+# %% [markdown]
+# ## 3 · The whole run: the same rule, batched and resumable
+#
+# `induction.induce` runs this loop for every item, with two changes that matter at scale but not for
+# the result:
+#
+# * **batched by rank** — rank 1 for every sample of a chunk in one batched model call, then rank 2
+#   for the samples still pending, and so on (the encoder embeds each text identically whatever it is
+#   batched with, and greedy slot filling in a batch equals filling one at a time);
+# * **resumable** — each finished sample (pair or skip) is appended to the output at once, with a
+#   digest of the item it was made from; a rerun skips the finished ones, recomputes changed ones,
+#   and starts over if the settings of section 1 changed (`on_change="restart"`). The final files are
+#   rewritten in sample order, equal to an uninterrupted run.
+#
+# The printout: pairs made, skips by reason, time spent filling and judging, and for each rank how
+# many samples reached it and how many were accepted there.
 
 # %%
 summary = induction.induce(items, filler, encoder, tau, stage_dir / "preferences.jsonl", stage_dir / "skipped.jsonl",
@@ -162,6 +276,30 @@ print(f"{len(prefs)} pairs from {len(items)} samples ({len(prefs) / max(len(item
 print("acceptance by rank:", [f"#{r['rank']} {r['accepted']}/{r['tried']}" for r in by_rank])
 
 # %% [markdown]
+# **Did the library decide as we did by hand?** For each of the dozen samples of section 2, the
+# library's record must hold the same similarities rank by rank, the same accepted rank and the same
+# rejected text — or, for a skipped sample, the same refused similarities. With the local VLM in slot
+# mode the fills are deterministic, so this is asserted; a chat VLM in instruction mode (batched
+# generation, or an endpoint) may word a fill differently from one call to the next, so there the
+# agreement is only counted.
+
+# %%
+prefs_by_id, skipped_by_id = {r["id"]: r for r in prefs}, {r["id"]: r for r in skipped}
+items_by_id = {it.id: it for it in items}
+agree = 0
+for sid, h in by_hand.items():
+    rec = prefs_by_id.get(sid) if h["accepted"] is not None else skipped_by_id.get(sid)
+    same = rec is not None and np.allclose(np.array(rec["similarities"], float), np.array(h["similarities"], float),
+                                           atol=2e-6, equal_nan=True)
+    if h["accepted"] is not None and rec is not None:
+        same = same and rec["rank"] == items_by_id[sid].candidates[h["accepted"]].rank \
+            and rec["rejected"] == h["fills"][-1]
+    agree += bool(same)
+print(f"library and hand-written loop agree on {agree} of {len(by_hand)} samples")
+if fill_backend == "local" and fill_mode == "slot":
+    assert agree == len(by_hand)
+
+# %% [markdown]
 # The file is exactly what TRL's `DPOTrainer` and `datasets` read (stage 04 loads the images
 # from the relative paths in `images` / `retrieved_image`):
 
@@ -173,58 +311,87 @@ print(ds)
 assert {"prompt", "chosen", "rejected", "images"} <= set(ds.column_names)
 
 # %% [markdown]
-# ## 3 · Examples: original image, retrieved image, chosen and rejected (changed words in red)
+# ## 4 · Chosen beside rejected, next to the image and the retrieved image
+#
+# Each row is one preference pair. **Left:** the sample's own image $v$. **Middle:** the retrieved
+# image $v_l$ the VLM looked at while filling the masks, with its rank. **Right:** the chosen response
+# $y_w$ with the words that were replaced in **blue**, and the rejected response $y_l$ with the words
+# that replaced them in **red** (only masked slots can change: the rest is the same scaffold). Below:
+# the similarity of the accepted candidate and, if earlier ranks were refused, theirs.
+#
+# How to read it: the red words should often describe the *middle* image — an object, colour or
+# position the retrieved image has — while being wrong for the left one. That is the hallucination
+# the preference stage teaches the model to avoid. Half of the rows are pairs accepted at a later
+# rank, when the run has any.
 
 # %%
-def draw_words(ax, y, words, size=8.5, line=0.085, gap=0.006):
-    """Write (word, changed) pairs from the left edge down, wrapping at the axis width."""
-    renderer = ax.figure.canvas.get_renderer()
-    x = 0.0
-    for w, changed in words:
-        kw = dict(fontsize=size, transform=ax.transAxes, va="top", color="crimson" if changed else "black",
-                  fontweight="bold" if changed else "normal")
-        t = ax.text(x, y, w, **kw)
-        box = t.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
-        if box.x1 > 1.0 and x > 0:
-            t.remove()
-            x, y = 0.0, y - line
-            t = ax.text(x, y, w, **kw)
-            box = t.get_window_extent(renderer=renderer).transformed(ax.transAxes.inverted())
-        x = box.x1 + gap
+def draw_words(ax, y, label, words, colour, size=8.5, line=0.085):
+    """Write ``label`` then ``(word, highlighted)`` pairs in a monospace font from the left edge down,
+    wrapping at the axis width; highlighted words bold in ``colour``. Returns the next line's y."""
+    probe = ax.text(0, 0, "x" * 40, family="monospace", fontsize=size, transform=ax.transAxes)
+    box = probe.get_window_extent(renderer=ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
+    probe.remove()
+    cw, indent = box.width / 40, len(label) + 1  # one character's width in axis units
+    ax.text(0, y, label, family="monospace", fontsize=size, color="gray", transform=ax.transAxes, va="top")
+    col = indent
+    for w, hl in words:
+        if (col + len(w)) * cw > 1.0 and col > indent:
+            col, y = indent, y - line
+        ax.text(col * cw, y, w, family="monospace", fontsize=size, transform=ax.transAxes, va="top",
+                color=colour if hl else "black", fontweight="bold" if hl else "normal")
+        col += len(w) + 1
     return y - line
 
 
 rng = np.random.default_rng(seed)
-show = [prefs[i] for i in sorted(rng.choice(len(prefs), min(n_show, len(prefs)), replace=False))] if prefs else []
+later = [r for r in prefs if r["rank"] > 1]
+first = [r for r in prefs if r["rank"] == 1]
+n_later = min(len(later), n_show // 2)
+pick = [later[i] for i in rng.choice(len(later), n_later, replace=False)] if n_later else []
+pick += [first[i] for i in rng.choice(len(first), min(n_show - n_later, len(first)), replace=False)] if first else []
+show = sorted(pick, key=lambda r: r["id"])
 if show:
-    fig, axes = plt.subplots(len(show), 3, figsize=(14, 2.3 * len(show)), gridspec_kw={"width_ratios": [1, 1, 6]})
+    fig, axes = plt.subplots(len(show), 3, figsize=(14, 2.1 * len(show)), gridspec_kw={"width_ratios": [1, 1, 6]})
     axes = np.atleast_2d(axes)
     for row, r in enumerate(show):
         axes[row, 0].imshow(Image.open(run / r["images"][0]), interpolation="nearest")
-        axes[row, 0].set_title(r["id"], fontsize=8)
+        axes[row, 0].set_title(f"image v · {r['id']}", fontsize=8)
         axes[row, 1].imshow(Image.open(run / r["retrieved_image"]), interpolation="nearest")
-        axes[row, 1].set_title(f"retrieved #{r['rank']}", fontsize=8, color="crimson")
-        ax = axes[row, 2]
-        y = draw_words(ax, 0.98, [("chosen:", False)] + [(w, False) for w in r["chosen"].split()])
-        changed = induction.changed_words(r["chosen"], r["rejected"], r["masked"])
-        y = draw_words(ax, y - 0.03, [("rejected:", False)] + changed)
-        ax.text(0, y - 0.03, f"cos {r['similarity']:.3f}", fontsize=8, color="gray", transform=ax.transAxes, va="top")
+        axes[row, 1].set_title(f"retrieved v_l · rank {r['rank']}", fontsize=8, color="crimson")
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
+    fig.tight_layout()  # lay out first: the words are placed in axis units of the final layout
+    for row, r in enumerate(show):
+        ax = axes[row, 2]
+        y = draw_words(ax, 0.97, "chosen  ", induction.changed_words(r["rejected"], r["chosen"], r["masked"]),
+                       "tab:blue")
+        y = draw_words(ax, y - 0.02, "rejected", induction.changed_words(r["chosen"], r["rejected"], r["masked"]),
+                       "crimson")
+        refused = ", ".join(f"#{t + 1} {s:.3f}" for t, s in enumerate(r["similarities"][:-1]) if s is not None)
+        ax.text(0, y - 0.02, f"s(y_w, y_l) = {r['similarity']:.3f} < τ = {tau} at rank {r['rank']}"
+                + (f"   (refused: {refused})" if refused else ""), fontsize=8, color="gray",
+                transform=ax.transAxes, va="top")
     fig.savefig(stage_dir / "examples.png", dpi=80)
     plt.show()
 for r in show[:3]:
-    print("chosen:  ", r["chosen"])
-    changed = induction.changed_words(r["chosen"], r["rejected"], r["masked"])
-    print("rejected:", " ".join(f"[{w}]" if c else w for w, c in changed))
+    print("chosen:  ", " ".join(f"[{w}]" if c else w for w, c in induction.changed_words(r["rejected"], r["chosen"],
+                                                                                         r["masked"])))
+    print("rejected:", " ".join(f"[{w}]" if c else w for w, c in induction.changed_words(r["chosen"], r["rejected"],
+                                                                                         r["masked"])))
+    print()
 
 # %% [markdown]
-# ## 4 · Acceptance by rank and the similarity histogram
+# ## 5 · Acceptance by rank and the similarity histogram
 #
-# Left: of the samples that reached rank t (not accepted before), the share accepted there; the
-# line is the share of all samples accepted at rank ≤ t. Right: the cosine of every candidate
-# tried — the accepted ones fall below τ, the refused ones at or above it.
+# **Left:** of the samples that reached rank $t$ (not accepted at an earlier rank), the share accepted
+# there (bars, with the counts accepted/reached written in); the line is the share of *all* samples
+# accepted at rank ≤ $t$ — its last point is the share of samples that became pairs. A steep first
+# bar means most retrieved images already make the VLM write something different; later ranks
+# rescue samples whose nearest neighbours look too much like the original.
+#
+# **Right:** the similarity of every candidate tried. Accepted ones (green) lie left of the dashed
+# τ line, refused ones (grey) at or right of it. A big grey pile near 1 means the VLM often wrote the
+# chosen words back; a green mass far below τ means the fills change a lot of content.
 
 # %%
 hist = induction.similarity_histogram(prefs, skipped, bins=40)
@@ -249,13 +416,19 @@ fig.savefig(stage_dir / "acceptance_similarity.png", dpi=80)
 plt.show()
 
 # %% [markdown]
-# ## 5 · Comparison sets for the ablations
+# ## 6 · Comparison sets for the ablations
 #
 # Same record format, same files layout: **random swap** replaces each masked span by a random
 # other masked span of the same kind (no model; seeded; the kinds come from the tiny world's own
 # lexicon in a tiny-world run, else from a generic English one), and **corrupted image** runs the
 # same τ loop with the masks filled under corrupted copies of the sample's *own* image (a random
 # crop keeping 1–20 % of the area, as mDPO, or Gaussian noise) instead of retrieved images.
+#
+# Why build them: stage 04/05 can then train on each set with the same loss and ask *which way of
+# making rejected responses helps most*. Random swaps are cheap but often implausible ("a fish in the
+# sky"); corrupted images test whether a retrieved, *meaningful* other image matters, or whether any
+# loss of visual evidence does as well. With `comparisons=False` (the tiny-world main config) this
+# cell does nothing. When it runs it prints each set's pair count and one rejected response of each.
 
 # %%
 results = {"re_align": prefs}
@@ -294,12 +467,17 @@ if comparisons:
         print("corrupted image:", r0["rejected"], f"(copy {r0['retrieved_image']})")
 
 # %% [markdown]
-# ## 6 · Do the rejected responses name absent objects? (tiny world)
+# ## 7 · Do the rejected responses name absent objects? (tiny world)
 #
 # Share of rejected responses naming at least one object absent from the original image, share of
 # named objects that are absent (CHAIR_i style), and of those absent objects, how many are the
 # *partner* of a present one (moon↔star, fish↔boat, …: the co-occurrence prior the model leans on)
 # and how many are present in the retrieved image.
+#
+# The tiny world knows every image's objects, so these can be counted exactly. How to read the table:
+# for Re-Align, "with absent" should be high (the rejected responses really do hallucinate) and
+# "in retrieved" should be well above zero (the hallucinations come *from* the retrieved image, not
+# from nowhere); random swaps name absent objects too, but ones unrelated to any image.
 
 # %%
 world_stats = {}
@@ -319,6 +497,13 @@ if ann_path.is_file():
                     f"{st['object_hallucination_rate']:12.1%}  {st['partner_share']:13.1%}  "
                     f"{st['absent_in_retrieved_share']:12.1%}")
     print("\n".join(rows))
+
+# %% [markdown]
+# ## 8 · The stage's record
+#
+# `metrics.json` gathers the figures above (pairs, skips by reason, acceptance by rank, the histogram,
+# the tiny-world table, the comparison sets) and the time spent, for the README's tables and for
+# stage 05. The cell prints its headline numbers.
 
 # %%
 def _round(d):
@@ -347,3 +532,18 @@ metrics = {
 write_json(stage_dir / "metrics.json", metrics)
 shown = ("samples_tried", "pairs", "pair_rate", "mean_similarity_accepted", "seconds")
 print(json.dumps({k: metrics[k] for k in shown}, indent=1))
+
+# %% [markdown]
+# ## What to try next
+#
+# * **`tau`** — the acceptance threshold. Lower it (e.g. `0.85`) and fewer candidates pass: more
+#   samples need later ranks or are skipped, the pair rate falls, and the accepted pairs differ more
+#   from their chosen responses (the green mass in section 5 moves left). Raise it towards `0.99`
+#   and nearly every first candidate is accepted, including near-copies of the chosen response.
+# * **`top_k`** — how many retrieved images a sample may try. With `top_k=1` every sample whose
+#   first fill is too similar is skipped (the acceptance curve stops at rank 1); more ranks rescue
+#   more samples, at the cost of more fills. Stage 01 must keep at least as many neighbours.
+# * **`min_length_ratio`** — set it to `0` to switch the cut-off guard off: with a chat VLM in
+#   `instruction` mode, truncated or refused replies then become "rejected" responses with a low
+#   similarity, and the `too_short` count printed in section 3 drops to zero. With the tiny VLM in
+#   `slot` mode it changes little, because the scaffold keeps every fill full-length.

@@ -16,18 +16,71 @@
 # %% [markdown]
 # # 04 · Preference training: DPO, rDPO, mDPO
 #
-# Step 5 of Algorithm 1: train the VLM on the dual-preference pairs of stage 03 with
+# Step 5 of Algorithm 1. Stage 03 gave every sample a **chosen** response $y_w$ (correct for its image
+# $v$), a **rejected** response $y_l$ (the same sentence with hallucinated words) and the **retrieved
+# image** $v_l$ that provoked them. Here the VLM $\pi_\theta$ learns from those triples with a
+# preference loss. Nothing is labelled with a score: the model only learns that, for the same prompt
+# $x$, one answer should become more likely *relative to the other* than it was at the start.
 #
-# * `L_DPO  = −log σ(β[log π(y_w|x,v)/π_ref(y_w|x,v) − log π(y_l|x,v)/π_ref(y_l|x,v)])` (textual term),
-# * `L_vDPO = −log σ(β[log π(y_w|x,v)/π_ref(y_w|x,v) − log π(y_w|x,v_l)/π_ref(y_w|x,v_l)])` (visual term:
-#   the chosen answer should become *more* likely under the true image than under the retrieved one),
-# * `L_rDPO = L_DPO + L_vDPO` (`loss="rdpo"`); `dpo` is the textual term alone, `mdpo` swaps the retrieved
-#   image for a random crop and adds an anchor, `rdpo_released` is the authors' released "noisy"
-#   variant (for comparison only).
+# **The implicit reward.** The starting model is kept frozen as the reference $\pi_{\mathrm{ref}}$. How
+# much the policy has moved towards a response $y$ (for prompt $x$ and image $v$) is its reward
 #
-# The reference π_ref is the starting model (LoRA adapters disabled); its log-probs are computed once
-# and cached. Training runs on `realign_lib.trainer.PreferenceTrainer` (a `transformers.Trainer`), so
-# the same code scales with `accelerate launch -m realign_lib.cli train` (see `configs/accelerate/`).
+# $$
+# r(y \mid x, v) \;=\; \beta \,\log \frac{\pi_\theta(y \mid x, v)}{\pi_{\mathrm{ref}}(y \mid x, v)},
+# $$
+#
+# where $\log \pi(y\mid x,v)$ is the sum of the log-probabilities of the response's tokens. At the start
+# $\pi_\theta = \pi_{\mathrm{ref}}$ and every reward is 0.
+#
+# **The textual term (DPO, Rafailov et al. 2023; Re-Align Eq. 3)** prefers the chosen over the rejected
+# response, under the *same* image:
+#
+# $$
+# \mathcal{L}_{\mathrm{DPO}} = -\log \sigma\!\Big(\beta \log \frac{\pi_\theta(y_w\mid x,v)}{\pi_{\mathrm{ref}}(y_w\mid x,v)}
+#   \;-\; \beta \log \frac{\pi_\theta(y_l\mid x,v)}{\pi_{\mathrm{ref}}(y_l\mid x,v)}\Big)
+#   = -\log\sigma(m_{\mathrm{text}}), \qquad m_{\mathrm{text}} = r(y_w\mid x,v) - r(y_l\mid x,v).
+# $$
+#
+# **The visual term (vDPO, Re-Align Eq. 4)** keeps the *response* fixed and changes the *image*: the
+# chosen answer should become more likely under the true image $v$ than under the retrieved one $v_l$,
+# so the model has to look at the image instead of leaning on the text alone:
+#
+# $$
+# \mathcal{L}_{\mathrm{vDPO}} = -\log \sigma\!\Big(\beta \log \frac{\pi_\theta(y_w\mid x,v)}{\pi_{\mathrm{ref}}(y_w\mid x,v)}
+#   \;-\; \beta \log \frac{\pi_\theta(y_w\mid x,v_l)}{\pi_{\mathrm{ref}}(y_w\mid x,v_l)}\Big)
+#   = -\log\sigma(m_{\mathrm{vis}}), \qquad m_{\mathrm{vis}} = r(y_w\mid x,v) - r(y_w\mid x,v_l).
+# $$
+#
+# **rDPO (Re-Align Eq. 5)** is their sum, averaged over the batch:
+#
+# $$
+# \mathcal{L}_{\mathrm{rDPO}} = \mathcal{L}_{\mathrm{DPO}} + \mathcal{L}_{\mathrm{vDPO}} .
+# $$
+#
+# Each pair needs **six log-probabilities**: policy and reference, each for $y_w$ under $v$, $y_l$ under
+# $v$ and $y_w$ under $v_l$. The kit can add an NLL term on the chosen response, weighted by
+# `sft_weight` ($\lambda$; 0 in the paper), with $|y_w|$ the number of response tokens:
+#
+# $$
+# \mathcal{L} \;=\; \mathcal{L}_{\text{loss}} \;+\; \lambda\cdot\Big(-\frac{\log \pi_\theta(y_w\mid x,v)}{|y_w|}\Big).
+# $$
+#
+# The `loss` parameter picks $\mathcal{L}_{\text{loss}}$: `dpo` is the textual term alone, `rdpo` the
+# paper's sum, `mdpo` (Wang et al. 2024) swaps the retrieved image for a random crop of $v$ and adds an
+# anchor term, and `rdpo_released` is the authors' released "noisy" variant (for comparison only).
+# The margins $m_{\mathrm{text}}$ and $m_{\mathrm{vis}}$ are what the training log records and what the
+# figures below follow: each term pushes its margin up from 0, and a loss term is small once its margin
+# is large.
+#
+# The reference $\pi_{\mathrm{ref}}$ is the starting model (LoRA adapters disabled); its log-probs are
+# computed once and cached. Training runs on `realign_lib.trainer.PreferenceTrainer` (a
+# `transformers.Trainer`), so the same code scales with `accelerate launch -m realign_lib.cli train`
+# (see `configs/accelerate/`).
+#
+# **What you will see:** the starting model's descriptions (section 1), training (section 2), the two
+# loss terms written out in plain torch from the six log-probs of a handful of pairs and checked against
+# the library (section 3), the textual and visual margins over training (section 4), and the same
+# images described before and after training (section 5).
 #
 # **Parameters.** Below the first four, every parameter is a field of
 # `realign_lib.training.PreferenceConfig` with the same name (the `TrainingArguments` name where one
@@ -35,26 +88,12 @@
 # (projector 2e-5 when `train_projector`), cosine schedule, warm-up 0.03, batch 1 × 8, LoRA r 128 /
 # α 256 on the language model's linear layers, bf16 on a GPU that supports it; on a CUDA GPU also
 # activation (gradient) checkpointing and four data-loader workers (GPU guide: `docs/gpu.md`; the
-# authors' released settings: `configs/release.yaml`).
+# authors' released settings: `configs/release.yaml`). The tiny world changes some of them: see
+# "The tiny world's settings" below.
 #
-# **The tiny world's settings** (`configs/tiny_world.yaml`, which the main command runs) differ:
-#
-# * `max_steps = 60`, `per_device_train_batch_size = 8`, `gradient_accumulation_steps = 1`: a fixed,
-#   short budget — 480 pairs of about 700 — so the stage takes about a minute on two CPU cores;
-# * `learning_rate = 5e-4` (paper 1e-5): a 1.5 M-parameter model with rank-16 adapters moves very
-#   little at the paper's rate in so few steps; a feasibility study of this world also used a much
-#   higher rate;
-# * `lora_r = 16`, `lora_alpha = 32` (paper 128 / 256, same α/r = 2): the tiny Llama's hidden size is
-#   128, so rank 128 would be a full-rank update;
-# * `sft_weight = 1.0` (paper 0): an NLL term on the chosen response. Pure DPO broke the tiny model's
-#   grammar in that study (chosen log-prob fell ~8 nats); with the NLL term DPO and rDPO stayed sane.
-#   The authors' released trainer has the same `sft_weight` option;
-# * fp32 on a CPU, one torch thread (`cpu_threads = 1`): the model is so small that more threads only
-#   add overhead, and on a shared two-core machine they made each step ~5× slower.
-#
-# Reads `03_induction/preferences.jsonl` (image paths relative to the run folder) and the stage-00
-# model; writes `04_training/<output_name>/` (the adapter, `train_log.jsonl`, `metrics.json`, figures)
-# and adds the run's figures to `04_training/metrics.json`.
+# **Reads** `03_induction/preferences.jsonl` (image paths relative to the run folder) and the stage-00
+# model. **Writes** `04_training/<output_name>/` (the adapter, `train_log.jsonl`, `metrics.json`,
+# figures) and adds the run's figures to `04_training/metrics.json`.
 
 # %%
 # Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
@@ -107,6 +146,12 @@ n_show = 6  # examples shown in the notebook
 n_eval = 64  # held-out test images for a quick CHAIR check before / after; 0 skips it
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
+# %% [markdown]
+# The next cell checks the parameters, makes sure stages 00 and 03 have outputs, reads the preference
+# pairs and works out how many of them this run trains on (`max_records`: by default as many as
+# `max_steps` × the global batch consume). It prints the plan: pairs, steps, learning rate, β, the NLL
+# weight and the LoRA rank.
+
 # %%
 import json
 import time
@@ -151,11 +196,51 @@ print(f"{len(records)} pairs in {pref_path}; training {loss} on {max_records} of
 print(f"model {model_dir} → {out_dir}")
 
 # %% [markdown]
+# ## The tiny world's settings
+#
+# `configs/tiny_world.yaml`, which the README's main command runs, changes some of the paper's settings
+# for a 1.5 M-parameter model trained on two CPU cores. The next cell reads the values from that file
+# (so this notebook and the config cannot disagree) and prints them beside the paper's defaults and this
+# run's own values. Why each one differs:
+#
+# * **`max_steps`, `per_device_train_batch_size`, `gradient_accumulation_steps`** — a fixed, short
+#   budget instead of one epoch: part of the run's pairs, a few hundred, so that the stage takes about
+#   a minute on two CPU cores;
+# * **`learning_rate`** — far above the paper's: a tiny model with small adapters moves very little at
+#   the paper's rate in so few steps (a feasibility study of this world also used a much higher rate);
+# * **`lora_r`, `lora_alpha`** — smaller, with the paper's ratio α/r = 2: the tiny Llama's hidden size
+#   is 128, so the paper's rank 128 would be a full-rank update;
+# * **`sft_weight`** — the NLL term on the chosen response is on (the paper: off). Pure DPO broke the
+#   tiny model's grammar in that study (the chosen log-prob fell ~8 nats); with the NLL term DPO and
+#   rDPO stayed sane. The authors' released trainer has the same option;
+# * **`cpu_threads`** — one torch thread: the model is so small that more threads only add overhead,
+#   and on a shared two-core machine they made each step ~5× slower (fp32 on a CPU);
+# * **`n_eval`, `save_steps`** — bookkeeping: no quick caption check here (stage 05 evaluates), and
+#   checkpoints spaced for the short run.
+
+# %%
+import dataclasses
+
+from realign_lib.config import load_config
+
+paper = {f.name: f.default for f in dataclasses.fields(TrainingStage)}
+tiny_yaml = (workspace.repo_root() or Path(".")) / "configs" / "tiny_world.yaml"
+if tiny_yaml.is_file():
+    tiny = {k: v for k, v in load_config(tiny_yaml).parameters("04_training").items() if k not in ("run_dir", "seed")}
+    print(f"{'parameter':<30}{'paper (default)':>18}{'tiny_world.yaml':>18}{'this run':>14}")
+    for key, value in tiny.items():
+        print(f"{key:<30}{paper.get(key)!s:>18}{value!s:>18}{getattr(stage, key)!s:>14}")
+else:
+    print("configs/tiny_world.yaml is not here (a kit installed without its configs)")
+
+# %% [markdown]
 # ## 1 · Before: a few descriptions of the starting model
 #
-# Held-out test images (never in the preference data), greedy decoding. A quick CHAIR check on
-# `n_eval` of them: the share of named objects that are absent (`chair_i`) and of descriptions with
-# one or more (`chair_s`); stage 05 does the full evaluation.
+# Held-out test images (never in the preference data), greedy decoding, the same prompt as the
+# training samples. A quick CHAIR check on `n_eval` of them: the share of named objects that are
+# absent (`chair_i`) and of descriptions with one or more (`chair_s`); stage 05 does the full
+# evaluation. This cell only generates; section 5 shows the descriptions beside those of the trained
+# model.
 
 # %%
 from realign_lib import tinyworld, tinyworld_eval
@@ -188,6 +273,11 @@ if eval_images:  # (a real checkpoint without the tiny world's test set skips th
 # step to `train_log.jsonl` and saves the adapter with the processor. Every `save_steps` steps it
 # checkpoints; a run killed part-way continues from the last complete checkpoint when the notebook
 # is run again with the same parameters, and ends with the same weights as an uninterrupted run.
+#
+# The Trainer prints one line of figures per logged step (the same lines go to `train_log.jsonl`):
+# the loss and each term, the rewards of chosen / rejected / retrieved, the margins and the share of
+# pairs whose margin is positive (`accuracies`), and the mean log-probs. The last line sums up the
+# time spent.
 
 # %%
 res = preference_trainer.train(pref_path, model_dir, out_dir, cfg, root=run, max_records=max_records)
@@ -197,11 +287,93 @@ print(f"{res['steps']} steps in {sec['train']:.1f} s ({sec['per_step']:.3f} s/st
       f"{sec['reference']:.1f} s for {res['records']} pairs; {res['trainable_parameters']:,} trainable parameters")
 
 # %% [markdown]
-# ## 3 · Loss terms, rewards and margins
+# ## 3 · The DPO and vDPO terms by hand, from the six log-probs
 #
-# Rewards are β·(log π − log π_ref) of each response. The textual margin is chosen − rejected (same
-# image); the visual margin is chosen under the true image − chosen under the retrieved image (rDPO)
-# or the crop (mDPO). Curves are smoothed over 10 steps.
+# Now the loss itself, on a handful of real pairs. The next cell scores pairs of this run's training
+# set with the library's own scoring code: for each pair, the summed response log-probs of $y_w$ under
+# $v$, $y_l$ under $v$ and $y_w$ under $v_l$ — with the trained policy, and again with the adapters
+# switched off (the reference). That is the six numbers per pair. It scores them for every loss
+# (`loss="rdpo"` rows), so that the visual margin can be looked at even in a DPO run.
+
+# %%
+from realign_lib import losses
+from realign_lib.reference import reference_logps_for_batch
+from realign_lib.training import PreferenceCollator, PreferenceDataset, compute_preference_loss, score_pairs
+
+n_margin = 64  # training pairs scored after training (the first 4 are printed below)
+policy = trainer.model.eval()
+cfg6 = dataclasses.replace(cfg, loss="rdpo")  # rows (v, y_w), (v, y_l), (v_l, y_w): all six log-probs
+train_ids = {r["id"] for r in trainer.train_dataset.records}
+scored = PreferenceDataset([r for r in records if r["id"] in train_ids][:n_margin], root=run)
+collate = PreferenceCollator(trainer.data_collator.processor, cfg6)
+six = {"policy": {}, "ref": {}}
+with torch.no_grad():
+    for i in range(0, len(scored), per_device_train_batch_size):  # batches the size training used
+        batch = collate([scored[j] for j in range(i, min(i + per_device_train_batch_size, len(scored)))])
+        parts = {"policy": score_pairs(policy, batch, cfg6),
+                 "ref": reference_logps_for_batch(policy, batch, cfg6, trainer.ref_model)}
+        for who, logps in parts.items():
+            for k, v in logps.items():
+                six[who][k] = torch.cat([six[who].get(k, v[:0]), v.float()])
+print(f"scored {len(scored)} training pairs; keys {sorted(six['policy'])}")
+
+# %% [markdown]
+# The loss written out: the three rewards, the two margins, the two terms, and the NLL term on the
+# chosen response (per token). Then three assertions against the library:
+#
+# * the terms equal `realign_lib.losses.rdpo` (and the textual one `losses.dpo`), the functions the
+#   trainer uses;
+# * the whole loss of this run equals `realign_lib.training.compute_preference_loss`, which
+#   `PreferenceTrainer.compute_loss` calls on every training batch — given the same six log-probs, it
+#   must return our number for `loss="rdpo"` and, for a `dpo` run, for this run's own settings too;
+# * the margins it logs (`rewards/margins`, `rewards/visual_margins`) are our means.
+
+# %%
+pi, ref = six["policy"], six["ref"]
+r_w = beta * (pi["chosen"] - ref["chosen"])            # r(y_w | x, v)
+r_l = beta * (pi["rejected"] - ref["rejected"])        # r(y_l | x, v)
+r_wl = beta * (pi["retrieved"] - ref["retrieved"])     # r(y_w | x, v_l)
+m_text, m_vis = r_w - r_l, r_w - r_wl                  # textual and visual margins
+l_dpo = -torch.log(torch.sigmoid(m_text))              # L_DPO per pair
+l_vdpo = -torch.log(torch.sigmoid(m_vis))              # L_vDPO per pair
+nll = -pi["chosen"] / pi["chosen_tokens"]              # per-token NLL of y_w
+by_hand = {"rdpo": (l_dpo + l_vdpo).mean() + sft_weight * nll.mean(),
+           "dpo": l_dpo.mean() + sft_weight * nll.mean()}
+
+lib = losses.rdpo(pi["chosen"], pi["rejected"], pi["retrieved"], ref["chosen"], ref["rejected"], ref["retrieved"],
+                  beta)
+assert torch.allclose(lib["loss_dpo"], l_dpo, atol=1e-6) and torch.allclose(lib["loss_vdpo"], l_vdpo, atol=1e-6)
+assert torch.allclose(lib["loss"], l_dpo + l_vdpo, atol=1e-6)
+assert torch.allclose(losses.dpo(pi["chosen"], pi["rejected"], ref["chosen"], ref["rejected"], beta)["loss"], l_dpo,
+                      atol=1e-6)
+for c in [cfg6] + ([cfg] if loss == "dpo" else []):
+    total, logged = compute_preference_loss(None, {}, {k: ref[k] for k in ("chosen", "rejected", "retrieved")}, c,
+                                            policy_logps=pi)
+    assert torch.allclose(total, by_hand[c.loss], atol=1e-5), (c.loss, float(total), float(by_hand[c.loss]))
+    assert abs(logged["rewards/margins"] - float(m_text.mean())) < 1e-5
+    assert c.loss == "dpo" or abs(logged["rewards/visual_margins"] - float(m_vis.mean())) < 1e-5
+
+print(f"{'':5}{'log π(y_w|v)':^18}{'log π(y_l|v)':^18}{'log π(y_w|v_l)':^18}{'margins':^16}{'loss terms':^16}")
+print(f"{'pair':<5}" + f"{'policy':>9}{'ref':>9}" * 3 + f"{'m_text':>8}{'m_vis':>8}{'L_DPO':>8}{'L_vDPO':>8}")
+for i in range(min(4, len(scored))):
+    print(f"{i:<5}" + "".join(f"{pi[k][i]:9.2f}{ref[k][i]:9.2f}" for k in ("chosen", "rejected", "retrieved"))
+          + f"{m_text[i]:8.3f}{m_vis[i]:8.3f}{l_dpo[i]:8.3f}{l_vdpo[i]:8.3f}")
+print(f"mean over {len(scored)} pairs: rDPO loss {by_hand['rdpo']:.4f}, DPO loss {by_hand['dpo']:.4f} "
+      f"(each with the NLL term × {sft_weight}); equal to the library's")
+
+# %% [markdown]
+# How to read the table: a positive `m_text` means the trained model has moved towards the chosen
+# response and away from the rejected one (compared with where it started); a positive `m_vis` means
+# the chosen response has become more likely under the true image than under the retrieved one. Each
+# loss term is $\log 2 \approx 0.693$ at margin 0 and falls as its margin grows.
+
+# %% [markdown]
+# ## 4 · Loss terms, rewards and margins over training
+#
+# Every logged step of `train_log.jsonl` holds batch means of the figures of section 3. The overview
+# has four panels: the loss and its terms; the rewards $r$ of chosen, rejected and (rDPO) retrieved;
+# the margins; and the reward accuracies — the share of pairs whose margin is positive. Curves are
+# smoothed over 10 steps (a short run shows them nearly raw).
 
 # %%
 log = read_jsonl(out_dir / "train_log.jsonl")
@@ -246,25 +418,114 @@ fig.savefig(out_dir / "training_curves.png", dpi=80)
 plt.show()
 
 # %% [markdown]
-# ## 4 · After: the same images
+# **The margins, the quantities the two loss terms push up.** Left: the textual margin $m_{\text{text}}$
+# and (rDPO, mDPO) the visual margin $m_{\text{vis}}$ at every logged step — thin lines the batch means
+# as logged, thick lines smoothed. Both start at exactly 0 (policy = reference). Right: the margins of
+# the trained model on the pairs scored in section 3, one dot per pair.
 #
-# A preference stage that damages the language shows here first (broken sentences); the NLL term on
-# the chosen response (`sft_weight`) is there to prevent that.
+# How to read it: in an rDPO run both margins should rise, the visual one more slowly — swapping the
+# image changes the log-prob of the same text far less than swapping the text does, so in a short run
+# (the smoke setting's 10 steps) it barely leaves 0; over the tiny world's full run it climbs to a few
+# tenths. In a DPO run only the textual margin is trained, and the right panel shows where the visual
+# margin ended up without its term — the difference between the two runs is what the vDPO term adds. Pairs above the horizontal line have a
+# positive visual margin, pairs right of the vertical line a positive textual margin.
 
 # %%
-policy = trainer.model.eval()
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+curves_ = [("rewards/margins", "textual  r(y_w|v) − r(y_l|v)", "tab:blue"),
+           ("rewards/visual_margins", f"visual  r(y_w|v) − r(y_w|{'v_l' if third == 'retrieved' else 'crop'})",
+            "tab:red")]
+for key, label, colour in curves_:
+    if key in log[0]:
+        a1.plot(steps, series(key), color=colour, lw=0.8, alpha=0.4)
+        a1.plot(steps, smooth(series(key)), color=colour, lw=2, label=label)
+a1.axhline(0, color="gray", lw=0.8, ls="--")
+a1.set(xlabel="optimiser step", ylabel="margin (batch mean)", title=f"margins over training · {loss}")
+a1.legend(fontsize=8)
+a2.scatter(m_text.cpu(), m_vis.cpu(), s=12, alpha=0.7, color="tab:purple")
+a2.axhline(0, color="gray", lw=0.8, ls="--")
+a2.axvline(0, color="gray", lw=0.8, ls="--")
+a2.set(xlabel="textual margin m_text", ylabel="visual margin m_vis (v vs v_l)",
+       title=f"after training: {len(scored)} training pairs")
+fig.tight_layout()
+plt.show()
+print(f"last logged step: textual margin {log[-1]['rewards/margins']:.3f}"
+      + (f", visual margin {log[-1]['rewards/visual_margins']:.3f}" if "rewards/visual_margins" in log[-1] else "")
+      + f"; after training on the scored pairs: m_text > 0 for {float((m_text > 0).float().mean()):.0%}, "
+        f"m_vis > 0 for {float((m_vis > 0).float().mean()):.0%}")
+
+# %% [markdown]
+# ## 5 · After: the same images, described again
+#
+# The trained model describes the images of section 1 again. The figure puts them side by side: the
+# image, the true description, then before and after; object words that name something **absent**
+# from the image are in red. A preference stage that damages the language shows here first (broken
+# sentences); the NLL term on the chosen response (`sft_weight`) is there to prevent that. Fewer red
+# words after than before is what the method is for — on six images expect noise, not proof (stage 05
+# counts over hundreds). The text printout below the figure gives the same descriptions, and the CHAIR
+# figures before → after when `n_eval` > 0.
+
+# %%
 after = describe_all(policy, processor)
 comparison = {}
 if eval_scenes:
     comparison = {"before": tinyworld_eval.caption_hallucination(before[:n_eval], eval_scenes[:n_eval]),
                   "after": tinyworld_eval.caption_hallucination(after[:n_eval], eval_scenes[:n_eval])}
-    for i in range(min(n_show, len(eval_scenes))):
-        print(f"[{eval_scenes[i].id}] truth : {tinyworld.describe(eval_scenes[i])}\n"
-              f"    before: {before[i]}\n    after : {after[i]}\n")
-    if n_eval:
-        print(f"CHAIR on {min(n_eval, len(eval_scenes))} test images: " + "; ".join(
-            f"{k} {comparison['before'][k]:.3f} → {comparison['after'][k]:.3f}"
-            for k in ("chair_i", "chair_s", "recall")))
+
+
+def absent_flags(text, scene):
+    """(word, names an object absent from the scene) for each word of a description."""
+    return [(w, any(o not in scene.types for o in tinyworld_eval.mentioned_objects(w))) for w in text.split()]
+
+
+def draw_words(ax, y, label, words, size=8.5, line=0.16):
+    """Write ``label`` then ``(word, flagged)`` pairs in a monospace font, wrapping at the axis width;
+    flagged words bold red. Returns the next line's y."""
+    probe = ax.text(0, 0, "x" * 40, family="monospace", fontsize=size, transform=ax.transAxes)
+    box = probe.get_window_extent(renderer=ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
+    probe.remove()
+    cw, indent, col = box.width / 40, len(label) + 1, len(label) + 1
+    ax.text(0, y, label, family="monospace", fontsize=size, color="gray", transform=ax.transAxes, va="top")
+    for w, bad in words:
+        if (col + len(w)) * cw > 1.0 and col > indent:
+            col, y = indent, y - line
+        ax.text(col * cw, y, w, family="monospace", fontsize=size, transform=ax.transAxes, va="top",
+                color="crimson" if bad else "black", fontweight="bold" if bad else "normal")
+        col += len(w) + 1
+    return y - line
+
+
+rows = list(range(min(n_show, len(eval_scenes))))
+if rows:
+    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.7 * len(rows)), gridspec_kw={"width_ratios": [1, 8]})
+    axes = np.atleast_2d(axes)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()  # lay out first: the words are placed in axis units of the final layout
+    for row, i in enumerate(rows):
+        sc = eval_scenes[i]
+        axes[row, 0].imshow(plt.imread(eval_images[i]), interpolation="nearest")
+        axes[row, 0].set_title(sc.id, fontsize=8)
+        y = draw_words(axes[row, 1], 0.95, "truth ", [(w, False) for w in tinyworld.describe(sc).split()])
+        n_before, n_after = (sum(b for _, b in absent_flags(t, sc)) for t in (before[i], after[i]))
+        y = draw_words(axes[row, 1], y - 0.03, "before", absent_flags(before[i], sc))
+        draw_words(axes[row, 1], y - 0.03, "after ", absent_flags(after[i], sc))
+        axes[row, 1].set_title(f"absent-object words: {n_before} before → {n_after} after", fontsize=8, loc="left")
+    plt.show()
+for i in rows[:3]:
+    print(f"[{eval_scenes[i].id}] truth : {tinyworld.describe(eval_scenes[i])}\n"
+          f"    before: {before[i]}\n    after : {after[i]}\n")
+if comparison and n_eval:
+    print(f"CHAIR on {min(n_eval, len(eval_scenes))} test images: " + "; ".join(
+        f"{k} {comparison['before'][k]:.3f} → {comparison['after'][k]:.3f}" for k in ("chair_i", "chair_s", "recall")))
+
+# %% [markdown]
+# ## 6 · The stage's record
+#
+# `metrics.json` in the run's folder keeps the steps, pairs, first / final / last-20-step means of
+# every logged figure, the caption check and the time spent; `04_training/metrics.json` collects one
+# entry per run (variant) of this stage, for stage 05 and the README. The cell prints the time spent
+# and the last-20-step means.
 
 # %%
 first, last = log[0], log[-1]
@@ -290,3 +551,16 @@ summary["runs"][output_name] = {k: metrics[k] for k in ("loss", "seed", "steps",
 write_json(summary_path, summary)
 print(json.dumps({k: metrics[k] for k in ("steps", "pairs", "seconds")}, indent=1))
 print(json.dumps(metrics["last20_mean"], indent=1))
+
+# %% [markdown]
+# ## What to try next
+#
+# * **`loss`** — run `dpo` beside `rdpo` (the smoke config's two variants do exactly that). The textual
+#   margins should look alike; the visual margin (right panel of section 4) is pushed up only by the
+#   vDPO term, so compare where it ends in the two runs — and stage 05 asks whether that shows in POPE.
+# * **`beta`** — β scales every reward. A larger β (e.g. `0.5`) makes the sigmoid saturate at smaller
+#   log-prob changes: the logged margins grow faster, the loss terms fall sooner, and the policy is held
+#   closer to the reference; a smaller β lets it drift further for the same loss.
+# * **`sft_weight`** — set it to `0` (the paper's value) with the tiny world's learning rate: the
+#   chosen log-prob (`logps/chosen` in the log) falls instead of rising, and in section 5 the "after"
+#   descriptions may lose their grammar. Raise it and the preference margins grow more slowly.

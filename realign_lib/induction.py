@@ -49,7 +49,8 @@ from .prompts import MASK
 
 __all__ = [
     "split_masked", "join_filled", "spans_from_masked", "slot_texts", "changed_words", "stable_seed",
-    "too_short", "Candidate", "Item", "build_items", "item_digest", "induce", "acceptance_by_rank", "similarity_histogram",
+    "too_short", "accept_rank", "induction_settings", "Candidate", "Item", "build_items", "item_digest", "induce",
+    "acceptance_by_rank", "similarity_histogram",
 ]
 
 
@@ -240,6 +241,49 @@ def too_short(chosen: str, candidate: str, min_length_ratio: float = 0.5) -> boo
     return _words(candidate) < min_length_ratio * _words(chosen)
 
 
+def accept_rank(similarities: Sequence[float | None], tau: float,
+                too_short_flags: Sequence[bool] | None = None) -> int | None:
+    """The τ rule over one sample's candidates in rank order: the index (0-based) of the first one accepted, or None.
+
+    ``similarities[t]``: ``s(y_w, ŷ_t)``, the cosine of the chosen response and the candidate filled under
+    retrieved image t+1 (None or NaN: no candidate, e.g. an empty fill); ``too_short_flags[t]``: that
+    candidate is :func:`too_short` (None: no flags). Candidate t is accepted when its similarity is known,
+    it is not too short, and ``s < tau`` (strictly: ``s == tau`` is refused). :func:`induce` applies this
+    rule after every rank pass, so a sample stops at the first accepted rank.
+    """
+    for t, s in enumerate(similarities):
+        short = bool(too_short_flags[t]) if too_short_flags is not None else False
+        if s is not None and s == s and not short and s < tau:
+            return t
+    return None
+
+
+def induction_settings(model_label: str, inputs: Sequence[str | Path], fill_mode: str, sentence_model: str,
+                       top_k: int, weights_dir: str | Path | None = None, max_span_tokens: int | None = None,
+                       stop_margin: float | None = None, max_new_tokens: int | None = None) -> dict:
+    """What the induction output depends on, besides τ: :func:`induce` keeps it beside the output (``signature``)
+    and reuses earlier results only while it is unchanged.
+
+    ``model_label``: the filling model (a folder, a hub id, or ``openai:<model>@<url>``); ``inputs``: the
+    input files (stage 02's ``masked.jsonl``, stage 01's ``neighbours.jsonl``), each recorded by a digest of
+    its bytes; ``weights_dir``: a local model folder, whose ``*.safetensors`` files are recorded by name,
+    size and modification time (None: an endpoint, no weights). Slot filling adds ``max_span_tokens`` and
+    ``stop_margin``; instruction filling adds ``max_new_tokens``. Returns a JSON-ready dict (key order fixed:
+    it is written to ``<output>.settings.json``).
+    """
+    import hashlib
+
+    weights = sorted(Path(weights_dir).glob("*.safetensors")) if weights_dir is not None and Path(weights_dir).is_dir() \
+        else []
+    settings = {"model": model_label,
+                "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weights],
+                "inputs": [hashlib.sha1(Path(p).read_bytes()).hexdigest()[:16] for p in inputs],
+                "fill_mode": fill_mode, "sentence_model": sentence_model, "top_k": top_k}
+    settings.update({"max_span_tokens": max_span_tokens, "stop_margin": stop_margin} if fill_mode == "slot" else
+                    {"max_new_tokens": max_new_tokens})
+    return settings
+
+
 def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict,
                min_length_ratio: float = 0.5) -> tuple[dict, dict]:
     """The rank passes over one chunk: rank 1 for every pending item in one batched call, then
@@ -249,6 +293,7 @@ def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict,
     skipped: dict[str, dict] = {}
     short: dict[str, int] = {it.id: 0 for it in chunk}
     sims: dict[str, list[float]] = {it.id: [] for it in chunk}
+    short_flags: dict[str, list[bool]] = {it.id: [] for it in chunk}
     last: dict[str, str] = {}
     pending = []
     for it in chunk:
@@ -277,13 +322,14 @@ def _run_chunk(chunk: list[Item], fill, encoder, tau: float, stats: dict,
         pending = []
         for it, c, text, s in zip(now, cands, texts, sim):
             s = None if np.isnan(s) else round(float(s), 6)
+            cut = bool(s is not None and min_length_ratio and too_short(it.chosen, text, min_length_ratio))
             sims[it.id].append(s)
+            short_flags[it.id].append(cut)
             last[it.id] = text
-            if s is not None and min_length_ratio and too_short(it.chosen, text, min_length_ratio):
+            if cut:
                 short[it.id] += 1
                 stats["too_short"] += 1
-                pending.append(it)
-            elif s is not None and s < tau:
+            if accept_rank(sims[it.id], tau, short_flags[it.id]) == level:
                 accepted[it.id] = {"id": it.id, "prompt": it.prompt, "images": [it.image],
                                    "retrieved_image": c.image, "chosen": it.chosen, "rejected": text,
                                    "masked": it.masked, "similarity": s, "rank": c.rank,

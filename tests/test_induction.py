@@ -167,6 +167,31 @@ def test_analysis_helpers():
     assert st["partner_share"] == 0.5 and st["absent_in_retrieved_share"] == 0.5  # moon: partner; car: retrieved
 
 
+def test_accept_rank_is_the_tau_rule():
+    assert ind.accept_rank([0.97, 0.93, 0.5], 0.95) == 1                   # first below tau, in rank order
+    assert ind.accept_rank([0.95, 0.99], 0.95) is None                     # s == tau is refused
+    assert ind.accept_rank([None, float("nan"), 0.9], 0.95) == 2           # no candidate: never accepted
+    assert ind.accept_rank([0.5, 0.9], 0.95, [True, False]) == 1           # a cut-short candidate is refused
+    assert ind.accept_rank([0.5], 0.95, [True]) is None and ind.accept_rank([], 0.95) is None
+
+
+def test_induction_settings_records_model_inputs_and_fill_settings(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * 10)
+    a, b = tmp_path / "masked.jsonl", tmp_path / "neighbours.jsonl"
+    a.write_text("x")
+    b.write_text("y")
+    slot = ind.induction_settings("tiny", [a, b], "slot", "minilm", 5, weights_dir=tmp_path / "m", max_span_tokens=6,
+                                  stop_margin=5.0, max_new_tokens=99)
+    assert list(slot) == ["model", "weights", "inputs", "fill_mode", "sentence_model", "top_k", "max_span_tokens",
+                          "stop_margin"]
+    assert slot["weights"][0][:2] == ["model.safetensors", 10] and slot["inputs"][0] == "11f6ad8ec52a2984"  # sha1("x")
+    inst = ind.induction_settings("openai:m@u", [a, b], "instruction", "minilm", 5, max_new_tokens=2048)
+    assert inst["weights"] == [] and inst["max_new_tokens"] == 2048 and "stop_margin" not in inst
+    b.write_text("z")
+    assert ind.induction_settings("tiny", [a, b], "slot", "minilm", 5)["inputs"][1] != slot["inputs"][1]
+
+
 def test_corrupt_image_is_seeded_and_keeps_size():
     arr = (np.random.default_rng(1).random((40, 30, 3)) * 255).astype(np.uint8)
     for kind in ("crop", "noise"):
