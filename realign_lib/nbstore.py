@@ -64,8 +64,6 @@ def with_outputs(source: dict, executed: dict, replacements: dict[str, str], out
     for cell, done in zip(out["cells"], cells):
         if cell["cell_type"] == "code":
             cell["outputs"] = [_scrub(o, order) for o in done.get("outputs", [])]
-            for o in cell["outputs"]:
-                o.pop("metadata", None) if o.get("metadata") == {} else None
             cell["execution_count"] = done.get("execution_count")
     out["metadata"].pop("papermill", None)
     out["metadata"]["realign"] = {"source_sha256": source_digest(source), "outputs_from": outputs_from}

@@ -64,7 +64,9 @@ def main(argv=None) -> int:
             nb = source
             nb["metadata"]["realign"] = {"source_sha256": nbstore.source_digest(source), "outputs_from": None}
             print(f"{stage}: not part of {args.config}; stored without outputs")
-        nb_path.write_text(nbformat.writes(nbformat.from_dict(nb)) + "\n")
+        nb = nbformat.from_dict(nb)
+        nbformat.validate(nb)  # a notebook any Jupyter opens
+        nb_path.write_text(nbformat.writes(nb) + "\n")
     return 0
 
 

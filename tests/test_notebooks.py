@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jupytext
+import nbformat
 import pytest
 
 
@@ -40,6 +41,7 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
         paired = jupytext.read(twin)
         assert [c.source for c in paired.cells] == ["".join(c["source"]) for c in nb["cells"]], \
             f"{path} and {twin.name} differ: run `jupytext --sync {twin}`"
+        nbformat.validate(nbformat.from_dict(nb))  # opens in any Jupyter (and nbconvert renders it)
         recorded = nb["metadata"].get("realign", {}).get("source_sha256")
         assert recorded == nbstore.source_digest(nb), \
             f"{path}: its stored outputs were made from other sources: run `python scripts/store_notebook_outputs.py`"
