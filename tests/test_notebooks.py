@@ -376,14 +376,6 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     assert _files_holding(tmp_path / "leak", FAKE_KEY.encode()) == [str(tmp_path / "leak" / ".hidden.json")]
 
 
-def _figure_cells(nb: dict) -> list[tuple[str, bool]]:
-    """``(first line, has an image output)`` for every code cell of an executed notebook that shows a figure."""
-    return [(c["source"] if isinstance(c["source"], str) else "".join(c["source"])).splitlines()[0]
-            for c in nb["cells"] if c["cell_type"] == "code" and "plt.show()" in "".join(c["source"])], \
-        [any("image/png" in o.get("data", {}) for o in c.get("outputs", []))
-         for c in nb["cells"] if c["cell_type"] == "code" and "plt.show()" in "".join(c["source"])]
-
-
 @pytest.mark.slow
 def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(root, smoke_chain, tmp_path,
                                                                                  monkeypatch):
@@ -393,30 +385,34 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
     stage 00 builds the missing stages 01-02 in the small setting (one `realign run` call) and goes on."""
     import papermill as pm
 
+    from realign_lib import nbstore
+    from realign_lib.config import load_config
     from realign_lib.workspace import CHAIN_ENV
 
+    cfg = load_config(root / "configs" / "tiny_world_smoke.yaml")
     home = tmp_path / "home"
     _copy_run(root, smoke_chain, home / "runs" / "student")
     monkeypatch.setenv("REALIGN_HOME", str(home))
     monkeypatch.delenv(CHAIN_ENV, raising=False)
     for name in ("00_tiny_world", "01_retrieval", "02_masking", "03_induction", "04_training", "05_evaluation"):
         out = tmp_path / f"{name}.ipynb"
+        # the run's own settings (so each stage resumes its finished work), with a relative run_dir
+        params = dict(cfg.parameters("04_training/rdpo_seed0" if name == "04_training" else name), run_dir="runs/student")
         pm.execute_notebook(str(root / "notebooks" / f"{name}.ipynb"), str(out), kernel_name="python3",
-                            parameters={"run_dir": "runs/student", "small_run": True}, cwd=str(root / "notebooks"),
-                            progress_bar=False)
-        firsts, shown = _figure_cells(json.loads(out.read_text()))
-        assert firsts and all(shown), (name, [f for f, s in zip(firsts, shown) if not s])
+                            parameters=params, cwd=str(root / "notebooks"), progress_bar=False)
+        figures = nbstore.figure_cells(json.loads(out.read_text()))
+        assert figures and all(shown for _, shown in figures), (name, [f for f, shown in figures if not shown])
     assert not (root / "notebooks" / "runs").exists(), "a relative run_dir was resolved against the kernel's folder"
     assert (home / "runs" / "student" / "05_evaluation" / "metrics.json").is_file()
 
-    _copy_run(root, smoke_chain, home / "runs" / "partial", only=["data", "model", "00_tiny_world"])
+    partial = _copy_run(root, smoke_chain, home / "runs" / "partial", only=["data", "model", "00_tiny_world"])
+    marker_00 = (partial / "00_tiny_world" / ".done.json").read_bytes()
     out = tmp_path / "03_alone.ipynb"
     pm.execute_notebook(str(root / "notebooks" / "03_induction.ipynb"), str(out), kernel_name="python3",
-                        parameters={"run_dir": "runs/partial", "small_run": True}, cwd=str(root / "notebooks"),
-                        progress_bar=False)
-    partial = home / "runs" / "partial"
+                        parameters=dict(cfg.parameters("03_induction"), run_dir="runs/partial"),
+                        cwd=str(root / "notebooks"), progress_bar=False)
     assert (partial / "01_retrieval" / ".done.json").is_file() and (partial / "02_masking" / ".done.json").is_file()
-    assert not (partial / "00_tiny_world" / "00_tiny_world.ipynb").stat().st_mtime > out.stat().st_mtime
+    assert (partial / "00_tiny_world" / ".done.json").read_bytes() == marker_00  # stage 00 was there: not rebuilt
     assert sum(1 for _ in open(partial / "03_induction" / "preferences.jsonl")) > 10
     text = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
                    for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
