@@ -186,8 +186,9 @@ def evaluate_backends(text_sets: dict[str, dict[str, Sequence[str]]], cache_path
     the run's output) stands in for the set ``"tiny_world"``. Other backends are built here (and
     closed); one that cannot be loaded is reported as ``{"unavailable": why}``. Each
     :func:`evaluate_masker` result is stored in the JSON file ``cache_path`` under
-    ``"<backend>|<hf_model for hf and constrained>|<set name>|<sha1 of the texts, 12 hex>"`` and
-    reused by a rerun. Returns ``{backend: {set name: {"n", "validity_rate", "mask_rate",
+    ``"<backend>|<hf_model for hf and constrained>|<set name>|max_mask_words=N[|stoplist]|<sha1 of the
+    texts, 12 hex>"`` and reused by a rerun with the same settings (a changed ``max_mask_words`` or
+    stop list evaluates again). Returns ``{backend: {set name: {"n", "validity_rate", "mask_rate",
     "invalid_by_reason", "source", ...}}}``.
     """
     from .maskers import make_masker
@@ -206,6 +207,7 @@ def evaluate_backends(text_sets: dict[str, dict[str, Sequence[str]]], cache_path
             if set_name in res:
                 continue
             key = (f"{name}|{hf_model if name in ('hf', 'constrained') else ''}|{set_name}|"
+                   f"max_mask_words={max_mask_words}{'|stoplist' if name == 'rule' and stoplist else ''}|"
                    + hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12])
             if key not in cache:
                 if m is None:
