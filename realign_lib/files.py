@@ -293,22 +293,20 @@ def check_settings(sig_path: str | os.PathLike, signature: dict, files, on_chang
     Other settings, or results without a settings record: with ``on_change="restart"`` the files are
     deleted (saying which settings changed), otherwise it raises. Then ``signature`` is written."""
     sig_path, files = Path(sig_path), [Path(p) for p in files]
-    if sig_path.is_file():
-        old = read_json(sig_path)
-        if old != signature:
-            diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
-            if on_change != "restart":
-                raise ValueError(f"{sig_path.parent}: earlier results were made with other settings "
-                                 f"({', '.join(diff)}); delete {', '.join(p.name for p in files)} "
-                                 f"or pass on_change='restart'")
-            log(f"settings changed ({', '.join(diff)}): earlier {', '.join(p.name for p in files)} discarded")
-            for p in files:
-                if p.exists():
-                    p.unlink()
-    elif any(p.exists() for p in files):
+    old = read_json(sig_path) if sig_path.is_file() else None
+    if old is None and not any(p.exists() for p in files):
+        why = None  # nothing made yet
+    elif old is None:
+        why = f"results without a settings record ({sig_path.name})"
+    elif old != signature:
+        why = f"other settings ({', '.join(sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k)))})"
+    else:
+        why = None
+    if why:
         if on_change != "restart":
-            raise ValueError(f"{sig_path.parent}: results without a settings record ({sig_path.name}); delete them "
-                             f"or pass on_change='restart'")
+            raise ValueError(f"{sig_path.parent}: earlier results were made with {why}; delete "
+                             f"{', '.join(p.name for p in files)} or pass on_change='restart'")
+        log(f"earlier {', '.join(p.name for p in files)} made with {why}: discarded")
         for p in files:
             if p.exists():
                 p.unlink()
