@@ -115,6 +115,51 @@ elif chosen_source != "llava":
     raise ValueError(f"chosen_source {chosen_source!r}: use llava, openai or caption_qa")
 
 # %% [markdown]
+# ## A LLaVA-Instruct record becomes a sample, written out
+#
+# The whole conversion in plain Python, on four made-up records: the first human turn, without the
+# `<image>` token, is the prompt $x$; the first model turn is the chosen response $y_w$; a record
+# with no such exchange, or an empty answer, is skipped and counted under its reason. The assertion
+# checks it against `realign_lib.data.samples_from_llava`, the loader used above on the whole file
+# (here on a temporary copy of the four records, with empty files standing in for the images, which
+# it checks exist but does not open).
+
+# %%
+import tempfile
+
+records = [
+    {"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is on the table?"},
+                                                    {"from": "gpt", "value": "A plate and a fork."}]},
+    {"id": "b", "image": "b.jpg", "conversations": [{"from": "human", "value": "Describe the image.\n<image>"},
+                                                    {"from": "gpt", "value": "A red bus on a street. "}]},
+    {"id": "c", "image": "c.jpg", "conversations": [{"from": "gpt", "value": "No question first."}]},
+    {"id": "d", "image": "d.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                    {"from": "gpt", "value": "  "}]},
+]
+
+
+def by_hand(rec):
+    conv = rec["conversations"]
+    if len(conv) < 2 or conv[0]["from"] != "human" or conv[1]["from"] != "gpt":
+        return None, "no_exchange"
+    if not conv[1]["value"].strip():
+        return None, "empty_chosen"
+    prompt = conv[0]["value"].replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "").strip()
+    return {"id": rec["id"], "image": rec["image"], "prompt": prompt, "chosen": conv[1]["value"].strip()}, None
+
+
+hand = [by_hand(r) for r in records]
+with tempfile.TemporaryDirectory() as tmp:
+    Path(tmp, "llava.json").write_text(json.dumps(records))
+    for r in records:  # the loader counts a missing image file; its content is not read here
+        Path(tmp, r["image"]).write_bytes(b"")
+    lib_samples, lib_counts = samples_from_llava(Path(tmp, "llava.json"), tmp, check_images=False)
+assert [{k: s[k] for k in ("id", "image", "prompt", "chosen")} for s in lib_samples] == [h for h, _ in hand if h]
+assert all(lib_counts[why] == sum(w == why for _, w in hand) for why in ("no_exchange", "empty_chosen"))
+for h, why in hand:
+    print(h if h else f"skipped: {why}")
+
+# %% [markdown]
 # ## QA pairs from captions (`chosen_source = "caption_qa"`)
 #
 # Re-Align §4.1: the chosen responses are "QA pairs generated from image captions and simple VQA
@@ -204,3 +249,16 @@ metrics = {"stage": "00_real_data", "small_run": small_run, "llava_json": str(ll
 (run / "00_real_data").mkdir(parents=True, exist_ok=True)
 write_json(run / "00_real_data" / "metrics.json", metrics)
 print(json.dumps(metrics, indent=1))
+
+# %% [markdown]
+# ## What to try next
+#
+# * **`prompt_contains = "Describe"`** keeps only LLaVA-Instruct's detailed descriptions (the
+#   `detail_23k` part): longer chosen responses, so stage 02 masks more words per sample and stage 03
+#   has more to change; the conversation records give short answers instead.
+# * **`chosen_source = "caption_qa"`** with `qa_per_image = 2`: the paper's short QA pairs made from
+#   captions (needs an OpenAI-compatible endpoint); watch the rejected-reply counts above — a high
+#   `not_in_caption` share means the model adds what the caption does not say.
+# * **`records_per_image = 2`**: more samples from the same images. Two samples of one image have
+#   the same embedding, so stage 01 drops each as the other's exact duplicate (it reports how many)
+#   and retrieves only other images; stage 03 then induces two pairs per image.
