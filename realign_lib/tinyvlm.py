@@ -1,6 +1,6 @@
 """The tiny VLM: a genuine ``LlavaForConditionalGeneration`` trained from scratch on the tiny world.
 
-Architecture (about 1.2 M parameters): a CLIP vision tower (64×64 input, patch 16 → 16 patches +
+Architecture (about 1.5 M parameters): a CLIP vision tower (64×64 input, patch 16 → 16 patches +
 CLS, hidden 128, 3 layers), a two-layer GELU projector, and a Llama language model (hidden 128,
 3 layers, 4 heads) over a word-level vocabulary built with ``tokenizers``. The processor is a real
 ``LlavaProcessor`` with the LLaVA-1.5 chat template (:data:`realign_lib.vlm.LLAVA_CHAT_TEMPLATE`), so
