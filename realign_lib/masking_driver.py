@@ -188,14 +188,15 @@ def evaluate_backends(text_sets: dict[str, dict[str, Sequence[str]]], cache_path
     :func:`evaluate_masker` result is stored in the JSON file ``cache_path`` under
     ``"<backend>|<hf_model for hf and constrained>|<set name>|max_mask_words=N[|stoplist]|<sha1 of the
     texts, 12 hex>"`` and reused by a rerun with the same settings (a changed ``max_mask_words`` or
-    stop list evaluates again). Returns ``{backend: {set name: {"n", "validity_rate", "mask_rate",
+    stop list evaluates again, and the results of these backends that this call did not use are
+    dropped from the file). Returns ``{backend: {set name: {"n", "validity_rate", "mask_rate",
     "invalid_by_reason", "source", ...}}}``.
     """
     from .maskers import make_masker
 
     cache_path = Path(cache_path)
     cache = read_json(cache_path) if cache_path.is_file() else {}
-    evaluation = {}
+    evaluation, used = {}, set()
     for name, sets in text_sets.items():
         m = masker if name == backend else None
         res = {}
@@ -220,12 +221,18 @@ def evaluate_backends(text_sets: dict[str, dict[str, Sequence[str]]], cache_path
                 cache[key] = {"backend": m.name, **evaluate_masker(m, texts, max_mask_words=max_mask_words)}
                 write_json(cache_path, cache)
             r = cache[key]
+            used.add(key)
             res[set_name] = {"n": r["tried"], "validity_rate": r["validity_rate"], "mask_rate": r["mask_rate"],
                              "invalid_by_reason": r["invalid_by_reason"], "seconds": r["seconds"],
                              "invalid_examples": r["invalid_examples"], "source": "evaluation subset"}
         evaluation[name] = res
         if m is not None and m is not masker:
             m.close()
+    # results of these backends made with other settings or on other texts are dropped: the file holds
+    # what a clean run with these settings would hold (other backends' results stay for a later call)
+    stale = [k for k in cache if k.split("|", 1)[0] in text_sets and k not in used]
+    if stale:
+        write_json(cache_path, {k: v for k, v in cache.items() if k not in stale})
     return evaluation
 
 

@@ -558,6 +558,8 @@ def test_evaluate_backends_caches_each_result(tmp_path, rule):
     assert D.evaluate_backends(sets, cache, "rule", Refuses(), summary) == ev  # from the cache
     with pytest.raises(AssertionError, match="computed again"):  # other settings: not the cached result
         D.evaluate_backends(sets, cache, "rule", Refuses(), summary, max_mask_words=2)
+    D.evaluate_backends(sets, cache, "rule", rule, summary, max_mask_words=2)
+    assert [k.split("|")[3] for k in json.loads(cache.read_text())] == ["max_mask_words=2"]  # the old one dropped
     other = D.evaluate_backends({"hf": {"free_form": ["a red car ."]}}, cache, "rule", rule, summary,
                                 hf_model=str(tmp_path / "no_such_model"))
     assert "unavailable" in other["hf"]["free_form"]
