@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         if run.exists():
             shutil.rmtree(run)
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", "--config", args.config,
+        res = subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", args.config,
                               "--set", f"run_dir={run}"], cwd=ROOT)
         wall = time.perf_counter() - t0
         if res.returncode:

@@ -3,7 +3,7 @@
     python benchmarks/bench_induction.py --run runs/tiny_world --samples 256
 
 Needs a run folder with stages 00-02 done (the tiny VLM, ``neighbours.jsonl``, ``masked.jsonl``).
-Both variants run :func:`realign_lib.induction.induce` on the same items with the same filler
+Both variants run :func:`realign_lib.induction.loop.induce` on the same items with the same filler
 settings; the only difference is how many candidates go through the VLM per call (``--batch`` vs
 1) and how many texts the sentence model encodes per call. The accepted pairs must be identical
 (the filler's results do not depend on batch-mates: left padding with matching position ids).
@@ -36,11 +36,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from realign_lib import induction as ind
-    from realign_lib import vlm
     from realign_lib.files import read_jsonl
-    from realign_lib.fillers import MaskFiller
-    from realign_lib.similarity import SentenceEncoder
+    from realign_lib.induction import loop as ind
+    from realign_lib.induction.fillers import MaskFiller
+    from realign_lib.induction.similarity import SentenceEncoder
+    from realign_lib.models import vlm
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_maskers.py --texts 200 --budget 900 --threads 1
 
-Texts: :func:`realign_lib.freeform.freeform_descriptions` (seed 0), where each word is tagged
+Texts: :func:`tests.support.freeform.freeform_descriptions` (seed 0), where each word is tagged
 object / attribute / relation / other. Both maskers mask the same texts; each output goes
-through :func:`realign_lib.masking.validate_masking`, and :func:`realign_lib.freeform.masking_quality`
+through :func:`realign_lib.masking.core.validate_masking`, and :func:`tests.support.freeform.masking_quality`
 gives the mask rate, the share of masked words that are objects, attributes or relations
 (content share) and the share of object nouns masked (object recall).
 
@@ -43,8 +43,8 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
 
 def quality(docs, outputs) -> dict:
     """Validity of ``outputs`` and :func:`masking_quality` over the valid ones."""
-    from realign_lib.freeform import masking_quality
-    from realign_lib.masking import validate_masking
+    from realign_lib.masking.core import validate_masking
+    from tests.support.freeform import masking_quality
 
     checks = [validate_masking(d.text, o) if isinstance(o, str) else None for d, o in zip(docs, outputs)]
     ok = [(d, c) for d, c in zip(docs, checks) if c is not None and c.ok]
@@ -93,10 +93,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from realign_lib.constrained_masker import ConstrainedMasker
     from realign_lib.files import write_json
-    from realign_lib.freeform import freeform_descriptions
-    from realign_lib.maskers import RuleMasker
+    from realign_lib.masking.constrained import ConstrainedMasker
+    from realign_lib.masking.rule import RuleMasker
+    from tests.support.freeform import freeform_descriptions
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -54,7 +54,7 @@ def sgemm_floor(x: np.ndarray, block: int) -> float:
 def embed_throughput(n: int, batch: int) -> dict:
     import torch
 
-    from realign_lib import vlm
+    from realign_lib.models import vlm
 
     model_dir = next((ROOT / r / "model" / "tiny_vlm" for r in ("runs/tiny_world", "runs/tiny_world_comparison")
                       if (ROOT / r / "model" / "tiny_vlm" / "config.json").is_file()), None)
@@ -62,7 +62,7 @@ def embed_throughput(n: int, batch: int) -> dict:
         model, processor = vlm.load_vlm(model_dir, device="cpu")
         size = 64
     else:
-        from realign_lib.testing import tiny_llava
+        from tests.support.tiny_models import tiny_llava
         model, processor = tiny_llava()
         size = 32
     rng = np.random.default_rng(0)

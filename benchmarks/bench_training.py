@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the kit and tests/support (tiny random models)
 CONFIGS = {
     "kit_dpo": "the kit's dpo (PreferenceTrainer, cached reference)",
     "kit_rdpo": "the kit's rdpo (three sequences per pair, cached reference)",
@@ -68,9 +69,11 @@ def worker(args) -> dict:
     import torch
     from transformers import TrainerCallback, set_seed
 
-    from realign_lib import training, vlm
-    from realign_lib.trainer import PreferenceTrainer
     from realign_lib.files import read_jsonl
+    from realign_lib.models import vlm
+    from realign_lib.training import config as training
+    from realign_lib.training.batches import PreferenceDataset
+    from realign_lib.training.trainer import PreferenceTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +82,7 @@ def worker(args) -> dict:
     if args.model:
         model, processor = vlm.load_vlm(args.model, dtype="bfloat16" if args.bf16 else "float32", device=device)
     else:
-        from realign_lib.testing import tiny_llava
+        from tests.support.tiny_models import tiny_llava
         model, processor = tiny_llava()
         model.to(device)
     pref_path = Path(args.preferences)
@@ -109,7 +112,7 @@ def worker(args) -> dict:
                                         gradient_accumulation_steps=1, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                                         lora_dropout=0.0, max_steps=args.steps, seed=0, bf16=args.bf16,
                                         precompute_ref=args.config != "kit_rdpo_onthefly")
-        ds = training.PreferenceDataset(records, root=root, need_retrieved=loss == "rdpo")
+        ds = PreferenceDataset(records, root=root, need_retrieved=loss == "rdpo")
         targs = cfg.training_arguments(out, **{k: v for k, v in common.items()
                                                if k not in ("per_device_train_batch_size", "seed")})
         t0 = time.perf_counter()
@@ -121,7 +124,7 @@ def worker(args) -> dict:
         from peft import LoraConfig
         from trl import DPOConfig, DPOTrainer
 
-        ds = training.PreferenceDataset(records, root=root, need_retrieved=False)
+        ds = PreferenceDataset(records, root=root, need_retrieved=False)
         tok = processor.tokenizer
         items = [ds[i] for i in range(len(ds))]
         data = Dataset.from_dict({

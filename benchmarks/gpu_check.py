@@ -13,9 +13,9 @@ writes a handful of synthetic preference records, then:
   cached reference pass) for two steps, with activation checkpointing off and on, recording the
   reference-pass time, the time of each optimiser step, peak device memory and the step-1 losses
   (``loss_dpo`` and ``loss_vdpo`` are log 2 = 0.6931 each: the adapters start as the identity);
-* times greedy generation through :func:`realign_lib.vlm.generate` for a POPE-style batch (8 new
+* times greedy generation through :func:`realign_lib.models.vlm.generate` for a POPE-style batch (8 new
   tokens) and a fill-style batch (256 new tokens), EOS disabled so every row runs to the end;
-* times :func:`realign_lib.vlm.image_embeddings` (stage 01's pooled vision features).
+* times :func:`realign_lib.models.vlm.image_embeddings` (stage 01's pooled vision features).
 
 A run that does not fit in memory is recorded as ``{"error": "out of memory"}`` and the check goes on.
 Writes one JSON (default ``benchmarks/results/gpu_check.json``).
@@ -52,12 +52,22 @@ WORDS = ("a the red blue green cat dog car tree house person ball cup table sky 
 def build(shape: dict, device: str, dtype):
     """``(model, processor)`` of ``shape`` with random weights, created directly on ``device`` in ``dtype``."""
     import torch
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, MistralConfig)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+        MistralConfig,
+    )
 
-    from realign_lib import testing
-    from realign_lib.vlm import LLAVA_CHAT_TEMPLATE
+    from realign_lib.models.vlm import LLAVA_CHAT_TEMPLATE
+    from tests.support import tiny_models as testing
 
     nxt = shape["arch"] == "llava_next"
     template = testing.LLAVA_NEXT_TEMPLATE if nxt else LLAVA_CHAT_TEMPLATE
@@ -148,8 +158,9 @@ def train_run(model, processor, prefs: Path, out: Path, checkpointing: bool) -> 
     from peft import get_peft_model
     from transformers import TrainerCallback
 
-    from realign_lib.trainer import PreferenceTrainer
-    from realign_lib.training import PreferenceConfig, PreferenceDataset
+    from realign_lib.training.batches import PreferenceDataset
+    from realign_lib.training.config import PreferenceConfig
+    from realign_lib.training.trainer import PreferenceTrainer
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -165,8 +176,8 @@ def train_run(model, processor, prefs: Path, out: Path, checkpointing: bool) -> 
 
     cfg = PreferenceConfig(loss="rdpo", lora_r=128, lora_alpha=256, per_device_train_batch_size=1,
                            gradient_accumulation_steps=8, max_steps=2, warmup_steps=0.0,
-                           activation_checkpointing=checkpointing, dataloader_num_workers=0)
-    args = cfg.training_arguments(out, save_strategy="no", disable_tqdm=True, logging_steps=1)
+                           activation_checkpointing=checkpointing, dataloader_num_workers=0, logging_steps=1)
+    args = cfg.training_arguments(out, save_strategy="no", disable_tqdm=True)
     _peak_reset()
     clock = Clock()
     torch.manual_seed(0)  # the same LoRA initialisation and dropout in every run
@@ -195,7 +206,7 @@ def train_run(model, processor, prefs: Path, out: Path, checkpointing: bool) -> 
 
 def generation_run(model, processor, images, new_tokens: int, batch: int) -> dict:
     """Greedy generation of ``new_tokens`` for ``batch`` (image, question) rows, EOS off."""
-    from realign_lib import vlm
+    from realign_lib.models import vlm
 
     model.eval()
     eos = model.generation_config.eos_token_id
@@ -215,7 +226,7 @@ def generation_run(model, processor, images, new_tokens: int, batch: int) -> dic
 
 
 def embedding_run(model, processor, images, batch: int) -> dict:
-    from realign_lib import vlm
+    from realign_lib.models import vlm
 
     vlm.image_embeddings(model, processor, images[:2], batch_size=2)  # warm-up
     _sync()
@@ -231,7 +242,7 @@ def check_shape(name: str, shape: dict, device: str, dtype, tiny: bool, work: Pa
     """Everything for one shape; the model is freed at the end."""
     import torch
 
-    from realign_lib import vlm
+    from realign_lib.models.scoring import build_scoring_batch
 
     _peak_reset()
     t0 = time.perf_counter()
@@ -243,8 +254,8 @@ def check_shape(name: str, shape: dict, device: str, dtype, tiny: bool, work: Pa
     folder = work / name
     folder.mkdir()
     prefs = write_records(folder, 16, size, words=12 if tiny else 80)
-    batch = vlm.build_scoring_batch(processor, [folder / "v0.jpg"], ["describe the picture in detail"],
-                                    [json.loads(prefs.read_text().splitlines()[0])["chosen"]])
+    batch = build_scoring_batch(processor, [folder / "v0.jpg"], ["describe the picture in detail"],
+                                [json.loads(prefs.read_text().splitlines()[0])["chosen"]])
     out["tokens_per_row"] = int(batch["attention_mask"].sum())
     model.train()
     for ck in (False, True):

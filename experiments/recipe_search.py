@@ -5,7 +5,7 @@
     python experiments/recipe_search.py --report             # table + dose-response plot from the results
 
 Stages 00-03 (world, tiny VLM, retrieval, masking, pairs) run once into ``<root>/_base``; each candidate's
-folder starts as a copy of it (:func:`realign_lib.cli.seed_run`), so only the stages its settings
+folder starts as a copy of it (:func:`realign_lib.run.cli.seed_run`), so only the stages its settings
 touch run again, then training (DPO and rDPO per seed) and evaluation on the validation images. One
 JSON line per candidate goes to the results file: its settings, the mean ± sd per condition and the
 paired differences (rDPO − base, rDPO − DPO, DPO − base) of the key validation metrics, the seconds
@@ -29,7 +29,7 @@ COMPARISONS = ("rdpo - base", "rdpo - dpo", "dpo - base")
 
 
 def _realign(config: Path, run_dir: Path, sets: dict, extra=()) -> None:
-    cmd = [sys.executable, "-m", "realign_lib.cli", "run", "--config", str(config), "--set", f"run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "realign_lib.run.cli", "run", "--config", str(config), "--set", f"run_dir={run_dir}"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -59,9 +59,9 @@ def _summary(run_dir: Path) -> dict:
 def search(spec_path: Path, only: list[str] | None) -> None:
     import yaml
 
-    from realign_lib.cli import seed_run
-    from realign_lib.config import load_config
     from realign_lib.files import append_jsonl, read_appended
+    from realign_lib.run.cli import seed_run
+    from realign_lib.run.config import load_config
 
     spec = yaml.safe_load(spec_path.read_text())
     config = (spec_path.parent / spec["config"]).resolve()

@@ -68,10 +68,10 @@ import math
 import time
 from pathlib import Path
 
-from realign_lib import workspace
-from realign_lib.data import SKIP_REASONS, samples_from_llava
+from realign_lib.data.llava import SKIP_REASONS, samples_from_llava
 from realign_lib.files import write_json, write_jsonl
-from realign_lib.stages import RealDataStage
+from realign_lib.run import workspace
+from realign_lib.run.stages import RealDataStage
 
 stage = RealDataStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -101,8 +101,8 @@ image_root = str(Path(image_folder).resolve())
 samples = [dict(s, image_root=image_root) for s in samples]
 endpoint_counts = None
 if chosen_source == "openai":  # chosen responses from a VLM endpoint (resumable cache in the stage folder)
-    from realign_lib.data import chosen_from_endpoint
-    from realign_lib.endpoint import ChatEndpoint
+    from realign_lib.data.llava import chosen_from_endpoint
+    from realign_lib.models.endpoint import ChatEndpoint
 
     ep = ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
                       max_concurrency=max_concurrency, max_tokens=512)
@@ -120,7 +120,7 @@ elif chosen_source != "llava":
 # The whole conversion in plain Python, on four made-up records: the first human turn, without the
 # `<image>` token, is the prompt $x$; the first model turn is the chosen response $y_w$; a record
 # with no such exchange, or an empty answer, is skipped and counted under its reason. The assertion
-# checks it against `realign_lib.data.samples_from_llava`, the loader used above on the whole file
+# checks it against `realign_lib.data.llava.samples_from_llava`, the loader used above on the whole file
 # (here on a temporary copy of the four records, with empty files standing in for the images, which
 # it checks exist but does not open).
 
@@ -170,7 +170,7 @@ for h, why in hand:
 # or, without it, the dataset's answers (LLaVA-Instruct's `detail_23k` descriptions are captions) —
 # and writes `qa_per_image` question-answer pairs as a JSON list; the image itself is not sent. Each
 # pair becomes one sample (`<id>_qa<k>`: the question is the prompt, the answer the chosen response).
-# Replies are parsed strictly (`realign_lib.caption_qa.parse_qa_reply`): code fences and text around
+# Replies are parsed strictly (`realign_lib.data.caption_qa.parse_qa_reply`): code fences and text around
 # the list are tolerated and counted; a reply that is no list of pairs, and each pair that is a yes/no
 # question, has an empty answer, shares no word with the caption, repeats a question or is beyond
 # `qa_per_image`, is rejected and counted under its reason. Replies are appended to
@@ -180,9 +180,9 @@ for h, why in hand:
 
 # %%
 if chosen_source == "caption_qa":
-    from realign_lib.caption_qa import PAIR_REJECTS, QA_PROMPT, REPLY_REJECTS, load_captions, qa_from_captions
-    from realign_lib.data import llava_records
-    from realign_lib.endpoint import ChatEndpoint
+    from realign_lib.data.caption_qa import PAIR_REJECTS, QA_PROMPT, REPLY_REJECTS, load_captions, qa_from_captions
+    from realign_lib.data.llava import llava_records
+    from realign_lib.models.endpoint import ChatEndpoint
 
     print(QA_PROMPT)
     by_image = {}  # image → its record: the first sample's id, the captions

@@ -60,7 +60,9 @@ short_answers_per_image = 0  # short-answer turns per training conversation: the
 short_answer_share = 0.0  # share of samples that are short-answer exchanges (needs short_answers_per_image 1 or more)
 tower_steps = 1000  # vision-tower pre-training steps (batch 128)
 sft_steps = 1100  # instruction-tuning steps (batch 48 exchanges)
-eval_batch_size = 64  # POPE answering batch size
+batch_size = 64  # inputs per batched model call
+n_chair = 300  # held-out test images described for CHAIR (tiny world only; realign_lib.evaluation.chair); 0 skips it
+cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 n_show = 6  # examples shown in the notebook
 
 # %%
@@ -77,12 +79,17 @@ import torch
 import transformers
 from PIL import Image
 
-from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe, vlm, workspace
-from realign_lib.data import samples_from_llava
+from realign_lib.data.llava import samples_from_llava
+from realign_lib.evaluation import chair as chair_lib
+from realign_lib.evaluation import pope
 from realign_lib.files import read_jsonl, write_json, write_jsonl
-from realign_lib.prompts import DESCRIBE_PROMPT
-from realign_lib.stages import TinyWorldStage
-from realign_lib.tinyvlm import TinyVLMConfig, train_tiny_vlm
+from realign_lib.models import vlm
+from realign_lib.run import workspace
+from realign_lib.run.stages import TinyWorldStage
+from realign_lib.tinyworld import world as tw
+from realign_lib.tinyworld.scenes import PARTNER, load_annotations, object_lexicon
+from realign_lib.tinyworld.settings import TinyVLMConfig
+from realign_lib.tinyworld.training import train_tiny_vlm
 
 stage = TinyWorldStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -90,6 +97,7 @@ if small_run:
     n_train, n_test, n_mme, n_val, n_samples = 1500, 120, 10, 60, 300
     tower_steps, sft_steps, n_show = 120, 150, 6
 torch.manual_seed(seed)
+LEXICON = object_lexicon()  # word → object type: what CHAIR counts as naming an object
 run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
 stage_dir = run / "00_tiny_world"
 stage_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +139,8 @@ world = tw.build_world(run / "data" / "tiny_world",
                        tw.WorldConfig(seed=seed, n_train=n_train, n_test=n_test, n_mme=n_mme, n_val=n_val,
                                       short_answers_per_image=short_answers_per_image), progress=False)
 t_world = time.time() - t0
-train_scenes = tw.load_annotations(world["annotations_train"])
-test_scenes = tw.load_annotations(world["annotations_test"])
+train_scenes = load_annotations(world["annotations_train"])
+test_scenes = load_annotations(world["annotations_test"])
 print(f"world: {len(train_scenes)} training and {len(test_scenes)} test images in {t_world:.0f} s")
 print("partner co-occurrence P(partner | object):", world["partner_cooccurrence"])
 
@@ -223,8 +231,8 @@ if model_path:
     model_dir = Path(model_path)
     train_summary = {"path": str(model_dir), "trained_here": False}
 else:
-    model_dir = run / "model" / "tiny_vlm"
-    cfg = TinyVLMConfig(seed=seed, tower_steps=tower_steps, sft_steps=sft_steps)
+    model_dir = workspace.model_dir(run)
+    cfg = TinyVLMConfig(seed=seed, tower_steps=tower_steps, sft_steps=sft_steps, cpu_threads=cpu_threads)
     train_summary = train_tiny_vlm(world, model_dir, cfg,
                                    log=lambda r: print(r) if r["step"] % 300 == 0 else None)
     train_summary["trained_here"] = True
@@ -247,7 +255,7 @@ if (model_dir / "train_log.jsonl").is_file():
 # %% [markdown]
 # ## 3 · Load it like a hub checkpoint
 #
-# `realign_lib.vlm.load_vlm` is `AutoProcessor.from_pretrained` + `AutoModelForImageTextToText.from_pretrained`
+# `realign_lib.models.vlm.load_vlm` is `AutoProcessor.from_pretrained` + `AutoModelForImageTextToText.from_pretrained`
 # (safetensors only, `trust_remote_code` off): the same call loads `llava-hf/llava-1.5-7b-hf`.
 
 # %%
@@ -263,8 +271,10 @@ print(q["text"], "→", vlm.generate(model, processor, [Path(world["test_images"
 # ## 4 · What it says about held-out images
 #
 # Object names in **its** description that are absent from the image are hallucinations. The cell
-# describes up to 300 test images and prints CHAIR: `CHAIR_i`, the share of named objects that are
-# absent; `CHAIR_s`, the share of descriptions with at least one; the recall of present objects; and
+# describes the first `n_chair` test images the way every stage measures CHAIR
+# (`realign_lib.evaluation.chair`: the description prompt, greedy, at most 48 new tokens) and prints
+# `CHAIR_i`, the share of named objects that are absent; `CHAIR_s`, the share of descriptions with at
+# least one; the recall of present objects; and
 # the *partner share*, the share of hallucinated objects that are the partner of a present one. A
 # partner share well above what chance would give (one type out of the eleven absent ones) means
 # the model hallucinates for the reason the world was built to provoke. In the figure, each title
@@ -273,23 +283,23 @@ print(q["text"], "→", vlm.generate(model, processor, [Path(world["test_images"
 
 # %%
 show = test_scenes[:max(n_show, 1)]
-desc_scenes = test_scenes[:min(len(test_scenes), 300)]
+desc_scenes = test_scenes[:max(n_chair, len(show))]
 t0 = time.time()
-descriptions = vlm.generate(model, processor, [Path(world["test_images"]) / f"{s.id}.png" for s in desc_scenes],
-                            [DESCRIBE_PROMPT] * len(desc_scenes), max_new_tokens=60, batch_size=eval_batch_size)
-chair = twe.caption_hallucination(descriptions, desc_scenes)
+descriptions = chair_lib.describe_images(model, processor, [Path(world["test_images"]) / f"{s.id}.png"
+                                                            for s in desc_scenes], batch_size=batch_size)
+chair = chair_lib.chair_scores(descriptions[:n_chair], [s.types for s in desc_scenes[:n_chair]], LEXICON, PARTNER)
 hallucinated_examples = []
 for s, d in zip(desc_scenes, descriptions):
-    bad = [o for o in twe.mentioned_objects(d) if o not in s.types]
+    bad = [o for o in chair_lib.mentioned_objects(d, LEXICON) if o not in s.types]
     if bad:
         hallucinated_examples.append({"image": f"{s.id}.png", "truth": tw.describe(s), "model": d, "absent_named": bad})
 print(f"CHAIR_i {chair['chair_i']:.3f}  CHAIR_s {chair['chair_s']:.3f}  recall {chair['recall']:.3f}  "
       f"partner share of hallucinations {chair['partner_share']:.2f}  ({time.time() - t0:.0f} s)")
 fig, axes = plt.subplots(2, (len(show) + 1) // 2, figsize=(2.6 * ((len(show) + 1) // 2), 7))
 for ax, s, d in zip(axes.flat, show, descriptions):
-    bad = [o for o in twe.mentioned_objects(d) if o not in s.types]
+    bad = [o for o in chair_lib.mentioned_objects(d, LEXICON) if o not in s.types]
     ax.imshow(Image.open(Path(world["test_images"]) / f"{s.id}.png"), interpolation="nearest")
-    ax.set_title(f"truth: {', '.join(s.types)}\nsaid: {', '.join(twe.mentioned_objects(d))}"
+    ax.set_title(f"truth: {', '.join(s.types)}\nsaid: {', '.join(chair_lib.mentioned_objects(d, LEXICON))}"
                  + (f"\nABSENT: {', '.join(bad)}" if bad else ""), fontsize=7, color="red" if bad else "black")
     ax.axis("off")
 fig.tight_layout()
@@ -313,12 +323,13 @@ for ex in hallucinated_examples[:5]:
 t0 = time.time()
 eval_dir = stage_dir / "eval_base"
 pope_metrics = pope.evaluate_pope(model, processor, world["pope"], world["test_images"], eval_dir,
-                                  batch_size=eval_batch_size, model_id=str(model_dir))
+                                  batch_size=batch_size, model_id=str(model_dir))
 partner = {}
 for split, qfile in world["pope"].items():
     qs = pope.load_pope_questions(qfile)
     pairs = pope.join_answers(qs, read_jsonl(eval_dir / f"pope_{split}_answers.jsonl"))
-    partner[split] = twe.partner_yes_rate(qs, [pope.parse_yes_no(t) for _, t in pairs], test_scenes)
+    partner[split] = chair_lib.partner_yes_rate(qs, [pope.parse_yes_no(t) for _, t in pairs],
+                                                {f"{s.id}.png": s.types for s in test_scenes}, LEXICON, PARTNER)
 t_eval = time.time() - t0
 print(f"{'split':<12}{'acc':>7}{'prec':>7}{'rec':>7}{'F1':>7}{'yes%':>7}{'yes|absent partner':>20}{'yes|other absent':>18}")
 for split, m in pope_metrics.items():

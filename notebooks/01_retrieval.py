@@ -76,10 +76,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from realign_lib import retrieval, vlm, workspace
-from realign_lib.data import load_samples
+from realign_lib import retrieval
+from realign_lib.data.llava import load_samples
 from realign_lib.files import atomic_save_npy, write_json, write_jsonl
-from realign_lib.stages import RetrievalStage
+from realign_lib.models import vlm
+from realign_lib.run import workspace
+from realign_lib.run.stages import RetrievalStage
 
 stage = RetrievalStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -92,7 +94,7 @@ if small_run:
     max_samples = max_samples or 300
 if max_samples:
     samples = samples[:max_samples]
-model_dir = Path(model_path) if model_path else run / "model" / "tiny_vlm"
+model_dir = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
 image_paths = [run / s["image_root"] / s["image"] for s in samples]  # image_root: relative to run, or absolute
 print(f"{len(samples)} samples; model {model_dir}; index {index_kind}; k={top_k}")
 t_start = time.time()
@@ -235,7 +237,7 @@ else:
 by_id = {}
 ann_path = run / "data" / "tiny_world" / "annotations_train.jsonl"
 if ann_path.is_file():
-    from realign_lib.tinyworld import load_annotations
+    from realign_lib.tinyworld.scenes import load_annotations
 
     by_id = {s.id: s for s in load_annotations(ann_path)}
 

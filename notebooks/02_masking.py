@@ -35,7 +35,7 @@
 # > Please mask any words of the segments related to the objects, attributes, and logical
 # > relationships of the input image in the following description by replacing them with [MASK].
 #
-# Four interchangeable backends (`realign_lib.maskers`):
+# Four interchangeable backends (`realign_lib.masking.rule`):
 #
 # | `backend` | what | needs |
 # | --- | --- | --- |
@@ -98,13 +98,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from realign_lib import maskers, workspace
-from realign_lib.data import load_samples
+from realign_lib.masking import rule as maskers
+
+from realign_lib.data.llava import load_samples
 from realign_lib.files import read_jsonl, write_json
-from realign_lib.masking import validate_masking
-from realign_lib.masking_driver import (FREE_FORM_EXAMPLES, evaluate_backends, run_masking, set_aside_other_backend,
+from realign_lib.masking.backends import make_masker
+from realign_lib.masking.core import validate_masking
+from realign_lib.masking.driver import (FREE_FORM_EXAMPLES, evaluate_backends, run_masking, set_aside_other_backend,
                                         summarize_files)
-from realign_lib.stages import MaskingStage
+from realign_lib.run import workspace
+from realign_lib.run.stages import MaskingStage
 
 stage = MaskingStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -155,7 +158,7 @@ t_start = time.time()
 # spans (the lazy groups find the leftmost ones) and the remaining conditions are simple tests on
 # them. Two masks with nothing between them, `[MASK][MASK]`, count as one; two separated by a
 # space need a space in the original there. The library's
-# `realign_lib.masking.check_masking` does the same with an explicit left-to-right search and also
+# `realign_lib.masking.core.check_masking` does the same with an explicit left-to-right search and also
 # forgives a few harmless habits of LLM replies (a preamble such as "Masked text:", `[mask]` in
 # lower case, curly quotes, line breaks); the rule is the same.
 
@@ -197,7 +200,7 @@ def check_by_hand(original, masked, max_mask_words=10):
 # Now a handful of maskings of one LLaVA-style description (one of the kit's free-form test texts),
 # some valid and some of the kinds of mistakes LLMs make. The table gives, for each, the verdict of
 # the hand-written rule and of the library function the stage applies to every backend output,
-# `realign_lib.masking.validate_masking`; the `assert` checks that they agree on the verdict and,
+# `realign_lib.masking.core.validate_masking`; the `assert` checks that they agree on the verdict and,
 # for the valid ones, on the exact character spans.
 
 # %%
@@ -245,7 +248,7 @@ display(Markdown(f"Original: *{original}*\n\n" + "\n".join(rows)))
 
 # %%
 t0 = time.time()
-masker = maskers.make_masker(backend, hf_model=hf_model, api_base_url=api_base_url, api_model=api_model,
+masker = make_masker(backend, hf_model=hf_model, api_base_url=api_base_url, api_model=api_model,
                              api_key_env=api_key_env, max_concurrency=max_concurrency, batch_size=batch_size,
                              **({"stoplist": stoplist} if backend == "rule" else {}))
 t_load = time.time() - t0
@@ -392,8 +395,8 @@ if by_cat:
 # ## 5 · How the offline backends do, on the tiny world and on free-form English
 #
 # The tiny world's descriptions are templated; real chosen responses (LLaVA-Instruct answers) are
-# free-form. `masking_driver.FREE_FORM_EXAMPLES` holds twenty LLaVA-style detailed descriptions for a
-# second test. The validity rate is the share of texts whose output passed the check (after the
+# free-form. `realign_lib.masking.driver.FREE_FORM_EXAMPLES` holds twenty LLaVA-style detailed
+# descriptions for a second test. The validity rate is the share of texts whose output passed the check (after the
 # retry); the mask rate is the share of words masked in the valid outputs. The backend of this run
 # is measured on its own output above; the rule masker on up to 1,000 descriptions and all twenty
 # free-form texts; the local LLM on 10 of each (4 in a small run), since it is slow on a CPU.
@@ -435,7 +438,7 @@ for name, res in evaluation.items():
 print(f"evaluation {t_eval:.1f} s")
 
 # %% [markdown]
-# **The `constrained` backend** (`realign_lib.constrained_masker`) is the local LLM made valid by
+# **The `constrained` backend** (`realign_lib.masking.constrained`) is the local LLM made valid by
 # construction: the model reads the paper's prompt and the text, then for each word of the original
 # may only copy it or write `[MASK]` (whichever it finds likelier, plus a `bias`); the rest of the
 # text is copied. Every output passes the check — but what it hides is barely better than chance.

@@ -45,7 +45,7 @@
 # with fewer than `min_length_ratio` × the words of $y_w$ is refused whatever its similarity (a reply
 # that was cut off is "dissimilar" only because it is short).
 #
-# **Two ways to fill the masks** (`realign_lib.fillers.MaskFiller`):
+# **Two ways to fill the masks** (`realign_lib.induction.fillers.MaskFiller`):
 #
 # * **`instruction`** — the paper's completion prompt, *"Please complete the following sentence
 #   based on the input image by filling in the masked segments."*, with the masked sentence and
@@ -59,13 +59,13 @@
 # dozen samples and checked against the library's rule (section 2); the library running the same rule
 # on the whole run, batched and resumable, and a check that it made the same decisions (section 3);
 # chosen beside rejected with the changed words highlighted, next to both images (section 4); how
-# often each rank is accepted and where the similarities fall (section 5); the comparison sets for the
+# often each rank is accepted and where the similarities fall (section 5); the baseline pair sets for the
 # ablations (section 6); and, in the tiny world, whether the rejected responses really name absent
 # objects (section 7).
 #
 # **Reads** `02_masking/masked.jsonl`, `01_retrieval/neighbours.jsonl`, `data/samples.jsonl` and the
 # model. **Writes** `03_induction/preferences.jsonl` (TRL's `prompt`, `chosen`, `rejected`, `images`
-# plus `retrieved_image`, `similarity`, `rank`, `masked`), `skipped.jsonl`, the comparison sets for
+# plus `retrieved_image`, `similarity`, `rank`, `masked`), `skipped.jsonl`, the baseline pair sets for
 # the ablations and `metrics.json`. Output is appended as it is made: a killed run resumes.
 
 # %%
@@ -98,8 +98,8 @@ batch_size = 64  # inputs per batched model call
 max_samples = 0  # use the first N samples of stage 00; 0: all
 max_span_tokens = 6  # slot mode: longest fill per [MASK]
 stop_margin = 5.0  # slot mode: end a span once the next scaffold token is within this many nats of the best (0: argmax)
-corruption = "crop"  # comparison: crop (keep 1-20 % of the area, as mDPO) | noise (Gaussian)
-comparisons = True  # also build the random-swap and corrupted-image comparison sets
+corruption = "crop"  # baseline pairs: crop (keep 1-20 % of the area, as mDPO) | noise (Gaussian)
+baseline_pairs = True  # also build the baseline pair sets of the ablations: random word swap and corrupted image (realign_lib.induction.baselines)
 min_length_ratio = 0.5  # refuse a candidate with fewer words than this share of the chosen response (a cut-off reply); 0: off
 n_show = 6  # examples shown in the notebook
 
@@ -120,12 +120,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from realign_lib import fillers, induction, similarity, vlm, workspace
-from realign_lib.comparisons import corrupted_candidates, random_swap_records
-from realign_lib.data import load_samples
+from realign_lib.data.llava import load_samples
 from realign_lib.files import read_jsonl, write_json, write_jsonl
+from realign_lib.induction import fillers
+from realign_lib.induction import loop as induction
+from realign_lib.induction import similarity
+from realign_lib.induction.analysis import acceptance_by_rank, similarity_histogram
+from realign_lib.induction.baselines import corrupted_candidates, random_swap_records
+from realign_lib.induction.texts import changed_words
+from realign_lib.models import vlm
 from realign_lib.prompts import MASK
-from realign_lib.stages import InductionStage
+from realign_lib.run import workspace
+from realign_lib.run.stages import InductionStage
 
 stage = InductionStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -143,7 +149,7 @@ if small_run:
     max_samples = min(max_samples or 150, 150)
 items, missing = induction.build_items(samples, masked_records, read_jsonl(run / "01_retrieval" / "neighbours.jsonl"),
                                        run, top_k=top_k, limit=max_samples)
-model_dir = Path(model_path) if model_path else run / "model" / "tiny_vlm"
+model_dir = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
 print(f"{len(items)} samples with a masked text and neighbours (left out: {missing}); model {model_dir}; "
       f"fill mode {fill_mode}; tau {tau}; top-{top_k}")
 print("e.g.", items[0].masked)
@@ -156,33 +162,33 @@ print("e.g.", items[0].masked)
 # (`fill_backend="openai"`, instruction mode only). `encoder.encode(texts)` returns one unit-length
 # sentence embedding $T(y)$ per text.
 #
-# The last lines record what the output depends on — the model and its weight files, digests of the
-# two input files, the fill settings — with `induction.induction_settings`. `induce` (section 3) keeps
-# that record beside its output and reuses earlier results only while it is unchanged.
+# The last lines record what the output depends on — the model's identity (path, weights digest,
+# dtype), digests of the two input files, the fill settings — with `induction.induction_settings`.
+# `induce` (section 3) keeps that record beside its output and reuses earlier results only while it
+# is unchanged.
 
 # %%
 t0 = time.time()
 if fill_backend == "openai":
-    from realign_lib.endpoint import ChatEndpoint
+    from realign_lib.models.endpoint import ChatEndpoint
 
     if fill_mode != "instruction":
         raise ValueError("fill_backend openai fills with the completion prompt: set fill_mode instruction")
     filler = fillers.EndpointFiller(ChatEndpoint(api_model, base_url=api_base_url or None, api_key_env=api_key_env,
                                                  max_concurrency=max_concurrency, max_tokens=2048))
-    model_label = f"openai:{api_model}@{api_base_url or 'api.openai.com'}"
+    filling_model = f"openai:{api_model}@{api_base_url or 'api.openai.com'}"  # an endpoint: recorded by name
 elif fill_backend == "local":
     model, processor = vlm.load_vlm(model_dir)
     filler = fillers.MaskFiller(model, processor, mode=fill_mode, max_span_tokens=max_span_tokens,
                                 stop_margin=stop_margin, batch_size=batch_size)
-    model_label = str(model_dir.resolve()) if model_dir.exists() else str(model_path)
+    filling_model = model  # recorded by its identity (realign_lib.cache.model_identity: path, weights digest, dtype)
 else:
     raise ValueError(f"fill_backend {fill_backend!r}: use local or openai")
 encoder = similarity.SentenceEncoder(sentence_model)
 t_load = time.time() - t0
 settings = induction.induction_settings(
-    model_label, [masked_path, run / "01_retrieval" / "neighbours.jsonl"], fill_mode, encoder.name, top_k,
-    weights_dir=model_dir if fill_backend == "local" else None, max_span_tokens=max_span_tokens,
-    stop_margin=stop_margin, max_new_tokens=filler.max_new_tokens)
+    filling_model, [masked_path, run / "01_retrieval" / "neighbours.jsonl"], fill_mode, encoder.name, top_k,
+    max_span_tokens=max_span_tokens, stop_margin=stop_margin, max_new_tokens=filler.max_new_tokens)
 print(f"loaded in {t_load:.1f} s; sentence model {encoder.name}")
 
 # %% [markdown]
@@ -268,7 +274,7 @@ summary = induction.induce(items, filler, encoder, tau, stage_dir / "preferences
                            min_length_ratio=min_length_ratio)
 prefs = read_jsonl(stage_dir / "preferences.jsonl")
 skipped = read_jsonl(stage_dir / "skipped.jsonl")
-by_rank = induction.acceptance_by_rank(prefs, skipped, top_k)
+by_rank = acceptance_by_rank(prefs, skipped, top_k)
 print(f"{len(prefs)} pairs from {len(items)} samples ({len(prefs) / max(len(items), 1):.1%}); skipped "
       f"{dict(Counter(s['reason'] for s in skipped))}; {summary['fills']} fills computed in {summary['seconds']:.0f} s "
       f"(fill {summary['seconds_fill']:.0f} s, similarity {summary['seconds_similarity']:.0f} s); "
@@ -363,9 +369,9 @@ if show:
     fig.tight_layout()  # lay out first: the words are placed in axis units of the final layout
     for row, r in enumerate(show):
         ax = axes[row, 2]
-        y = draw_words(ax, 0.97, "chosen  ", induction.changed_words(r["rejected"], r["chosen"], r["masked"]),
+        y = draw_words(ax, 0.97, "chosen  ", changed_words(r["rejected"], r["chosen"], r["masked"]),
                        "tab:blue")
-        y = draw_words(ax, y - 0.02, "rejected", induction.changed_words(r["chosen"], r["rejected"], r["masked"]),
+        y = draw_words(ax, y - 0.02, "rejected", changed_words(r["chosen"], r["rejected"], r["masked"]),
                        "crimson")
         refused = ", ".join(f"#{t + 1} {s:.3f}" for t, s in enumerate(r["similarities"][:-1]) if s is not None)
         ax.text(0, y - 0.02, f"s(y_w, y_l) = {r['similarity']:.3f} < τ = {tau} at rank {r['rank']}"
@@ -374,9 +380,9 @@ if show:
     fig.savefig(stage_dir / "examples.png", dpi=80)
     plt.show()
 for r in show[:3]:
-    print("chosen:  ", " ".join(f"[{w}]" if c else w for w, c in induction.changed_words(r["rejected"], r["chosen"],
+    print("chosen:  ", " ".join(f"[{w}]" if c else w for w, c in changed_words(r["rejected"], r["chosen"],
                                                                                          r["masked"])))
-    print("rejected:", " ".join(f"[{w}]" if c else w for w, c in induction.changed_words(r["chosen"], r["rejected"],
+    print("rejected:", " ".join(f"[{w}]" if c else w for w, c in changed_words(r["chosen"], r["rejected"],
                                                                                          r["masked"])))
     print()
 
@@ -394,7 +400,7 @@ for r in show[:3]:
 # chosen words back; a green mass far below τ means the fills change a lot of content.
 
 # %%
-hist = induction.similarity_histogram(prefs, skipped, bins=40)
+hist = similarity_histogram(prefs, skipped, bins=40)
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
 ranks = [r["rank"] for r in by_rank]
 a1.bar(ranks, [r["rate"] for r in by_rank], color="tab:blue", label="accepted at rank t / reached t")
@@ -427,39 +433,39 @@ plt.show()
 # Why build them: stage 04/05 can then train on each set with the same loss and ask *which way of
 # making rejected responses helps most*. Random swaps are cheap but often implausible ("a fish in the
 # sky"); corrupted images test whether a retrieved, *meaningful* other image matters, or whether any
-# loss of visual evidence does as well. With `comparisons=False` (the tiny-world main config) this
+# loss of visual evidence does as well. With `baseline_pairs=False` (the tiny-world main config) this
 # cell does nothing. When it runs it prints each set's pair count and one rejected response of each.
 
 # %%
 results = {"re_align": prefs}
-comparison_summary = {}
+baseline_summary = {}
 t_swap = t_corrupt = 0.0
-if comparisons:
+if baseline_pairs:
     t0 = time.time()
     lexicon = None  # word -> kind for swapping like for like; None: a generic English lexicon
     if (run / "data" / "tiny_world" / "annotations_train.jsonl").is_file():
-        from realign_lib.tinyworld import span_lexicon
+        from realign_lib.tinyworld.world import span_lexicon
 
         lexicon = span_lexicon()
     swap, swap_skipped = random_swap_records(items, masked_records, encoder, seed=seed, lexicon=lexicon)
-    write_jsonl(stage_dir / "comparison_random_swap.jsonl", swap)
-    write_jsonl(stage_dir / "comparison_random_swap_skipped.jsonl", swap_skipped)
+    write_jsonl(stage_dir / "baseline_random_swap.jsonl", swap)
+    write_jsonl(stage_dir / "baseline_random_swap_skipped.jsonl", swap_skipped)
     t_swap = time.time() - t0
     results["random_swap"] = swap
-    comparison_summary["random_swap"] = {"pairs": len(swap), "skipped": len(swap_skipped), "seconds": round(t_swap, 1)}
+    baseline_summary["random_swap"] = {"pairs": len(swap), "skipped": len(swap_skipped), "seconds": round(t_swap, 1)}
     t0 = time.time()
     folder = f"03_induction/corrupted_images/{corruption}_seed{seed}"
     corrupt_items = corrupted_candidates(items, run, folder, kind=corruption, attempts=top_k, seed=seed)
-    csum = induction.induce(corrupt_items, filler, encoder, tau, stage_dir / "comparison_corrupted_image.jsonl",
-                            stage_dir / "comparison_corrupted_image_skipped.jsonl",
+    csum = induction.induce(corrupt_items, filler, encoder, tau, stage_dir / "baseline_corrupted_image.jsonl",
+                            stage_dir / "baseline_corrupted_image_skipped.jsonl",
                             signature={"generator": "corrupted_image", "corruption": corruption, "seed": seed,
                                        **settings},
                             chunk_size=1024, on_change="restart", min_length_ratio=min_length_ratio)
     t_corrupt = time.time() - t0
-    results["corrupted_image"] = read_jsonl(stage_dir / "comparison_corrupted_image.jsonl")
-    comparison_summary["corrupted_image"] = {"pairs": csum["pairs"], "skipped": csum["skipped"],
+    results["corrupted_image"] = read_jsonl(stage_dir / "baseline_corrupted_image.jsonl")
+    baseline_summary["corrupted_image"] = {"pairs": csum["pairs"], "skipped": csum["skipped"],
                                              "corruption": corruption, "seconds": round(t_corrupt, 1)}
-    print(json.dumps(comparison_summary, indent=1))
+    print(json.dumps(baseline_summary, indent=1))
     r0 = results["corrupted_image"][0] if results["corrupted_image"] else None
     if swap:
         print("random swap:    ", swap[0]["rejected"])
@@ -483,8 +489,8 @@ if comparisons:
 world_stats = {}
 ann_path = run / "data" / "tiny_world" / "annotations_train.jsonl"
 if ann_path.is_file():
-    from realign_lib.tinyworld import load_annotations
-    from realign_lib.tinyworld_eval import absent_object_stats
+    from realign_lib.tinyworld.scenes import load_annotations
+    from realign_lib.tinyworld.benchmarks import absent_object_stats
 
     scenes = {s.id: s for s in load_annotations(ann_path)}
     image_scene = lambda p: scenes.get(Path(p).stem)  # noqa: E731
@@ -502,7 +508,7 @@ if ann_path.is_file():
 # ## 8 · The stage's record
 #
 # `metrics.json` gathers the figures above (pairs, skips by reason, acceptance by rank, the histogram,
-# the tiny-world table, the comparison sets) and the time spent, for the README's tables and for
+# the tiny-world table, the baseline pair sets) and the time spent, for the README's tables and for
 # stage 05. The cell prints its headline numbers.
 
 # %%
@@ -521,7 +527,7 @@ metrics = {
     "mean_similarity_accepted": round(float(np.mean([r["similarity"] for r in prefs])), 4) if prefs else None,
     "similarity_histogram": hist,
     "tiny_world": {k: _round(v) for k, v in world_stats.items()},
-    "comparisons": comparison_summary,
+    "baseline_pairs": baseline_summary,
     "seconds": {"load": round(t_load, 1), "induction": summary["seconds"], "fill": summary["seconds_fill"],
                 "similarity": summary["seconds_similarity"], "random_swap": round(t_swap, 1),
                 "corrupted_image": round(t_corrupt, 1), "total": round(time.time() - t_start, 1)},

@@ -73,8 +73,8 @@
 # is large.
 #
 # The reference $\pi_{\mathrm{ref}}$ is the starting model (LoRA adapters disabled); its log-probs are
-# computed once and cached. Training runs on `realign_lib.trainer.PreferenceTrainer` (a
-# `transformers.Trainer`), so the same code scales with `accelerate launch -m realign_lib.cli train`
+# computed once and cached. Training runs on `realign_lib.training.trainer.PreferenceTrainer` (a
+# `transformers.Trainer`), so the same code scales with `accelerate launch -m realign_lib.run.cli train`
 # (see `configs/accelerate/`).
 #
 # **What you will see:** the starting model's descriptions (section 1), training (section 2), the two
@@ -83,7 +83,7 @@
 # images described before and after training (section 5).
 #
 # **Parameters.** Below the first four, every parameter is a field of
-# `realign_lib.training.PreferenceConfig` with the same name (the `TrainingArguments` name where one
+# `realign_lib.training.config.PreferenceConfig` with the same name (the `TrainingArguments` name where one
 # exists), and its default is the paper's: rDPO, β 0.1, one epoch (`max_steps = -1`), lr 1e-5
 # (projector 2e-5 when `train_projector`), cosine schedule, warm-up 0.03, batch 1 × 8, LoRA r 128 /
 # α 256 on the language model's linear layers, bf16 on a GPU that supports it; on a CUDA GPU also
@@ -143,7 +143,7 @@ preferences = ""  # default: <run_dir>/03_induction/preferences.jsonl; a bare fi
 max_records = 0  # pairs to train on (seeded subset); 0: max_steps × global batch, at most all
 output_name = ""  # folder under 04_training; default: the config's variant name, else <loss>_seed<seed>
 n_show = 6  # examples shown in the notebook
-n_eval = 64  # held-out test images for a quick CHAIR check before / after; 0 skips it
+n_chair = 300  # held-out test images described for CHAIR (tiny world only; realign_lib.evaluation.chair); 0 skips it
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
 # %% [markdown]
@@ -161,9 +161,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from realign_lib import trainer as preference_trainer, vlm, workspace
 from realign_lib.files import read_json, read_jsonl, write_json
-from realign_lib.stages import TrainingStage
+from realign_lib.models import vlm
+from realign_lib.run import workspace
+from realign_lib.run.stages import TrainingStage
+from realign_lib.training import trainer as preference_trainer
+from realign_lib.training.config import records_to_train
 
 stage = TrainingStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -174,22 +177,21 @@ if cpu_threads and not torch.cuda.is_available():
 run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
 workspace.ensure_stages(run, needs=['00', '03'])  # missing? built in the small setting, with one realign run call
 stage_dir = run / "04_training"
-output_name = output_name or f"{loss}_seed{seed}"
+output_name = stage.output_folder()  # output_name, else <loss>_seed<seed>
 out_dir = stage_dir / output_name
 out_dir.mkdir(parents=True, exist_ok=True)
-model_dir = Path(model_path) if model_path else run / "model" / "tiny_vlm"
+model_dir = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
 pref_path = Path(preferences) if preferences else run / "03_induction" / "preferences.jsonl"
 if preferences and pref_path.name == preferences and not pref_path.is_file():
-    pref_path = run / "03_induction" / preferences  # e.g. comparison_random_swap.jsonl
+    pref_path = run / "03_induction" / preferences  # e.g. baseline_random_swap.jsonl
 records = read_jsonl(pref_path)
 if small_run:
     stage.max_steps = min(max_steps, 10) if max_steps > 0 else 10
     max_records = min(max_records or 32, 32)
 global_batch = per_device_train_batch_size * gradient_accumulation_steps
-max_records = min(max_records or (stage.max_steps * global_batch if stage.max_steps > 0 else len(records)),
-                  len(records))
 cfg = stage.preference_config()  # the PreferenceConfig fields of this notebook's parameters, same names
-print(f"{len(records)} pairs in {pref_path}; training {loss} on {max_records} of them, "
+n_train_pairs = records_to_train(len(records), max_records, cfg)  # the rule realign train uses too
+print(f"{len(records)} pairs in {pref_path}; training {loss} on {n_train_pairs} of them, "
       f"{f'{cfg.max_steps} steps' if cfg.max_steps > 0 else f'{num_train_epochs:g} epoch(s)'} × "
       f"{global_batch} pairs; lr {learning_rate}, β {beta}, sft_weight {sft_weight}, "
       f"LoRA r {lora_r if use_lora else '-'} on {lora_target_modules}")
@@ -215,13 +217,13 @@ print(f"model {model_dir} → {out_dir}")
 #   rDPO stayed sane. The authors' released trainer has the same option;
 # * **`cpu_threads`** — one torch thread: the model is so small that more threads only add overhead,
 #   and on a shared two-core machine they made each step ~5× slower (fp32 on a CPU);
-# * **`n_eval`, `save_steps`** — bookkeeping: no quick caption check here (stage 05 evaluates), and
+# * **`n_chair`, `save_steps`** — bookkeeping: no before/after CHAIR here (stage 05 evaluates), and
 #   checkpoints spaced for the short run.
 
 # %%
 import dataclasses
 
-from realign_lib.config import load_config
+from realign_lib.run.config import load_config
 
 paper = {f.name: f.default for f in dataclasses.fields(TrainingStage)}
 tiny_yaml = (workspace.repo_root() or Path(".")) / "configs" / "tiny_world.yaml"
@@ -237,26 +239,24 @@ else:
 # ## 1 · Before: a few descriptions of the starting model
 #
 # Held-out test images (never in the preference data), greedy decoding, the same prompt as the
-# training samples. A quick CHAIR check on `n_eval` of them: the share of named objects that are
-# absent (`chair_i`) and of descriptions with one or more (`chair_s`); stage 05 does the full
-# evaluation. This cell only generates; section 5 shows the descriptions beside those of the trained
-# model.
+# training samples. CHAIR on `n_chair` of them, measured as every stage measures it
+# (`realign_lib.evaluation.chair`): the share of named objects that are absent (`chair_i`) and of
+# descriptions with one or more (`chair_s`); stage 05 does the full evaluation. This cell only
+# generates; section 5 shows the descriptions beside those of the trained model.
 
 # %%
-from realign_lib import tinyworld, tinyworld_eval
-from realign_lib.prompts import DESCRIBE_PROMPT
+from realign_lib.evaluation import chair as chair_lib
+from realign_lib.tinyworld import world as tinyworld
+from realign_lib.tinyworld.scenes import PARTNER, load_annotations, object_lexicon
 
+LEXICON = object_lexicon()  # word → object type: what CHAIR counts as naming an object
 test_ann = run / "data" / "tiny_world" / "annotations_test.jsonl"
-eval_scenes = tinyworld.load_annotations(test_ann)[:max(n_eval, n_show)] if test_ann.is_file() else []
+eval_scenes = load_annotations(test_ann)[:max(n_chair, n_show)] if test_ann.is_file() else []
 eval_images = [run / "data" / "tiny_world" / "test_images" / f"{s.id}.png" for s in eval_scenes]
-prompt = DESCRIBE_PROMPT
 
 
 def describe_all(model, processor):
-    if not eval_images:
-        return []
-    return vlm.generate(model, processor, eval_images, [prompt] * len(eval_images), max_new_tokens=48,
-                        batch_size=32)
+    return chair_lib.describe_images(model, processor, eval_images, batch_size=32) if eval_images else []
 
 
 before, processor = [], None
@@ -296,9 +296,10 @@ print(f"{res['steps']} steps in {sec['train']:.1f} s ({sec['per_step']:.3f} s/st
 # (`loss="rdpo"` rows), so that the visual margin can be looked at even in a DPO run.
 
 # %%
-from realign_lib import losses
-from realign_lib.reference import reference_logps_for_batch
-from realign_lib.training import PreferenceCollator, PreferenceDataset, compute_preference_loss, score_pairs
+from realign_lib.training import losses
+from realign_lib.training.batches import PreferenceCollator, PreferenceDataset
+from realign_lib.training.objective import compute_preference_loss, score_pairs
+from realign_lib.training.reference import reference_logps_for_batch
 
 n_margin = 64  # training pairs scored after training (the first 4 are printed below)
 policy = trainer.model.eval()
@@ -321,9 +322,9 @@ print(f"scored {len(scored)} training pairs; keys {sorted(six['policy'])}")
 # The loss written out: the three rewards, the two margins, the two terms, and the NLL term on the
 # chosen response (per token). Then three assertions against the library:
 #
-# * the terms equal `realign_lib.losses.rdpo` (and the textual one `losses.dpo`), the functions the
+# * the terms equal `realign_lib.training.losses.rdpo` (and the textual one `losses.dpo`), the functions the
 #   trainer uses;
-# * the whole loss of this run equals `realign_lib.training.compute_preference_loss`, which
+# * the whole loss of this run equals `realign_lib.training.objective.compute_preference_loss`, which
 #   `PreferenceTrainer.compute_loss` calls on every training batch — given the same six log-probs, it
 #   must return our number for `loss="rdpo"` and, for a `dpo` run, for this run's own settings too;
 # * the margins it logs (`rewards/margins`, `rewards/visual_margins`) are our means.
@@ -463,19 +464,20 @@ print(f"last logged step: textual margin {log[-1]['rewards/margins']:.3f}"
 # sentences); the NLL term on the chosen response (`sft_weight`) is there to prevent that. Fewer red
 # words after than before is what the method is for — on six images expect noise, not proof (stage 05
 # counts over hundreds). The text printout below the figure gives the same descriptions, and the CHAIR
-# figures before → after when `n_eval` > 0.
+# figures before → after when `n_chair` > 0.
 
 # %%
 after = describe_all(policy, processor)
-comparison = {}
+chair_before_after = {}
 if eval_scenes:
-    comparison = {"before": tinyworld_eval.caption_hallucination(before[:n_eval], eval_scenes[:n_eval]),
-                  "after": tinyworld_eval.caption_hallucination(after[:n_eval], eval_scenes[:n_eval])}
+    present = [s.types for s in eval_scenes[:n_chair]]
+    chair_before_after = {"before": chair_lib.chair_scores(before[:n_chair], present, LEXICON, PARTNER),
+                  "after": chair_lib.chair_scores(after[:n_chair], present, LEXICON, PARTNER)}
 
 
 def absent_flags(text, scene):
     """(word, names an object absent from the scene) for each word of a description."""
-    return [(w, any(o not in scene.types for o in tinyworld_eval.mentioned_objects(w))) for w in text.split()]
+    return [(w, any(o not in scene.types for o in chair_lib.mentioned_objects(w, LEXICON))) for w in text.split()]
 
 
 def draw_words(ax, y, label, words, size=8.5, line=0.16):
@@ -515,9 +517,9 @@ if rows:
 for i in rows[:3]:
     print(f"[{eval_scenes[i].id}] truth : {tinyworld.describe(eval_scenes[i])}\n"
           f"    before: {before[i]}\n    after : {after[i]}\n")
-if comparison and n_eval:
-    print(f"CHAIR on {min(n_eval, len(eval_scenes))} test images: " + "; ".join(
-        f"{k} {comparison['before'][k]:.3f} → {comparison['after'][k]:.3f}" for k in ("chair_i", "chair_s", "recall")))
+if chair_before_after and n_chair:
+    print(f"CHAIR on {min(n_chair, len(eval_scenes))} test images: " + "; ".join(
+        f"{k} {chair_before_after['before'][k]:.3f} → {chair_before_after['after'][k]:.3f}" for k in ("chair_i", "chair_s", "recall")))
 
 # %% [markdown]
 # ## 6 · The stage's record
@@ -538,7 +540,7 @@ metrics = {
     "final": {k: round(float(last[k]), 5) for k in keys},
     "last20_mean": {k: round(float(np.nanmean([r.get(k, np.nan) for r in tail])), 5) for k in keys},
     "first": {k: round(float(first[k]), 5) for k in keys if k in first},
-    "caption_check": comparison,
+    "caption_check": chair_before_after,
     "seconds": {**sec, "notebook": round(time.time() - t_start, 1)},
     "config": res["config"], "model_path": str(model_dir), "preferences": str(pref_path),
     "adapter": str(out_dir),

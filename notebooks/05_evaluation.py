@@ -27,7 +27,7 @@
 #   model that answers from habit instead of from the image says "yes" too often, most of all on
 #   the adversarial split. The official question files (`*_random.json`, `*_popular.json`,
 #   `*_adversarial.json`) are read as they are, the greedy answers written as JSON lines keyed by
-#   `question_id`, and scored exactly as POPE's `evaluate.py` does (`realign_lib.pope`). On the tiny
+#   `question_id`, and scored exactly as POPE's `evaluate.py` does (`realign_lib.evaluation.pope`). On the tiny
 #   world we also count the yes-rate for an absent *partner* object: the hallucination the world
 #   is built to provoke.
 # * **MME** asks two yes/no questions per image (one true, one false) in four perception subtasks
@@ -35,7 +35,7 @@
 #   (`image⇥question⇥gt⇥prediction`, an image's two questions on consecutive lines) are written so
 #   MME's own `calculation.py` can score them, and scored here by the same rule (acc·100 + acc+·100
 #   per subtask, at most 200); plus the share of answers in the bare yes/no format
-#   (`realign_lib.evaluation`). MME checks that training against hallucination did not cost general
+#   (`realign_lib.evaluation.runner`). MME checks that training against hallucination did not cost general
 #   perception.
 # * **CHAIR** on the tiny world: the model *describes* held-out images in its own words, and we
 #   count the named objects that are absent. POPE asks about one object at a time; CHAIR measures
@@ -96,11 +96,17 @@ import torch
 from IPython.display import Markdown, display
 from PIL import Image
 
-from realign_lib import evaluation as ev, workspace
-from realign_lib import pope, tinyworld as tw, tinyworld_eval as twe
+from realign_lib.evaluation import chair as chair_lib
+from realign_lib.evaluation import pope
+from realign_lib.evaluation import runner as ev
+from realign_lib.evaluation.mme import load_mme
+from realign_lib.evaluation.stats import (condition_of, flat_metrics, format_differences, format_table,
+                                          paired_differences, summarize_conditions)
 from realign_lib.files import read_json, read_jsonl, write_json
 from realign_lib.prompts import LMMS_EVAL_SUFFIX
-from realign_lib.stages import EvaluationStage
+from realign_lib.run import workspace
+from realign_lib.run.stages import EvaluationStage
+from realign_lib.tinyworld.scenes import PARTNER, load_annotations, object_lexicon
 
 stage = EvaluationStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
 
@@ -112,7 +118,7 @@ workspace.ensure_stages(run, needs=['00', '04'])  # missing? built in the small 
 stage_dir = run / "05_evaluation"
 stage_dir.mkdir(parents=True, exist_ok=True)
 world_dir = run / "data" / "tiny_world"
-base_path = Path(model_path) if model_path else run / "model" / "tiny_vlm"
+base_path = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
 validation = eval_split == "validation"  # recipes are chosen on these images, never on the test images
 if validation and (pope_dir or image_root):
     raise ValueError("eval_split='validation' selects the tiny world's validation images; with your own data "
@@ -127,15 +133,17 @@ suffix = LMMS_EVAL_SUFFIX if pope_suffix else ""
 
 # the tiny world's ground truth, for the partner yes-rate and CHAIR (absent for real data)
 test_ann = world_dir / ("annotations_val.jsonl" if validation else "annotations_test.jsonl")
-scenes = tw.load_annotations(test_ann) if test_ann.is_file() and not pope_dir else []
+scenes = load_annotations(test_ann) if test_ann.is_file() and not pope_dir else []
 chair_scenes = scenes[:n_chair]
+chair_image_dir = world_dir / ("val_images" if validation else "test_images")
+LEXICON = object_lexicon()  # word → object type: what CHAIR counts as naming an object
 
 # questions (a prefix of each split with max_questions), written where the answers can find them
 questions = {}
 for split, path in pope_files.items():
     qs = pope.load_pope_questions(path)
     questions[split] = qs[:max_questions] if max_questions else qs
-mme_records = ev.load_mme(mme_dir) if mme_dir is not None else {}
+mme_records = load_mme(mme_dir) if mme_dir is not None else {}
 if small_run:
     mme_records = {t: rs[:8] for t, rs in mme_records.items()}
 
@@ -179,8 +187,12 @@ print("models:", ", ".join(models))
 # %%
 setup = ev.EvaluationSetup(
     base_path=base_path, train_dir=train_dir, questions=questions, pope_files=pope_files, image_root=img_root,
-    suffix=suffix, mme_records=mme_records, mme_dir=mme_dir, scenes=scenes, chair_scenes=chair_scenes,
-    chair_image_dir=world_dir / ("val_images" if validation else "test_images"), batch_size=batch_size,
+    suffix=suffix, mme_records=mme_records, mme_dir=mme_dir, batch_size=batch_size,
+    # the tiny world's ground truth: objects per image, the words naming them and their partners (CHAIR and the
+    # absent-partner yes-rate); empty for real data
+    present={f"{s.id}.png": s.types for s in scenes}, lexicon=LEXICON if scenes else {},
+    partners=PARTNER if scenes else {}, chair_images=[chair_image_dir / f"{s.id}.png" for s in chair_scenes],
+    chair_present=[s.types for s in chair_scenes],
     # stage 00's base answers: same questions and prompt only on the tiny world's test images, no suffix
     base_answers=run / "00_tiny_world" / "eval_base"
     if not (model_path or pope_dir or suffix or validation) else None)
@@ -221,7 +233,7 @@ for name in models:
 # hallucinating model has more false positives: its precision and its accuracy drop, and its
 # yes-ratio climbs above 50 %. The cell below writes the rule and the scores out in plain Python,
 # runs them on a handful of real answers (and a few made-up ones that show the rule's corners), and
-# asserts that they equal `realign_lib.pope.parse_yes_no` and `realign_lib.pope.score_pope` — the
+# asserts that they equal `realign_lib.evaluation.pope.parse_yes_no` and `realign_lib.evaluation.pope.score_pope` — the
 # functions that scored every model above. Then it scores a whole split with the plain code and
 # checks the result against the figures the stage wrote.
 
@@ -265,7 +277,7 @@ rows += [f"| (made up) | | {t!r} | {parse(t)} |" for t in made_up]
 display(Markdown(f"{name}, {split} split (**bold**: wrong)\n\n" + "\n".join(rows)))
 print("the handful: " + ", ".join(f"{k} {v:.2f}" for k, v in pope_scores(labels, preds).items()))
 print(f"all {len(qs)} {split} questions: " + ", ".join(f"{k} {v:.3f}" for k, v in full.items())
-      + "  = realign_lib.pope")
+      + "  = realign_lib.evaluation.pope")
 
 # %% [markdown]
 # The table shows the question, its label, the model's raw answer and what the rule makes of it;
@@ -286,9 +298,10 @@ print(f"all {len(qs)} {split} questions: " + ", ".join(f"{k} {v:.3f}" for k, v i
 #
 # Lower is better for both. A model can lower them by naming fewer objects, so the kit also reports
 # the *recall*: the share of the objects present that the description names. On the tiny world the
-# object names are the twelve types (singular or plural), found by `tinyworld_eval.mentioned_objects`.
-# The cell below recomputes both figures from the description files and checks them against the
-# stage's `tinyworld_eval.caption_hallucination`; then it shows a few images with every model's
+# object names are the twelve types (singular or plural): the tiny world's `object_lexicon`, which
+# `chair.mentioned_objects` looks words up in. The cell below recomputes both figures from the
+# description files and checks them against the stage's `chair.chair_scores`; then it shows a few
+# images with every model's
 # description.
 
 # %%
@@ -297,7 +310,7 @@ if chair_scenes:
     for m in models:
         named = hallucinated = with_hallucination = 0
         for s in chair_scenes:
-            objects = twe.mentioned_objects(texts[m][s.id])      # object types the description names
+            objects = chair_lib.mentioned_objects(texts[m][s.id], LEXICON)      # object types the description names
             absent = [o for o in objects if o not in s.types]
             named, hallucinated = named + len(objects), hallucinated + len(absent)
             with_hallucination += bool(absent)
@@ -307,16 +320,16 @@ if chair_scenes:
               f"CHAIR_s = {with_hallucination}/{len(chair_scenes)} = {chair_s:.3f}")
 
     show = sorted(chair_scenes, key=lambda s: -sum(o not in s.types for m in models
-                                                 for o in twe.mentioned_objects(texts[m][s.id])))[:3]
+                                                 for o in chair_lib.mentioned_objects(texts[m][s.id], LEXICON)))[:3]
     fig, axes = plt.subplots(len(show), 2, figsize=(11, 2.3 * len(show)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 5]})
     for (ax_img, ax_txt), s in zip(axes, show):
-        ax_img.imshow(Image.open(setup.chair_image_dir / f"{s.id}.png"), interpolation="nearest")
+        ax_img.imshow(Image.open(chair_image_dir / f"{s.id}.png"), interpolation="nearest")
         ax_img.set_title(f"present: {', '.join(sorted(set(s.types)))}", fontsize=8)
         ax_txt.axis("off")
         ax_img.axis("off")
         for i, m in enumerate(models):
-            absent = [o for o in twe.mentioned_objects(texts[m][s.id]) if o not in s.types]
+            absent = [o for o in chair_lib.mentioned_objects(texts[m][s.id], LEXICON) if o not in s.types]
             ax_txt.text(0, 1 - i / len(models), f"{m}: " + textwrap.shorten(texts[m][s.id], 110)
                         + (f"   [absent: {', '.join(absent)}]" if absent else ""), va="top", fontsize=8,
                         color="tab:red" if absent else "black", transform=ax_txt.transAxes)
@@ -341,7 +354,7 @@ else:
 # partner objects; MME scores per subtask (max 200 each) and the perception total; CHAIR in percent.
 
 # %%
-flat = {name: ev.flat_metrics(r) for name, r in results.items()}
+flat = {name: flat_metrics(r) for name, r in results.items()}
 columns = [k for k in dict.fromkeys(k for f in flat.values() for k in f)
            if (k.startswith("pope/") and k.split("/")[-1] in ("accuracy", "f1", "yes_ratio", "absent_partner_yes_rate"))
            or not k.startswith("pope/")]
@@ -359,22 +372,22 @@ display(Markdown("\n".join(rows)))
 # %%
 table_rows = []
 for name, f in flat.items():
-    cond, s = ev.condition_of(name)
+    cond, s = condition_of(name)
     table_rows.append({"condition": cond, "seed": s, "metrics": f})
 conditions = list(dict.fromkeys(r["condition"] for r in table_rows))
-summary = ev.summarize_conditions(table_rows)
+summary = summarize_conditions(table_rows)
 key_metrics = [m for m in ("pope/random/accuracy", "pope/popular/accuracy", "pope/adversarial/accuracy",
                            "pope/adversarial/f1", "pope/adversarial/yes_ratio",
                            "pope/adversarial/absent_partner_yes_rate", "mme/perception", "mme/compliance",
                            "chair/chair_i", "chair/chair_s", "chair/recall") if any(m in f for f in flat.values())]
-table_md = ev.format_table(summary, key_metrics, conditions)
+table_md = format_table(summary, key_metrics, conditions)
 display(Markdown(table_md))
 
 comparisons = [(c, baseline) for c in conditions if c != baseline and baseline in conditions]
 if "rdpo" in conditions and "dpo" in conditions:
     comparisons.append(("rdpo", "dpo"))
-diffs = {f"{a} - {b}": ev.paired_differences(table_rows, a, b) for a, b in comparisons}
-diff_md = ev.format_differences(diffs, key_metrics)
+diffs = {f"{a} - {b}": paired_differences(table_rows, a, b) for a, b in comparisons}
+diff_md = format_differences(diffs, key_metrics)
 display(Markdown("Paired differences, mean ± sd over seeds (seeds agreeing in sign / seeds); **bold**: clear.\n\n"
                  + diff_md))
 

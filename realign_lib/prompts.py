@@ -10,7 +10,7 @@
 * :data:`LMMS_EVAL_SUFFIX` — lmms-eval's short-answer instruction (optional POPE suffix).
 
 :data:`FIXED_PROMPTS` are the texts the kit itself sends to the VLM being trained and evaluated;
-the tiny VLM's vocabulary (:func:`realign_lib.tinyworld.world_vocabulary`) covers their words.
+the tiny VLM's vocabulary (:func:`realign_lib.tinyworld.world.world_vocabulary`) covers their words.
 Constants only; nothing is imported.
 """
 from __future__ import annotations

@@ -119,15 +119,11 @@ def load_index(path: str | os.PathLike):
 
 
 def embedding_cache_key(model, images: Sequence[str | os.PathLike]) -> str:
-    """What cached embeddings depend on: the model (:func:`realign_lib.fingerprints.model_identity`:
+    """What cached embeddings depend on: the model (:func:`realign_lib.cache.model_identity`:
     its name or folder, revision, weights, dtype) and every image (path, size, modification time)."""
-    import hashlib
-    import json
+    from realign_lib.cache import cache_key, file_stamp, model_identity
 
-    from .fingerprints import file_stamp, model_identity
-
-    parts = [json.dumps(model_identity(model), sort_keys=True)] + [file_stamp(img) for img in images]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return cache_key(model_identity(model), [file_stamp(img) for img in images])
 
 
 def embed_images_resumable(model, processor, images: Sequence, out_dir: str | os.PathLike, chunk: int = 1024,
@@ -141,7 +137,7 @@ def embed_images_resumable(model, processor, images: Sequence, out_dir: str | os
     """
     from tqdm.auto import tqdm
 
-    from .vlm import image_embeddings
+    from realign_lib.models.vlm import image_embeddings
 
     if not all(isinstance(i, (str, os.PathLike)) for i in images):
         raise TypeError("embed_images_resumable needs image paths (chunks are keyed by them)")

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 import nbformat  # noqa: E402
 
-from realign_lib import nbstore  # noqa: E402
-from realign_lib.config import load_config  # noqa: E402
-from realign_lib.workspace import resolve_run_dir  # noqa: E402
+from realign_lib.run import nbstore  # noqa: E402
+from realign_lib.run.config import load_config  # noqa: E402
+from realign_lib.run.workspace import resolve_run_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     run = resolve_run_dir(cfg.run_dir)
     if not args.no_run:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", "--config", args.config], cwd=ROOT, env=env,
+        subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", args.config], cwd=ROOT, env=env,
                        check=True)
     rel_run = os.path.relpath(run, ROOT) if run.is_relative_to(ROOT) else cfg.run_dir
     replacements = {str(run): rel_run, str(ROOT) + os.sep: "", str(ROOT): ".", str(Path.home()) + os.sep: "~/"}

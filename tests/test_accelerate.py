@@ -1,4 +1,4 @@
-"""``realign train`` (realign_lib.cli) under ``accelerate launch``: two CPU processes × batch 1 must train the
+"""``realign train`` (realign_lib.run.cli) under ``accelerate launch``: two CPU processes × batch 1 must train the
 same LoRA weights as one process × batch 2 (same global batch, same data, no dropout), and their
 reference pass (each process scores its share) must fill the same cache as the one-process pass.
 
@@ -25,7 +25,7 @@ STEPS = 3
 def setup(tmp_path_factory):
     from PIL import Image
 
-    from realign_lib import testing
+    from tests.support import tiny_models as testing
 
     tmp = tmp_path_factory.mktemp("accel")
     model = testing.save_tiny("llava", tmp / "model")
@@ -47,7 +47,7 @@ def _cmd(launcher: list[str], prefs, model, out, batch: int) -> list[str]:
     sets = {"loss": "rdpo", "max_steps": STEPS, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
             "learning_rate": 0.01, "lr_scheduler_type": "constant", "warmup_steps": 0.0, "lora_r": 4,
             "lora_alpha": 8, "lora_dropout": 0.0, "sft_weight": 0.5, "seed": 0}
-    cmd = launcher + ["-m", "realign_lib.cli", "train", "--preferences", str(prefs), "--model", str(model),
+    cmd = launcher + ["-m", "realign_lib.run.cli", "train", "--preferences", str(prefs), "--model", str(model),
                       "--output-dir", str(out)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]

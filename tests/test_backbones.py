@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from realign_lib import testing, training
-from realign_lib.stages import TrainingStage
-from realign_lib.trainer import PreferenceTrainer
-from realign_lib.config import load_config
+from realign_lib.run.config import load_config
+from realign_lib.run.stages import TrainingStage
+from realign_lib.training.batches import PreferenceDataset
+from realign_lib.training.trainer import PreferenceTrainer
+from tests.support import tiny_models as testing
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs" / "backbones").rglob("*.yaml"))
@@ -42,7 +43,7 @@ def test_presets_hold_their_values():
 
 
 def test_pope_prompt_is_newline_joined(tmp_path):
-    from realign_lib import pope
+    from realign_lib.evaluation import pope
     from realign_lib.prompts import LMMS_EVAL_SUFFIX
 
     model, processor = testing.tiny_llava()
@@ -82,11 +83,10 @@ def test_backbone_config_takes_one_rdpo_step(path, prefs, tmp_path):
     if reason:
         pytest.skip(reason)
     model, processor = testing.build_tiny(arch)
-    pc = TrainingStage(**{**params, "max_steps": 1, "gradient_accumulation_steps": 1,
-                          "per_device_train_batch_size": 2}).preference_config()
-    ds = training.PreferenceDataset(str(prefs), root=prefs.parent)
-    args = pc.training_arguments(tmp_path / "out", use_cpu=True, save_strategy="no", disable_tqdm=True,
-                                 learning_rate=1e-2, warmup_steps=0)  # a visible step on a random tiny model
+    pc = TrainingStage(**{**params, "max_steps": 1, "gradient_accumulation_steps": 1, "per_device_train_batch_size": 2,
+                          "learning_rate": 1e-2, "warmup_steps": 0.0}).preference_config()  # a visible step
+    ds = PreferenceDataset(str(prefs), root=prefs.parent)                         # on a random tiny model
+    args = pc.training_arguments(tmp_path / "out", use_cpu=True, save_strategy="no", disable_tqdm=True)
     trainer = PreferenceTrainer(model, pc, ds, processor, args=args)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in n or ("modules_to_save" in n and stage.train_projector) for n in before)

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chat_server import ChatServer, Reply
 from PIL import Image
 
-from chat_server import ChatServer, Reply
-from realign_lib import data, maskers, masking_driver as D, pope
+from realign_lib.data import llava as data
+from realign_lib.evaluation import pope
 from realign_lib.files import read_jsonl
+from realign_lib.masking import driver as D
+from realign_lib.masking import rule as maskers
+from realign_lib.masking.llm import HFMasker, OpenAIMasker
 
 KEY_ENV = "REALIGN_BAD_INPUT_KEY"
 
@@ -178,7 +182,7 @@ def test_samples_file_missing_says_which_stage_makes_it(tmp_path):
 
 
 def test_corrupt_image_given_to_a_model_names_the_file(tmp_path):
-    from realign_lib.vlm import to_pil
+    from realign_lib.models.vlm import to_pil
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
@@ -212,7 +216,7 @@ def test_a_response_with_no_maskable_words_is_a_counted_failure(tmp_path, rule):
 
 
 def _api_masker(url, **kw):
-    return maskers.OpenAIMasker("fake", base_url=url, api_key_env=KEY_ENV, max_retries=kw.pop("max_retries", 2),
+    return OpenAIMasker("fake", base_url=url, api_key_env=KEY_ENV, max_retries=kw.pop("max_retries", 2),
                                 backoff_base=0.01, backoff_max=0.02, **kw)
 
 
@@ -297,7 +301,7 @@ def test_pope_answer_that_is_neither_yes_nor_no_is_counted():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from realign_lib.testing import tiny_llava
+    from tests.support.tiny_models import tiny_llava
     return tiny_llava()
 
 
@@ -378,7 +382,7 @@ def _pref(i, **kw):
 
 
 def test_preferences_missing_keys_name_the_record(tmp_path):
-    from realign_lib.training import PreferenceDataset
+    from realign_lib.training.batches import PreferenceDataset
 
     _png(tmp_path / "v.png"), _png(tmp_path / "r.png")
     rec = _pref(1)
@@ -388,7 +392,7 @@ def test_preferences_missing_keys_name_the_record(tmp_path):
 
 
 def test_preferences_with_a_missing_image_name_the_record_and_the_root(tmp_path):
-    from realign_lib.training import PreferenceDataset
+    from realign_lib.training.batches import PreferenceDataset
 
     _png(tmp_path / "v.png")
     path = _prefs(tmp_path, [_pref(0)])
@@ -404,14 +408,14 @@ def test_train_cli_reports_a_bad_preferences_file_without_a_traceback(root, tmp_
 
     path = tmp_path / "preferences.jsonl"
     path.write_text('{"id": "p0", "prompt": "x"\n')
-    res = subprocess.run([sys.executable, "-m", "realign_lib.cli", "train", "--preferences", str(path), "--model", "m",
+    res = subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "train", "--preferences", str(path), "--model", "m",
                           "--output-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "preferences.jsonl:1: malformed JSON line" in res.stderr
 
 
 def test_empty_preferences_file(tmp_path):
-    from realign_lib.training import PreferenceDataset
+    from realign_lib.training.batches import PreferenceDataset
 
     with pytest.raises(ValueError, match=r"no preference pairs \(did stage 03 accept none\? see its skipped.jsonl\)"):
         PreferenceDataset(_prefs(tmp_path, []))
@@ -424,17 +428,17 @@ def test_empty_preferences_file(tmp_path):
     ("per_device_train_batch_size", True, "per_device_train_batch_size=True: must be an integer"),
 ])
 def test_training_config_wrong_types_name_the_field(field, value, message):
-    from realign_lib.cli import main
+    from realign_lib.run.cli import main
 
     with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        from realign_lib.training import PreferenceConfig
+        from realign_lib.training.config import PreferenceConfig
         PreferenceConfig(**{field: value})
     assert main(["train", "--preferences", "p", "--model", "m", "--output-dir", "o",
                  "--set", f"{field}={json.dumps(value)}"]) == 2
 
 
 def test_train_cli_unknown_field_lists_the_valid_ones(capsys):
-    from realign_lib.cli import main
+    from realign_lib.run.cli import main
 
     assert main(["train", "--preferences", "p", "--model", "m", "--output-dir", "o", "--set", "learning_rat=1e-5"]) == 2
     err = capsys.readouterr().err
@@ -443,7 +447,7 @@ def test_train_cli_unknown_field_lists_the_valid_ones(capsys):
 
 # --------------------------------------------------------------------------------- models and trust
 def _saved_tiny(tmp_path):
-    from realign_lib.testing import tiny_llava
+    from tests.support.tiny_models import tiny_llava
 
     model, processor = tiny_llava()
     out = tmp_path / "model"
@@ -455,7 +459,7 @@ def _saved_tiny(tmp_path):
 def test_model_weights_as_pickle_only_are_refused(tmp_path):
     import torch
 
-    from realign_lib.vlm import load_vlm
+    from realign_lib.models.vlm import load_vlm
 
     out, model = _saved_tiny(tmp_path)
     (out / "model.safetensors").unlink()
@@ -465,7 +469,7 @@ def test_model_weights_as_pickle_only_are_refused(tmp_path):
 
 
 def test_model_with_its_own_code_is_refused_unless_trusted(tmp_path):
-    from realign_lib.vlm import load_vlm
+    from realign_lib.models.vlm import load_vlm
 
     out, _ = _saved_tiny(tmp_path)
     cfg = json.loads((out / "config.json").read_text())
@@ -477,7 +481,7 @@ def test_model_with_its_own_code_is_refused_unless_trusted(tmp_path):
 
 
 def test_adapter_without_safetensors_is_refused(tmp_path):
-    from realign_lib.vlm import load_vlm
+    from realign_lib.models.vlm import load_vlm
 
     out, _ = _saved_tiny(tmp_path)
     adapter = tmp_path / "adapter"
@@ -489,7 +493,7 @@ def test_adapter_without_safetensors_is_refused(tmp_path):
 
 
 def test_nonexistent_model_path(tmp_path):
-    from realign_lib.vlm import load_vlm
+    from realign_lib.models.vlm import load_vlm
 
     with pytest.raises(FileNotFoundError, match=r"model path .*no_model' does not exist; pass a folder made by "
                                                 r"save_pretrained"):
@@ -497,7 +501,7 @@ def test_nonexistent_model_path(tmp_path):
 
 
 def test_sentence_model_not_loadable_offline(monkeypatch):
-    from realign_lib.similarity import SentenceEncoder
+    from realign_lib.induction.similarity import SentenceEncoder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match=r"(?s)could not load sentence model 'sentence-transformers/all-mpnet-base-v2'.*"
@@ -508,11 +512,11 @@ def test_sentence_model_not_loadable_offline(monkeypatch):
 def test_masking_llm_not_loadable_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match=r"(?s)could not load 'no-org/no-such-llm'.*Offline\? Pass a local folder"):
-        maskers.HFMasker("no-org/no-such-llm")
+        HFMasker("no-org/no-such-llm")
 
 
 def test_run_config_with_unknown_keys_and_wrong_types(tmp_path):
-    from realign_lib.config import load_config
+    from realign_lib.run.config import load_config
 
     p = tmp_path / "run.yaml"
     p.write_text("run_dir: r\nstages:\n  '04_training':\n    los: dpo\n")
@@ -521,3 +525,60 @@ def test_run_config_with_unknown_keys_and_wrong_types(tmp_path):
     p.write_text("run_dir: r\nstages:\n  '04_training':\n    max_steps: many\n")
     with pytest.raises(TypeError, match=r"stages.04_training: 04_training.max_steps='many': must be an integer \(default -1\)"):
         load_config(p)
+
+
+# ------------------------------------------------------------------------ records that are wrong but passed
+def test_llava_records_with_values_that_are_not_text_are_counted_skips(llava):
+    odd = [_record(2, "good0.png"), _record(3, "good1.png"), _record(4, "good0.png"), _record(5, ""),
+           _record(6, "good1.png")]
+    odd[0]["conversations"][1]["value"] = {"text": "a red car", "type": "text"}  # a dict, not its repr
+    odd[1]["id"] = None
+    odd[2]["conversations"][0]["value"] = "<image>\n"  # no question
+    odd[4]["conversations"][0]["value"] = ["<image>", "what is it?"]
+    samples, counts = _load(*llava(odd))
+    assert len(samples) == 2 and not any("{" in s["chosen"] or s["id"] == "None" for s in samples)
+    assert (counts["not_text"], counts["bad_id"], counts["empty_prompt"], counts["not_a_record"]) == (2, 1, 1, 1)
+    assert counts["examples"]["not_text"] == ["record 2 (id r2)", "record 6 (id r6)"]
+
+
+def test_preference_pairs_with_chosen_equal_to_rejected_are_counted_not_trained_on(tmp_path):
+    from realign_lib.training.batches import PreferenceDataset
+
+    _png(tmp_path / "v.png"), _png(tmp_path / "r.png")
+    ds = PreferenceDataset(_prefs(tmp_path, [_pref(0), _pref(1, rejected="a red car ")]))
+    assert [r["id"] for r in ds.records] == ["p0"] and ds.skipped == {"chosen_equals_rejected": 1}
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/abs/outside.png", "link/outside.png"])
+def test_preference_images_outside_the_root_name_the_record(tmp_path, name):
+    from realign_lib.training.batches import PreferenceDataset
+
+    run = tmp_path / "run"
+    _png(run / "v.png"), _png(run / "r.png"), _png(tmp_path / "outside.png")
+    (run / "link").symlink_to(tmp_path, target_is_directory=True)  # a link inside the root that leads out
+    with pytest.raises(ValueError, match=r"record 1 \(id p1\): image path .* leads outside the image folder"):
+        PreferenceDataset(_prefs(run, [_pref(0), _pref(1, images=[name])]))
+    with pytest.raises(ValueError, match=r"record 0 \(id p0\): image path .* leads outside"):
+        PreferenceDataset(_prefs(run, [_pref(0, retrieved_image=name)]))
+
+
+def test_an_mme_folder_without_subtasks_is_an_error_not_a_silent_drop(tmp_path):
+    from realign_lib.evaluation.mme import load_mme
+
+    (tmp_path / "mme").mkdir()
+    (tmp_path / "mme" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"MME folder .*mme holds no subtask folders .* set mme_root to \"none\""):
+        load_mme(tmp_path / "mme")
+
+
+@pytest.mark.parametrize("qid, message", [([1, 2], r"record 2 has question_id \[1, 2\]; it must be a number or text"),
+                                          (None, r"record 2 has question_id None")])
+def test_a_pope_question_id_that_is_not_a_number_or_text_names_the_line(tmp_path, qid, message):
+    good = {"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "yes"}
+    path = tmp_path / "x_random.json"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, question_id=qid)) + "\n")
+    with pytest.raises(ValueError, match=message):
+        pope.load_pope_questions(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, question_id=2, image="")) + "\n")
+    with pytest.raises(ValueError, match=r"record 2 \(question_id 2\) has image ''"):
+        pope.load_pope_questions(path)

@@ -10,10 +10,10 @@ import pytest
 from chat_server import ChatServer, Reply, completion
 from PIL import Image
 
-from realign_lib import caption_qa as cq
-from realign_lib import data
-from realign_lib.endpoint import ChatEndpoint
+from realign_lib.data import caption_qa as cq
+from realign_lib.data import llava as data
 from realign_lib.files import write_jsonl
+from realign_lib.models.endpoint import ChatEndpoint
 
 KEY = "sk-TEST-Zq8vX1kP7wR4mN2bY6"  # no run of 6 characters of it is a word of the outputs
 ENV = "REALIGN_QA_KEY"

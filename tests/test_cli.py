@@ -19,7 +19,7 @@ def _config(tmp_path, run_dir) -> str:
 
 
 def _realign(root, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", *args], cwd=root, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", *args], cwd=root, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -60,7 +60,7 @@ def test_run_dir_that_is_a_file_is_a_message_not_a_traceback(root, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_saying_what_to_rerun(root, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "realign_lib.cli", "run", "--config", _config(tmp_path, run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", _config(tmp_path, run_dir)],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 120
@@ -76,7 +76,7 @@ def test_ctrl_c_stops_with_one_line_saying_what_to_rerun(root, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     ours = [x for x in err.strip().splitlines() if x.strip() and not x.startswith("[IPKernelApp]")]
     assert ours[-1].startswith("realign: interrupted. Run the same command again to continue"), err[-2000:]
-    assert "realign_lib/cli.py" not in err and "PapermillExecutionError" not in err  # no traceback of the kit's
+    assert "realign_lib/run/cli.py" not in err and "PapermillExecutionError" not in err  # no traceback of the kit's
     assert not (run_dir / ".realign.lock").exists()
 
 
@@ -89,7 +89,7 @@ def test_a_non_utf8_file_names_file_and_line(tmp_path):
     q.write_bytes(b'{"a": "\xff"}')
     with pytest.raises(ValueError, match=r"x.json:1: not UTF-8 text \(byte 0xff at column 8\)"):
         read_json(q)
-    from realign_lib.evaluation import load_mme
+    from realign_lib.evaluation.mme import load_mme
 
     task = tmp_path / "MME" / "existence"
     task.mkdir(parents=True)
@@ -97,3 +97,13 @@ def test_a_non_utf8_file_names_file_and_line(tmp_path):
     (task / "a.txt").write_bytes("Is there a dog?\tYes\nIs there a cat?\tNo\n".encode() + b"Is there a b\xe4r?\tNo\n")
     with pytest.raises(ValueError, match=r"a.txt:3: not UTF-8 text \(byte 0xe4 at column 13\)"):
         load_mme(tmp_path / "MME")
+
+
+def test_realign_train_refuses_a_setting_given_twice(root, tmp_path):
+    """`--set learning_rate` and `--targs learning_rate` name one setting: an error, not a silent winner."""
+    res = subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "train", "--preferences", str(tmp_path / "p.jsonl"),
+                          "--model", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+                          "--set", "learning_rate=1e-4", "--targs", "learning_rate=1e-3"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "learning_rate: a PreferenceConfig setting" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()

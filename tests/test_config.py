@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import realign_lib
-from realign_lib.config import RunConfig, expand_matrix, load_config, notebook_parameters, parse_override
-from realign_lib.stages import STAGES, TrainingStage, stage_fields
-from realign_lib.training import PreferenceConfig
+from realign_lib.run.config import RunConfig, expand_matrix, load_config, notebook_parameters, parse_override
+from realign_lib.run.stages import STAGES, TrainingStage, stage_fields
+from realign_lib.training.config import PreferenceConfig
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml")
                  if p.parent.name != "accelerate")
@@ -81,10 +81,14 @@ def test_every_config_key_is_a_library_field(path):
     assert cfg.stages
 
 
+def _library_modules():
+    """Every module of the library, subpackages included."""
+    return [importlib.import_module(info.name) for info in pkgutil.walk_packages(realign_lib.__path__, "realign_lib.")]
+
+
 def _library_dataclasses():
     out = []
-    for info in pkgutil.iter_modules(realign_lib.__path__):
-        mod = importlib.import_module(f"realign_lib.{info.name}")
+    for mod in _library_modules():
         out += [c for _, c in inspect.getmembers(mod, dataclasses.is_dataclass)
                 if inspect.isclass(c) and c.__module__ == mod.__name__]
     return out
@@ -104,8 +108,7 @@ def test_one_default_per_knob():
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 defaults.setdefault(f.name, {})[cls.__qualname__] = d
     knobs = set(stage_fields())
-    for info in pkgutil.iter_modules(realign_lib.__path__):
-        mod = importlib.import_module(f"realign_lib.{info.name}")
+    for mod in _library_modules():
         for fname, fn in inspect.getmembers(mod, inspect.isfunction):
             if fn.__module__ != mod.__name__:
                 continue
@@ -246,7 +249,7 @@ def test_stage_variants_and_the_matrix(root):
     assert runs[:5] == ["dpo_seed0", "rdpo_seed0", "mdpo_seed0", "dpo_swap_seed0", "dpo_corrupt_seed0"]
     assert len({(cmp.parameters(f"04_training/{r}")["max_steps"], cmp.parameters(f"04_training/{r}")["learning_rate"])
                 for r in runs}) == 1
-    assert cmp.parameters("04_training/dpo_swap_seed2")["preferences"] == "comparison_random_swap.jsonl"
+    assert cmp.parameters("04_training/dpo_swap_seed2")["preferences"] == "baseline_random_swap.jsonl"
     assert cmp.parameters("04_training/dpo_swap_seed2")["seed"] == 2
     # the README's comparison: the main chain's recipe, DPO and rDPO paired over five seeds, test images
     main, cmp = load_config(root / "configs" / "tiny_world.yaml"), load_config(root / "configs" / "tiny_world_comparison.yaml")
@@ -288,3 +291,34 @@ def test_run_dir_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = RunConfig(run_dir="~/runs/x", stages={"01_retrieval": {}})
     assert cfg.run_dir == str(tmp_path / "runs" / "x") and cfg.parameters("01_retrieval")["run_dir"] == cfg.run_dir
+
+
+def test_the_notebook_gets_the_values_the_check_converted(tmp_path):
+    """YAML 1.1 reads 9e-1 as text: the check converts it, and the notebook is handed the number."""
+    p = tmp_path / "c.yaml"
+    p.write_text("run_dir: r\nstages:\n  '03_induction':\n    tau: 9e-1\n    stop_margin: 1e0\n"
+                 "    min_length_ratio: 5e-1\n  '00_tiny_world':\n    short_answer_share: 1e-1\n")
+    cfg = load_config(p)
+    params = cfg.parameters("03_induction")
+    assert params["tau"] == 0.9 and isinstance(params["tau"], float) and params["stop_margin"] == 1.0
+    assert params["min_length_ratio"] == 0.5 and cfg.parameters("00_tiny_world")["short_answer_share"] == 0.1
+
+
+def test_set_on_a_stage_the_config_does_not_have_is_an_error(root):
+    with pytest.raises(ValueError, match=r"has no stage '04_training/rdpo_sed0'"):
+        load_config(root / "configs" / "tiny_world_comparison.yaml", ["04_training/rdpo_sed0.beta=0.2"])
+    with pytest.raises(ValueError, match=r"has no stage '06_nothing'"):
+        load_config(root / "configs" / "tiny_world.yaml", ["06_nothing.beta=0.2"])
+
+
+def test_variants_that_would_write_one_folder_are_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"'04_training/a' and '04_training/b' would both write 04_training/same"):
+        RunConfig(run_dir="r", stages={"04_training/a": {"output_name": "same"}, "04_training/b": {"output_name": "same"}})
+    with pytest.raises(ValueError, match="would both write 04_training/rdpo_seed0"):  # a variant named like the default
+        RunConfig(run_dir="r", stages={"04_training/x": {"loss": "rdpo"}, "04_training/y": {"output_name": "rdpo_seed0"},
+                                       "04_training/z": {"output_name": "rdpo_seed0", "loss": "dpo"}})
+    p = tmp_path / "c.yaml"  # an explicit key and a matrix variant of the same name
+    p.write_text("run_dir: r\nstages:\n  '04_training/rdpo_seed0': {beta: 0.5}\n"
+                 "  '04_training/{loss}_seed{seed}': {matrix: {loss: [dpo, rdpo], seed: [0, 1]}}\n")
+    with pytest.raises(ValueError, match="'04_training/rdpo_seed0' is given twice"):
+        load_config(p)

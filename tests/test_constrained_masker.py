@@ -8,12 +8,13 @@ import re
 
 import pytest
 
-from realign_lib import maskers
-from realign_lib import tinyworld as tw
-from realign_lib.constrained_masker import ConstrainedMasker, merge_masked, word_spans
-from realign_lib.freeform import freeform_descriptions
-from realign_lib.masking import BackendFailure, apply_spans, validate_masking
+from realign_lib.masking.backends import make_masker
+from realign_lib.masking.constrained import ConstrainedMasker, merge_masked, word_spans
+from realign_lib.masking.core import BackendFailure, apply_spans, validate_masking
+from realign_lib.masking.llm import default_smollm2_gguf
 from realign_lib.prompts import MASK, ONE_SHOT_EXAMPLE
+from realign_lib.tinyworld import world as tw
+from tests.support.freeform import freeform_descriptions
 
 CAPTIONS = [tw.describe(s) for s in tw.sample_scenes(3, seed=0)]
 FREEFORM = [d.text for d in freeform_descriptions(2, seed=7)]
@@ -44,10 +45,10 @@ def test_merge_masked_joins_only_across_spaces_and_bounds_the_span():
 @pytest.fixture(scope="module")
 def masker():
     try:
-        maskers.default_smollm2_gguf()
+        default_smollm2_gguf()
     except FileNotFoundError as err:
         pytest.skip(f"SmolLM2 GGUF file not found ({err})")
-    m = maskers.make_masker("constrained", batch_size=8, bias=11.0)
+    m = make_masker("constrained", batch_size=8, bias=11.0)
     assert isinstance(m, ConstrainedMasker) and m.name == "constrained:SmolLM2-135M-Instruct.Q4_1.gguf"
     return m
 

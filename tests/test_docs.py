@@ -111,9 +111,13 @@ def missing_paths(path: Path) -> list[str]:
                                             for g in GENERATED):
             continue
         if token.startswith("realign_lib."):
-            module = token.split(".")[1]
-            if not ((ROOT / "realign_lib" / f"{module}.py").is_file() or (ROOT / "realign_lib" / module).is_dir()):
-                bad.append(f"{token}: no module realign_lib/{module}.py")
+            parts, here, i = token.split(".")[1:], ROOT / "realign_lib", 0
+            while i < len(parts) and (here / parts[i]).is_dir():  # packages
+                here, i = here / parts[i], i + 1
+            if i < len(parts) and (here / f"{parts[i]}.py").is_file():  # a module
+                i += 1
+            if i == 0 or i < len(parts) - 1:  # one name after the module at most (a function, a class)
+                bad.append(f"{token}: no module realign_lib/{'/'.join(parts[:max(i, 1)])}.py")
         elif not (ROOT / token).exists():
             bad.append(f"{token}: not in the repository")
     return bad
@@ -150,7 +154,7 @@ def test_the_checks_can_fail(tmp_path):
     doc = tmp_path / "probe.md"
     doc.write_text("# A page\n\n[ok](gpu.md#install) [gone](no_such_page.md) [bad](gpu.md#no-such-heading)\n"
                    "[self](#a-page) [web](https://example.org/x.md) `configs/no_such.yaml` `configs/paper.yaml`\n"
-                   "`realign_lib.no_such_module` `realign_lib.losses` `runs/x/y.json` `configs/backbones/<name>.yaml`\n"
+                   "`realign_lib.no_such_module` `realign_lib.training.losses` `runs/x/y.json` `configs/backbones/<name>.yaml`\n"
                    "```\n[in code](ignored.md) `configs/ignored.yaml`\n```\n", encoding="utf-8")
     bad = broken_links(doc)
     assert len(bad) == 2 and bad[0].startswith("no_such_page.md: no file"), bad

@@ -6,14 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 from chat_server import ChatServer, Reply
+from PIL import Image
 
-from realign_lib import data, induction as ind
-from realign_lib.fillers import EndpointFiller
+from realign_lib.data import llava as data
+from realign_lib.induction import loop as ind
+from realign_lib.induction.fillers import EndpointFiller
+from realign_lib.induction.similarity import SentenceEncoder
+from realign_lib.models.endpoint import ChatEndpoint, EndpointFailure, image_data_url, user_message
 from realign_lib.prompts import COMPLETION_PROMPT
-from realign_lib.similarity import SentenceEncoder
-from realign_lib.endpoint import ChatEndpoint, EndpointFailure, image_data_url, user_message
 
 KEY = "sk-test-endpoint-0123456789"
 
@@ -151,7 +152,7 @@ def test_a_client_error_is_a_counted_failure_not_a_retry(images, monkeypatch):
 
 
 def test_scrub_secret_catches_the_key_however_it_is_quoted():
-    from realign_lib.endpoint import scrub_secret
+    from realign_lib.models.endpoint import scrub_secret
 
     key = "sk-proj-A1b2C3d4E5f6G7h8"
     forms = [key, json.dumps(key), repr(key + "\r"), json.dumps(key + "\r\n"), f"Bearer {key}",

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realign_lib import evaluation as ev
-from realign_lib import pope
+from realign_lib.evaluation import pope
+from realign_lib.evaluation import runner as ev
+from realign_lib.evaluation.mme import clean_prediction, is_compliant, load_mme, parse_mme_answer, score_mme_file
+from realign_lib.evaluation.stats import (
+    condition_of,
+    flat_metrics,
+    format_differences,
+    format_table,
+    paired_differences,
+    summarize_conditions,
+)
 
 PREDICTIONS = ["Yes", "No", "yes.", "no .", "Yes, there is.", "No, there is not.", "Not sure", "nothing",
                "There is a dog.", "", "I think yes", "Nope", "YES!", "n", "yeah", "no\tway"]
@@ -42,14 +51,14 @@ def oracle_scores(path):
 
 def test_answer_parsing_matches_the_official_rule_on_raw_lines():
     for p in PREDICTIONS:
-        clean = ev.clean_prediction(p)
-        assert ev.parse_mme_answer(clean) == oracle_label(clean + "\n"), p
-    assert [ev.parse_mme_answer(p) for p in ("Not sure", "nothing", "", "n", "yeah", "I think yes")] == \
+        clean = clean_prediction(p)
+        assert parse_mme_answer(clean) == oracle_label(clean + "\n"), p
+    assert [parse_mme_answer(p) for p in ("Not sure", "nothing", "", "n", "yeah", "I think yes")] == \
         ["no", "no", "other", "other", "other", "other"]
 
 
 def test_compliance_counts_bare_yes_no_only():
-    assert [ev.is_compliant(p) for p in ("Yes", "no.", "yes .", " No ", "Yes, there is.", "yeah", "")] == \
+    assert [is_compliant(p) for p in ("Yes", "no.", "yes .", " No ", "Yes, there is.", "yeah", "")] == \
         [True, True, True, True, False, False, False]
 
 
@@ -72,7 +81,7 @@ def mme_side_by_side(tmp_path):
 
 
 def test_load_mme_reads_both_official_layouts(mme_side_by_side, tmp_path):
-    recs = ev.load_mme(mme_side_by_side)
+    recs = load_mme(mme_side_by_side)
     assert list(recs) == ["existence", "count"]  # MME's order, not alphabetical
     assert len(recs["existence"]) == 6 and [r["answer"] for r in recs["existence"][:2]] == ["Yes", "No"]
     assert recs["count"][0]["image"] == "count_0.png" and recs["count"][0]["image"] == recs["count"][1]["image"]
@@ -82,7 +91,7 @@ def test_load_mme_reads_both_official_layouts(mme_side_by_side, tmp_path):
     (root / "questions_answer_YN").mkdir()
     _image(root / "images" / "10002.jpg")
     (root / "questions_answer_YN" / "10002.txt").write_text("Is this artwork by X?\tNo\nIs this artwork by Y?\tYes\n")
-    recs2 = ev.load_mme(tmp_path / "MME2")
+    recs2 = load_mme(tmp_path / "MME2")
     assert recs2["artwork"][0]["image_path"].endswith("images/10002.jpg") and len(recs2["artwork"]) == 2
 
 
@@ -96,22 +105,22 @@ def test_load_mme_refuses_bad_question_files(tmp_path, content, message):
     _image(tmp_path / "MME" / "existence" / "a.png")
     (tmp_path / "MME" / "existence" / "a.txt").write_text(content)
     with pytest.raises(ValueError, match=message):
-        ev.load_mme(tmp_path / "MME")
+        load_mme(tmp_path / "MME")
 
 
 def test_load_mme_refuses_a_question_file_without_image_and_a_missing_folder(tmp_path):
     (tmp_path / "MME" / "existence").mkdir(parents=True)
     (tmp_path / "MME" / "existence" / "a.txt").write_text("q1\tYes\nq2\tNo\n")
     with pytest.raises(ValueError, match="no image a"):
-        ev.load_mme(tmp_path / "MME")
+        load_mme(tmp_path / "MME")
     with pytest.raises(FileNotFoundError, match="MME folder"):
-        ev.load_mme(tmp_path / "nowhere")
+        load_mme(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="subtask folder"):
-        ev.load_mme(tmp_path / "MME", tasks=["OCR"])
+        load_mme(tmp_path / "MME", tasks=["OCR"])
 
 
 def test_result_files_have_the_official_layout_and_score_as_the_official_tool(mme_side_by_side, tmp_path):
-    recs = ev.load_mme(mme_side_by_side)
+    recs = load_mme(mme_side_by_side)
     rng = np.random.default_rng(0)
     answered = {t: [dict(r, prediction=str(rng.choice(PREDICTIONS))) for r in rs] for t, rs in recs.items()}
     answered["existence"][0]["prediction"] = "Yes\nthere is\ta cat"  # line breaks and tabs must not break the file
@@ -122,7 +131,7 @@ def test_result_files_have_the_official_layout_and_score_as_the_official_tool(mm
         assert len(lines) == 6 and all(len(ln.split("\t")) == 4 for ln in lines)
         assert all(lines[i].split("\t")[0] == lines[i + 1].split("\t")[0] for i in range(0, 6, 2))
         assert {ln.split("\t")[2] for ln in lines} == {"Yes", "No"}
-        assert ev.score_mme_file(p)["score"] == pytest.approx(oracle_scores(p))
+        assert score_mme_file(p)["score"] == pytest.approx(oracle_scores(p))
     s = ev.score_mme_results(tmp_path / "results")
     assert s["perception"] == pytest.approx(sum(oracle_scores(p) for p in paths)) and s["cognition"] == 0
     assert s["questions"] == 12 and 0 <= s["compliance"] <= 1
@@ -133,20 +142,20 @@ def test_mme_scores_by_hand(tmp_path):
     p.write_text("a.png\tq1\tYes\tyes\na.png\tq2\tNo\tno\n"       # both right
                  "b.png\tq1\tYes\tYes, it is\nb.png\tq2\tNo\tsure\n"  # one right, one "other"
                  "c.png\tq1\tNo\tyes\nc.png\tq2\tYes\tno\n")         # both wrong
-    r = ev.score_mme_file(p)
+    r = score_mme_file(p)
     assert r["acc"] == pytest.approx(3 / 6) and r["acc_plus"] == pytest.approx(1 / 3)
     assert r["score"] == pytest.approx(50 + 100 / 3) and r["other"] == 1
     assert r["compliance"] == pytest.approx(4 / 6)
     p.write_text("a.png\tq1\tYes\tyes\nb.png\tq2\tNo\tno\n")
     with pytest.raises(ValueError, match="not the two questions of one image"):
-        ev.score_mme_file(p)
+        score_mme_file(p)
 
 
 def test_answer_mme_with_a_real_model_resumes(mme_side_by_side, tmp_path):
-    from realign_lib.testing import tiny_llava
+    from tests.support.tiny_models import tiny_llava
 
     model, proc = tiny_llava()
-    recs = ev.load_mme(mme_side_by_side)
+    recs = load_mme(mme_side_by_side)
     cache = tmp_path / "mme_answers.jsonl"
     first = ev.answer_mme(model, proc, {"existence": recs["existence"]}, cache, batch_size=4, max_new_tokens=3)
     assert len(cache.read_text().splitlines()) == 6
@@ -175,16 +184,16 @@ def test_paired_differences_and_summary_by_hand():
     rows = [{"condition": "base", "seed": None, "metrics": {"acc": 80.0}}]
     rows += [{"condition": "rdpo", "seed": s, "metrics": {"acc": v}} for s, v in enumerate([81.0, 82.0, 81.5])]
     rows += [{"condition": "dpo", "seed": s, "metrics": {"acc": v}} for s, v in enumerate([81.0, 80.0, 82.5])]
-    summ = ev.summarize_conditions(rows)
+    summ = summarize_conditions(rows)
     assert summ["rdpo"]["acc"]["mean"] == pytest.approx(81.5) and summ["rdpo"]["acc"]["sd"] == pytest.approx(0.5)
     assert summ["base"]["acc"]["n"] == 1 and math.isnan(summ["base"]["acc"]["sd"])
-    d = ev.paired_differences(rows, "rdpo", "base")["acc"]  # the one base evaluation pairs with every seed
+    d = paired_differences(rows, "rdpo", "base")["acc"]  # the one base evaluation pairs with every seed
     assert d["diffs"] == [1.0, 2.0, 1.5] and d["same_sign"] == 3 and d["clear"]  # mean 1.5 > 2·0.5/√3
-    d2 = ev.paired_differences(rows, "rdpo", "dpo")["acc"]  # paired by seed: 0, +2, -1
+    d2 = paired_differences(rows, "rdpo", "dpo")["acc"]  # paired by seed: 0, +2, -1
     assert d2["diffs"] == [0.0, 2.0, -1.0] and d2["mean"] == pytest.approx(1 / 3) and not d2["clear"]
-    table = ev.format_table(summ, ["acc"], ["base", "rdpo", "dpo"])
+    table = format_table(summ, ["acc"], ["base", "rdpo", "dpo"])
     assert "| rdpo | 81.5 ± 0.5 |" in table and "| base | 80.0 |" in table
-    assert ev.condition_of("dpo_swap_seed12") == ("dpo_swap", 12) and ev.condition_of("base") == ("base", None)
+    assert condition_of("dpo_swap_seed12") == ("dpo_swap", 12) and condition_of("base") == ("base", None)
 
 
 def test_flat_metrics_picks_percentages():
@@ -192,29 +201,17 @@ def test_flat_metrics_picks_percentages():
          "pope_partner": {"adversarial": {"absent_partner_yes_rate": 0.5, "absent_other_yes_rate": float("nan")}},
          "mme": {"tasks": {"existence": {"score": 150.0}}, "perception": 150.0, "cognition": 0.0, "compliance": 0.9},
          "chair": {"chair_i": 0.2, "chair_s": 0.3, "recall": 0.6}}
-    f = ev.flat_metrics(m)
+    f = flat_metrics(m)
     assert f["pope/adversarial/accuracy"] == 75.0 and f["pope/adversarial/absent_partner_yes_rate"] == 50.0
     assert "pope/adversarial/absent_other_yes_rate" not in f and "mme/cognition" not in f
     assert f["mme/perception"] == 150.0 and f["mme/compliance"] == 90.0 and f["chair/chair_i"] == 20.0
 
 
-def _old_weights_digest(folder):
-    """The digest stage 05 wrote into fingerprint.json before it moved into the library."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        h.update(f.read_bytes() if st.st_size < 256 * 2**20 else str(st.st_mtime_ns).encode())
-    return h.hexdigest()[:16]
-
-
 def test_evaluate_model_caches_by_fingerprint_resumes_and_reuses_base_answers(tmp_path, monkeypatch):
     import json
 
-    from realign_lib.fingerprints import file_sha256, weights_sha256
-    from realign_lib.testing import save_tiny
+    from realign_lib.cache import file_digest, model_identity, weights_digest
+    from tests.support.tiny_models import save_tiny
 
     base = save_tiny("llava", tmp_path / "base")
     images = tmp_path / "images"
@@ -230,8 +227,8 @@ def test_evaluate_model_caches_by_fingerprint_resumes_and_reuses_base_answers(tm
     setup = ev.EvaluationSetup(base_path=base, train_dir=tmp_path / "04", questions={"random": qs},
                                pope_files={"random": str(qfile)}, image_root=images, batch_size=4)
     sig = setup.fingerprint("base")
-    assert sig["weights_sha256"] == weights_sha256(base) == _old_weights_digest(base)  # the files stay the same
-    assert sig["pope"] == {"random": [str(qfile), file_sha256(qfile)]} and sig["mme"] == "None"
+    assert sig["model"] == model_identity(base) and sig["model"]["weights"] == weights_digest(base) is not None
+    assert sig["pope"] == {"random": [str(qfile), file_digest(qfile)]} and sig["mme"] == "None"
 
     out = tmp_path / "05" / "base"
     res = ev.evaluate_model(setup, "base", out)
@@ -267,5 +264,5 @@ def test_evaluate_model_caches_by_fingerprint_resumes_and_reuses_base_answers(tm
 def test_format_differences_marks_clear_ones():
     d = {"rdpo - base": {"acc": {"mean": 1.5, "sd": 0.5, "n": 3, "same_sign": 3, "clear": True},
                          "f1": {"mean": -0.2, "sd": float("nan"), "n": 1, "same_sign": 1, "clear": False}}}
-    table = ev.format_differences(d, ["acc", "f1", "chair"])
+    table = format_differences(d, ["acc", "f1", "chair"])
     assert table.splitlines()[2] == "| rdpo - base | **+1.5 ± 0.5** (3/3) | -0.2 (1/1) | – |"

@@ -1,4 +1,4 @@
-"""realign_lib.export: a LoRA adapter (and a projector trained with it) merged into a plain
+"""realign_lib.training.export: a LoRA adapter (and a projector trained with it) merged into a plain
 save_pretrained checkpoint scores responses as base + adapter does, within 1e-5."""
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import export, testing, vlm
-from realign_lib.training import PreferenceConfig
+from realign_lib.models import vlm
+from realign_lib.models.scoring import response_logprobs
+from realign_lib.training import export
+from realign_lib.training.config import PreferenceConfig
+from tests.support import tiny_models as testing
 
 PROMPTS = ["describe the picture", "what is in the image ?", "is there a dog ?"]
 RESPONSES = ["a red cat on the left .", "two dogs and a tree", "no there is not"]
@@ -40,9 +43,9 @@ def test_merged_checkpoint_scores_as_base_plus_adapter(name, tmp_path):
     with_adapter, _ = vlm.load_vlm(base_dir, device="cpu", adapter=adapter)
     merged, merged_proc = vlm.load_vlm(out, device="cpu")
     plain, _ = vlm.load_vlm(base_dir, device="cpu")
-    want = vlm.response_logprobs(with_adapter, processor, images, PROMPTS, RESPONSES)
-    got = vlm.response_logprobs(merged, merged_proc, images, PROMPTS, RESPONSES)
-    base = vlm.response_logprobs(plain, processor, images, PROMPTS, RESPONSES)
+    want = response_logprobs(with_adapter, processor, images, PROMPTS, RESPONSES)
+    got = response_logprobs(merged, merged_proc, images, PROMPTS, RESPONSES)
+    base = response_logprobs(plain, processor, images, PROMPTS, RESPONSES)
     assert float((got - want).abs().max()) < 1e-5, (got, want)
     assert float((want - base).abs().max()) > 1e-2  # the adapter does change the scores
     assert merged_proc.apply_chat_template is not None and vlm.chat_prompt(merged_proc, "hi") == \

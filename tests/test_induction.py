@@ -10,15 +10,19 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from realign_lib import comparisons as comp
-from realign_lib import fillers, similarity
-from realign_lib import induction as ind
 from realign_lib.files import read_appended
+from realign_lib.induction import baselines as comp
+from realign_lib.induction import fillers, similarity
+from realign_lib.induction import loop as ind
+from realign_lib.induction.analysis import acceptance_by_rank, similarity_histogram
+from realign_lib.induction.texts import changed_words, join_filled, slot_texts, spans_from_masked
 from realign_lib.prompts import COMPLETION_PROMPT, MASK
-from realign_lib.tinyworld import ObjectInstance, Scene, span_lexicon
-from realign_lib.tinyworld_eval import absent_object_stats
+from realign_lib.tinyworld.benchmarks import absent_object_stats
+from realign_lib.tinyworld.scenes import ObjectInstance, Scene
+from realign_lib.tinyworld.world import span_lexicon
 
 PROMPT = "describe the image in detail ."
 PREF_KEYS = {"id", "prompt", "images", "retrieved_image", "chosen", "rejected", "masked", "similarity", "rank",
@@ -48,7 +52,7 @@ def mask_words(chosen: str, phrases) -> tuple[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from realign_lib.testing import tiny_llava
+    from tests.support.tiny_models import tiny_llava
     return tiny_llava()
 
 
@@ -96,20 +100,20 @@ def test_split_join_and_spans():
     segs, slots = ind.split_masked("a [MASK] [MASK] at the [MASK] .")
     assert segs == ["a ", " at the ", " ."] and slots == [2, 1]
     assert ind.split_masked("[MASK] dog")[0] == ["", " dog"]
-    assert ind.join_filled(segs, ["big red", "top"]) == "a big red at the top ."
+    assert join_filled(segs, ["big red", "top"]) == "a big red at the top ."
     with pytest.raises(ValueError):
-        ind.join_filled(segs, ["x"])
+        join_filled(segs, ["x"])
     chosen = "a big red star at the top ."
-    spans = ind.spans_from_masked(chosen, "a [MASK] at the [MASK] .")
+    spans = spans_from_masked(chosen, "a [MASK] at the [MASK] .")
     assert [s["text"] for s in spans] == ["big red star", "top"]
     assert all(chosen[s["start"]:s["end"]] == s["text"] for s in spans)
-    assert ind.spans_from_masked("something else", "a [MASK] at the [MASK] .") is None
-    assert ind.changed_words("a red cat .", "a blue cat .") == [("a", False), ("blue", True), ("cat", False),
+    assert spans_from_masked("something else", "a [MASK] at the [MASK] .") is None
+    assert changed_words("a red cat .", "a blue cat .") == [("a", False), ("blue", True), ("cat", False),
                                                                (".", False)]
     m = "the [MASK] is [MASK] the ball ."
-    assert ind.slot_texts("the kite is below the ball .", m) == ["kite", "below"]
-    assert ind.slot_texts("a kite .", m) is None
-    flags = ind.changed_words("the kite is below the ball .", "the tree is above the ball .", m)
+    assert slot_texts("the kite is below the ball .", m) == ["kite", "below"]
+    assert slot_texts("a kite .", m) is None
+    flags = changed_words("the kite is below the ball .", "the tree is above the ball .", m)
     assert [w for w, c in flags if c] == ["tree", "above"]
     assert " ".join(w for w, _ in flags) == "the tree is above the ball ."
     lex = span_lexicon()  # the tiny world's words; without a lexicon, a generic English one
@@ -154,10 +158,10 @@ def test_analysis_helpers():
             {"id": "b", "rank": 3, "similarity": 0.9, "similarities": [0.97, 0.99, 0.9], "rejected": "a star .",
              "retrieved_image": "r.png"}]
     skipped = [{"id": "c", "reason": "none_below_tau", "ranks_tried": 3, "similarities": [0.99, 0.98, 0.96]}]
-    acc = ind.acceptance_by_rank(recs, skipped, top_k=3)
+    acc = acceptance_by_rank(recs, skipped, top_k=3)
     assert [(r["tried"], r["accepted"]) for r in acc] == [(3, 1), (2, 0), (2, 1)]
     assert acc[2]["cumulative"] == pytest.approx(2 / 3)
-    h = ind.similarity_histogram(recs, skipped, bins=5)
+    h = similarity_histogram(recs, skipped, bins=5)
     assert sum(h["counts_accepted"]) == 2 and sum(h["counts_refused"]) == 5 and h["n"] == 7
     star = ObjectInstance("star", "yellow", "left", 6.0, 1.0)
     scenes = {"a": Scene("a", "night", [star], 0), "b": Scene("b", "night", [star], 0)}
@@ -176,20 +180,25 @@ def test_accept_rank_is_the_tau_rule():
 
 
 def test_induction_settings_records_model_inputs_and_fill_settings(tmp_path):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * 10)
+    from realign_lib.cache import model_identity
+    from tests.support.tiny_models import tiny_llava
+
+    model = tiny_llava()[0]
     a, b = tmp_path / "masked.jsonl", tmp_path / "neighbours.jsonl"
     a.write_text("x")
     b.write_text("y")
-    slot = ind.induction_settings("tiny", [a, b], "slot", "minilm", 5, weights_dir=tmp_path / "m", max_span_tokens=6,
-                                  stop_margin=5.0, max_new_tokens=99)
-    assert list(slot) == ["model", "weights", "inputs", "fill_mode", "sentence_model", "top_k", "max_span_tokens",
-                          "stop_margin"]
-    assert slot["weights"][0][:2] == ["model.safetensors", 10] and slot["inputs"][0] == "11f6ad8ec52a2984"  # sha1("x")
+    slot = ind.induction_settings(model, [a, b], "slot", "minilm", 5, max_span_tokens=6, stop_margin=5.0,
+                                  max_new_tokens=99)
+    assert list(slot) == ["model", "inputs", "fill_mode", "sentence_model", "top_k", "max_span_tokens", "stop_margin"]
+    assert slot["model"] == model_identity(model) and slot["model"]["weights"]  # the one identity of every cache
+    assert slot["inputs"][0] == "2d711642b726b044"  # sha256("x")
     inst = ind.induction_settings("openai:m@u", [a, b], "instruction", "minilm", 5, max_new_tokens=2048)
-    assert inst["weights"] == [] and inst["max_new_tokens"] == 2048 and "stop_margin" not in inst
+    assert inst["model"] == "openai:m@u" and inst["max_new_tokens"] == 2048 and "stop_margin" not in inst
     b.write_text("z")
-    assert ind.induction_settings("tiny", [a, b], "slot", "minilm", 5)["inputs"][1] != slot["inputs"][1]
+    assert ind.induction_settings(model, [a, b], "slot", "minilm", 5)["inputs"][1] != slot["inputs"][1]
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # other weights, another identity
+    assert ind.induction_settings(model, [a, b], "slot", "minilm", 5)["model"] != slot["model"]
 
 
 def test_corrupt_image_is_seeded_and_keeps_size():
@@ -214,7 +223,7 @@ def test_slot_filling_keeps_the_scaffold_and_changes_only_the_spans(tiny, run_di
         segs, slots = ind.split_masked(m)
         assert len(f) == len(slots) and all(x.strip() for x in f)           # every slot filled, none empty
         assert all(len(x.split()) <= 3 * n for x, n in zip(f, slots))        # max_span_tokens per mask
-        assert t == ind.join_filled(segs, f)                                 # scaffold kept character for character
+        assert t == join_filled(segs, f)                                 # scaffold kept character for character
         pattern = "".join(re.escape(s) + ("(.+)" if i < len(f) else "") for i, s in enumerate(segs))
         assert re.fullmatch(pattern, t, flags=re.S)
         assert MASK not in t and "<image>" not in t
@@ -266,7 +275,7 @@ def test_tau_loop_accepts_in_rank_order_and_counts_skips(filler, encoder, run_di
                                 "last_candidate": never.chosen, "input": ind.item_digest(never)}
     assert skipped["nomask"]["reason"] == "no_mask"
     assert all(set(r) == PREF_KEYS for r in recs.values()) and recs["rank1"]["images"] == ["images/img0.png"]
-    by_rank = ind.acceptance_by_rank(list(recs.values()), list(skipped.values()), 2)
+    by_rank = acceptance_by_rank(list(recs.values()), list(skipped.values()), 2)
     assert [(r["tried"], r["accepted"]) for r in by_rank] == [(3, 1), (2, 1)]
     # a lower tau refuses everything; other settings are refused unless asked to restart
     with pytest.raises(ValueError, match="tau"):
@@ -371,7 +380,7 @@ def test_preferences_load_with_datasets_and_have_trl_columns(filler, encoder, ru
     assert len(ds) == 4 and ds[0]["images"] == ["images/img0.png"] and isinstance(ds[0]["similarity"], float)
 
 
-# ------------------------------------------------------------------------------- comparisons
+# -------------------------------------------------------------------------- baseline pair sets
 def test_random_swap_changes_only_masked_spans(encoder, run_dir):
     items, masked_records = [], []
     for i, (text, phrases) in enumerate(TEXTS * 2):

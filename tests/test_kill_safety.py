@@ -5,7 +5,7 @@ tests/test_notebooks.py), then run again; its final outputs must equal an uninte
 the same seed: same records, none duplicated, none missing.
 
 Every job here is a real model: a random tiny LLaVA-1.5 saved to disk (so every process loads the
-same weights), the packaged all-MiniLM-L6-v2 as judge, `python -m realign_lib.cli train` as trainer.
+same weights), the packaged all-MiniLM-L6-v2 as judge, `python -m realign_lib.run.cli train` as trainer.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def n_lines(*paths: Path) -> int:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny LLaVA-1.5 saved with save_pretrained (safetensors)."""
-    from realign_lib.testing import tiny_llava
+    from tests.support.tiny_models import tiny_llava
 
     out = tmp_path_factory.mktemp("tiny_llava")
     model, processor = tiny_llava()
@@ -77,9 +77,10 @@ def images(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------- tiny VLM (stage 00)
 TINY_JOB = """
 import json, sys
-from realign_lib import tinyvlm as tv
+from realign_lib.tinyworld import training as tv
+from realign_lib.tinyworld.settings import TinyVLMConfig
 world = json.load(open(sys.argv[1]))
-cfg = tv.TinyVLMConfig(tower_steps=60, sft_steps=60, tower_batch=16, sft_batch=8, seed=4, threads=1)
+cfg = TinyVLMConfig(tower_steps=60, sft_steps=60, tower_batch=16, sft_batch=8, seed=4, cpu_threads=1)
 tv.train_tiny_vlm(world, sys.argv[2], cfg, checkpoint_every=5)
 """
 
@@ -123,7 +124,7 @@ def test_tiny_vlm_killed_in_each_phase_resumes_to_the_same_weights(root, small_w
 
 
 def test_tiny_vlm_resume_state_is_ignored_under_another_config(tmp_path):
-    from realign_lib.resume import ResumeState
+    from realign_lib.tinyworld.resume import ResumeState
 
     saved = ResumeState(tmp_path, {"seed": 0}, every=5)
     saved.save("tower", 5, {"step": 5, "w": torch.ones(3)})
@@ -140,9 +141,10 @@ def test_tiny_vlm_resume_state_is_ignored_under_another_config(tmp_path):
 INDUCE_JOB = """
 import sys
 from pathlib import Path
-from realign_lib import induction as ind, vlm
-from realign_lib.fillers import MaskFiller
-from realign_lib.similarity import SentenceEncoder
+from realign_lib.induction import loop as ind
+from realign_lib.induction.fillers import MaskFiller
+from realign_lib.induction.similarity import SentenceEncoder
+from realign_lib.models import vlm
 
 model_dir, image_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 model, processor = vlm.load_vlm(model_dir, device="cpu")
@@ -202,7 +204,7 @@ def _preferences(folder: Path, images: Path, n: int = 24) -> Path:
 def _train_cmd(prefs, images, model_dir, out):
     sets = ["loss=rdpo", "max_steps=16", "save_steps=4", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
             "lora_r=4", "lora_alpha=8", "learning_rate=5e-3", "warmup_steps=0.0", "seed=3", "sft_weight=1.0"]
-    return [sys.executable, "-m", "realign_lib.cli", "train", "--preferences", str(prefs), "--root", str(images),
+    return [sys.executable, "-m", "realign_lib.run.cli", "train", "--preferences", str(prefs), "--root", str(images),
             "--model", str(model_dir), "--output-dir", str(out)] + [x for s in sets for x in ("--set", s)]
 
 
@@ -217,7 +219,7 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(root, mo
     reference log-probs all cached, later steps under way). The rerun resumes from the last complete
     checkpoint (optimizer, scheduler, RNG, data position) and ends with the uninterrupted run's
     adapter weights and training log (every step once)."""
-    from realign_lib.trainer import latest_checkpoint
+    from realign_lib.training.trainer import latest_checkpoint
 
     prefs = _preferences(tmp_path, images)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -252,8 +254,8 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(root, mo
 def test_training_ignores_an_unfinished_checkpoint_and_a_torn_reference_cache(root, model_dir, images, tmp_path):
     """Kill points simulated on files: a checkpoint folder whose save was cut short (no completion mark)
     and a reference cache whose last line is half written. Neither is read as complete."""
-    from realign_lib import trainer as preference_trainer
-    from realign_lib.training import PreferenceConfig
+    from realign_lib.training import trainer as preference_trainer
+    from realign_lib.training.config import PreferenceConfig
 
     prefs = _preferences(tmp_path, images, n=8)
     out = tmp_path / "out"
@@ -285,15 +287,16 @@ def test_training_ignores_an_unfinished_checkpoint_and_a_torn_reference_cache(ro
 EVAL_JOB = """
 import json, sys
 from pathlib import Path
-from realign_lib import evaluation as ev, pope, vlm
+from realign_lib.evaluation import mme, pope
+from realign_lib.models import vlm
 
 model_dir, world, out = Path(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
 model, processor = vlm.load_vlm(model_dir, device="cpu")
 metrics = pope.evaluate_pope(model, processor, world["pope"], world["test_images"], out, batch_size=8)
-records = ev.load_mme(world["mme_root"])
-answered = ev.answer_mme(model, processor, records, out / "mme_answers.jsonl", batch_size=8)
-ev.write_mme_results(answered, out / "mme")
-(out / "metrics.json").write_text(json.dumps({"pope": metrics, "mme": ev.score_mme_results(out / "mme")}))
+records = mme.load_mme(world["mme_root"])
+answered = mme.answer_mme(model, processor, records, out / "mme_answers.jsonl", batch_size=8)
+mme.write_mme_results(answered, out / "mme")
+(out / "metrics.json").write_text(json.dumps({"pope": metrics, "mme": mme.score_mme_results(out / "mme")}))
 """
 
 

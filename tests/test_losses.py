@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from realign_lib import losses
+from realign_lib.training import losses
 
 B = 0.1
 
@@ -60,6 +60,6 @@ def test_released_noisy_logprobs_score_the_argmax_token_not_the_label():
     logp = logits.log_softmax(-1)
     expect = logp[0, 1].max() + logp[0, 2].max()
     assert losses.released_noisy_logprobs(logits, mask).item() == pytest.approx(expect.item())
-    from realign_lib.vlm import sequence_logprobs
+    from realign_lib.models.scoring import sequence_logprobs
     ids = torch.tensor([[0, 1, 2, 1]])  # labels 2 (not the argmax 0 at position 1) and 1
     assert sequence_logprobs(logits, ids, mask).item() < losses.released_noisy_logprobs(logits, mask).item()

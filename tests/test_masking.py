@@ -13,12 +13,15 @@ import threading
 import time
 
 import pytest
-from chat_server import ChatServer as SharedChatServer, Reply
+from chat_server import ChatServer as SharedChatServer
+from chat_server import Reply
 
-from realign_lib import maskers
-from realign_lib import masking as M
-from realign_lib import masking_driver as D
-from realign_lib.masking import InvalidMasking, check_masking, validate_masking
+from realign_lib.masking import core as M
+from realign_lib.masking import driver as D
+from realign_lib.masking import rule as maskers
+from realign_lib.masking.backends import make_masker
+from realign_lib.masking.core import InvalidMasking, check_masking, validate_masking
+from realign_lib.masking.llm import HFMasker, OpenAIMasker, default_smollm2_gguf
 from realign_lib.prompts import MASK, MASK_PROMPT, ONE_SHOT_EXAMPLE
 
 ORIG = "in this field scene there is a red house at the bottom , a green tree on the left ."
@@ -116,7 +119,8 @@ def _masked_words(text, spans):
 
 
 def test_rule_masks_objects_attributes_relations_on_tiny_world(rule):
-    from realign_lib.tinyworld import describe, sample_scenes
+    from realign_lib.tinyworld.scenes import sample_scenes
+    from realign_lib.tinyworld.world import describe
 
     scenes = sample_scenes(60, seed=5)
     texts = [describe(s) for s in scenes]
@@ -166,10 +170,10 @@ def test_rule_does_not_mask_verbs_like_left(rule):
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        maskers.default_smollm2_gguf()
+        default_smollm2_gguf()
     except FileNotFoundError as err:
         pytest.skip(f"SmolLM2 GGUF file not found ({err})")
-    return maskers.HFMasker(batch_size=4)
+    return HFMasker(batch_size=4)
 
 
 def test_hf_masker_runs_smollm2_and_passes_on_only_valid_output(smollm2, tmp_path):
@@ -236,7 +240,7 @@ class ChatServer(SharedChatServer):
 def _api_masker(url, **kw):
     kw = {"api_key_env": "REALIGN_TEST_KEY", "max_retries": 3, "backoff_base": 0.01, "backoff_max": 0.05,
           "timeout": 5.0, "max_concurrency": 3, **kw}
-    return maskers.OpenAIMasker("test-model", base_url=url, **kw)
+    return OpenAIMasker("test-model", base_url=url, **kw)
 
 
 TEXTS = {
@@ -460,7 +464,7 @@ def test_run_masking_survives_sigkill(tmp_path, root):
     script = tmp_path / "job.py"
     script.write_text(
         "import sys, time\n"
-        "from realign_lib import masking as M, masking_driver as D\n"
+        "from realign_lib.masking import core as M, driver as D\n"
         "class Slow(M.Masker):\n"
         "    name = 'second-word'\n"
         "    def mask_batch(self, texts, attempt=0):\n"
@@ -486,12 +490,12 @@ def test_run_masking_survives_sigkill(tmp_path, root):
 
 def test_make_masker_names_backends(monkeypatch):
     with pytest.raises(ValueError, match="rule, hf, constrained or openai"):
-        maskers.make_masker("gpt")
+        make_masker("gpt")
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR"):
-        maskers.make_masker("openai", api_model="m", api_key_env="NO_SUCH_KEY_VAR")
+        make_masker("openai", api_model="m", api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(ValueError, match="model name"):
-        maskers.make_masker("openai", api_model="")
+        make_masker("openai", api_model="")
 
 
 def test_a_text_too_long_for_spacy_is_one_counted_failure_not_the_end_of_the_batch(rule, tmp_path):

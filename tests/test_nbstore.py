@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from realign_lib import nbstore
+from realign_lib.run import nbstore
 
 
 def _nb(*sources):

@@ -24,8 +24,8 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
     """Each stored notebook shows the outputs of a reference run of the main command (00_real_data, which
     needs real data, none), made from its current sources: after an edit, the recorded digest differs and
     `python scripts/store_notebook_outputs.py` must be run again. No machine path in any output."""
-    from realign_lib import nbstore
-    from realign_lib.config import load_config
+    from realign_lib.run import nbstore
+    from realign_lib.run.config import load_config
 
     main_stages = set(load_config(root / "configs" / "tiny_world.yaml").stages)
     for path in _notebooks(root):
@@ -55,7 +55,7 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
 
 
 def _chain_cmd(root, run_dir):
-    return [sys.executable, "-m", "realign_lib.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
+    return [sys.executable, "-m", "realign_lib.run.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
             "--set", f"run_dir={run_dir}"]
 
 
@@ -107,7 +107,8 @@ def test_chain_runs_headless_and_resumes(root, smoke_chain, tmp_path):
     assert m1["tiny_world"]["same_scene_not_all_objects"] > m1["tiny_world"]["random_pair_same_scene"]
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from realign_lib import vlm
+
+    from realign_lib.models import vlm
     model_dir = metrics["model_path"]
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     proc = AutoProcessor.from_pretrained(model_dir)
@@ -197,7 +198,7 @@ def test_chain_killed_mid_evaluation_resumes_to_the_same_results(root, smoke_cha
 def test_cli_refuses_a_bad_config_clearly(root, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("run_dir: r\nstages:\n  '00_tiny_world':\n    n_train: lots\n")
-    res = subprocess.run([sys.executable, "-m", "realign_lib.cli", "run", "--config", str(bad)], cwd=root,
+    res = subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", str(bad)], cwd=root,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "n_train='lots': must be an integer" in res.stderr and "Traceback" not in res.stderr
 
@@ -225,9 +226,9 @@ def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
 
 
 def _copy_run(root, src, dest, only=None):
-    """:func:`realign_lib.cli.seed_run` with the smoke config's stages: the copied stages are skipped."""
-    from realign_lib.cli import seed_run
-    from realign_lib.config import load_config
+    """:func:`realign_lib.run.cli.seed_run` with the smoke config's stages: the copied stages are skipped."""
+    from realign_lib.run.cli import seed_run
+    from realign_lib.run.config import load_config
 
     return seed_run(src, dest, list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages), only)
 
@@ -326,7 +327,8 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     import re
 
     from chat_server import ChatServer, Reply
-    from realign_lib.maskers import RuleMasker
+
+    from realign_lib.masking.rule import RuleMasker
     from realign_lib.prompts import MASK_PROMPT
 
     rule = RuleMasker()
@@ -385,9 +387,9 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
     stage 00 builds the missing stages 01-02 in the small setting (one `realign run` call) and goes on."""
     import papermill as pm
 
-    from realign_lib import nbstore
-    from realign_lib.config import load_config
-    from realign_lib.workspace import CHAIN_ENV
+    from realign_lib.run import nbstore
+    from realign_lib.run.config import load_config
+    from realign_lib.run.workspace import CHAIN_ENV
 
     cfg = load_config(root / "configs" / "tiny_world_smoke.yaml")
     home = tmp_path / "home"

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from realign_lib import pope
+from realign_lib.evaluation import pope
 
 ANSWERS = ["Yes.", "No.", "yes", "no", "No, there is not.", "There is a dog.", "", "Yes, there is a car.",
            "NO", "Not really.", "I see no car.", "Nope.", "no, it's absent", "The image shows a cat. No dog.",

@@ -13,10 +13,14 @@ import pytest
 from chat_server import ChatServer, Reply
 from PIL import Image
 
-from realign_lib import data, fillers, induction, maskers
-from realign_lib import masking as M
-from realign_lib import masking_driver as D
-from realign_lib.freeform import freeform_descriptions, masking_quality
+from realign_lib.data import llava as data
+from realign_lib.induction import fillers
+from realign_lib.induction import loop as induction
+from realign_lib.masking import core as M
+from realign_lib.masking import driver as D
+from realign_lib.masking import rule as maskers
+from realign_lib.masking.llm import OpenAIMasker
+from tests.support.freeform import freeform_descriptions, masking_quality
 
 # ------------------------------------------------------------------------ 1 · LLaVA-Instruct by image
 
@@ -179,7 +183,7 @@ def test_scripted_api_replies_are_counted_by_reason(monkeypatch):
 
     monkeypatch.setenv("REALIGN_TEST_KEY", "k")
     with ChatServer(respond) as srv:
-        m = maskers.OpenAIMasker("m", base_url=srv.url, api_key_env="REALIGN_TEST_KEY", max_concurrency=1,
+        m = OpenAIMasker("m", base_url=srv.url, api_key_env="REALIGN_TEST_KEY", max_concurrency=1,
                                  max_retries=0)
         results = D.mask_texts([ORIG] * len(SCRIPTED), m, max_attempts=1)
         m.close()
@@ -196,7 +200,7 @@ def test_scripted_api_replies_are_counted_by_reason(monkeypatch):
 def test_new_token_budget_follows_the_masked_text():
     from transformers import AutoTokenizer
 
-    from realign_lib.similarity import default_sentence_model
+    from realign_lib.induction.similarity import default_sentence_model
 
     tok = AutoTokenizer.from_pretrained(default_sentence_model())
     short, long = "a [MASK] car .", " ".join(["a [MASK] car is parked near the [MASK] ."] * 60)
@@ -205,7 +209,7 @@ def test_new_token_budget_follows_the_masked_text():
 
 
 def test_length_guard_refuses_cut_candidates(tmp_path):
-    from realign_lib.similarity import SentenceEncoder
+    from realign_lib.induction.similarity import SentenceEncoder
 
     docs = freeform_descriptions(6, seed=11)
     items = [induction.Item(f"s{i}", "Describe.", "x.png", d.text, d.text.replace("dog", "[MASK]", 1) if "dog" in
@@ -229,7 +233,7 @@ def test_length_guard_refuses_cut_candidates(tmp_path):
 
 
 def test_similarity_sees_a_change_at_the_end_of_a_long_text():
-    from realign_lib.similarity import SentenceEncoder
+    from realign_lib.induction.similarity import SentenceEncoder
 
     enc = SentenceEncoder(batch_size=8)
     base = " ".join(d.text for d in freeform_descriptions(4, seed=3))

@@ -1,4 +1,4 @@
-"""realign_lib.reference: the reference cache is keyed by content and model identity, so a changed
+"""realign_lib.training.reference: the reference cache is keyed by content and model identity, so a changed
 model (weights in the same folder), dtype, text or image is recomputed, never reused."""
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import shutil
 import pytest
 import torch
 
-from realign_lib import reference, testing, vlm
-from realign_lib.training import PreferenceCollator, PreferenceConfig, PreferenceDataset
+from realign_lib.models import vlm
+from realign_lib.training import reference
+from realign_lib.training.batches import PreferenceCollator, PreferenceDataset
+from realign_lib.training.config import PreferenceConfig
+from tests.support import tiny_models as testing
 
 
 @pytest.fixture()

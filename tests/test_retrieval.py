@@ -61,7 +61,7 @@ def test_bad_inputs_are_named():
 def test_embeddings_resume_from_finished_chunks(tmp_path):
     from PIL import Image
 
-    from realign_lib import testing
+    from tests.support import tiny_models as testing
 
     model, proc = testing.tiny_llava()
     paths = []
@@ -92,7 +92,8 @@ def test_embeddings_of_another_model_or_a_changed_image_are_never_reused(tmp_pat
 
     from PIL import Image
 
-    from realign_lib import testing, vlm
+    from realign_lib.models import vlm
+    from tests.support import tiny_models as testing
 
     model_a, proc = testing.tiny_llava(seed=1)
     model_b, _ = testing.tiny_llava(seed=2)

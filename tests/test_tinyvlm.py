@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import tinyvlm as tv
-from realign_lib import tinyworld as tw
+from realign_lib.models import vlm
+from realign_lib.models.scoring import response_logprobs
 from realign_lib.prompts import FIXED_PROMPTS
-from realign_lib import vlm
+from realign_lib.tinyworld import training as tv
+from realign_lib.tinyworld import world as tw
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_encoding_matches_chat_template_and_masks_prompts(parts):
 
 
 def test_one_llava_template_shared_with_the_tiny_random_llava(parts):
-    from realign_lib import testing
+    from tests.support import tiny_models as testing
 
     _, tok, proc, _ = parts
     assert tok.chat_template == proc.chat_template == vlm.LLAVA_CHAT_TEMPLATE
@@ -105,7 +106,7 @@ def test_logprob_of_tiny_model_equals_manual_sum(parts):
     _, tok, proc, model = parts
     imgs = [tw.render_scene(s) for s in tw.sample_scenes(2, seed=0)]
     prompts, responses = ["Is there a star in the image?", "Describe the image in detail."], ["yes .", "a red ball ."]
-    got = vlm.response_logprobs(model, proc, imgs, prompts, responses)
+    got = response_logprobs(model, proc, imgs, prompts, responses)
     for i in range(2):
         p = vlm.chat_prompt(proc, prompts[i])
         full = proc(images=[imgs[i]], text=[p + " " + responses[i] + "</s>"], return_tensors="pt")

@@ -4,12 +4,20 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from realign_lib import tinyworld as tw
-from realign_lib import tinyworld_eval as twe
+from realign_lib.evaluation import chair
+from realign_lib.evaluation.chair import chair_scores
 from realign_lib.files import read_jsonl
+from realign_lib.tinyworld import benchmarks as twe
+from realign_lib.tinyworld import world as tw
+from realign_lib.tinyworld.scenes import PARTNER, TYPICAL, load_annotations, object_lexicon
+
+
+def mentioned_objects(text):
+    """The object types a text names, by the tiny world's object words."""
+    return chair.mentioned_objects(text, object_lexicon())
 
 
 def test_scenes_and_pixels_are_deterministic_per_seed():
@@ -29,7 +37,7 @@ def test_world_has_the_promised_variety_and_priors():
     multi = [s for s in scenes if len(s.objects) >= 2]
     partner_rate = np.mean([s.objects[1].type == tw.PARTNER[s.objects[0].type] for s in multi])
     assert 0.65 < partner_rate < 0.85  # second object is the first one's partner ~75 % of the time
-    typical = np.mean([s.objects[0].type in tw.TYPICAL[s.scene] for s in scenes])
+    typical = np.mean([s.objects[0].type in TYPICAL[s.scene] for s in scenes])
     assert typical > 0.75
     radii = [o.radius for s in scenes for o in s.objects]
     opac = [o.opacity for s in scenes for o in s.objects]
@@ -46,7 +54,7 @@ def test_world_has_the_promised_variety_and_priors():
 def test_description_names_exactly_the_present_objects():
     for s in tw.sample_scenes(300, seed=2):
         text = tw.describe(s)
-        assert set(twe.mentioned_objects(text)) == set(s.types), text
+        assert set(mentioned_objects(text)) == set(s.types), text
         for o in s.objects:
             assert o.colour in text and tw.POSITION_PHRASE[o.position] in text
 
@@ -71,7 +79,7 @@ def test_short_answers_are_true_and_name_what_is_asked():
             kinds[qa["kind"]] += 1
             q, a = qa["question"], qa["answer"]
             if qa["kind"] == "objects":
-                assert set(twe.mentioned_objects(a)) == set(s.types), (q, a)
+                assert set(mentioned_objects(a)) == set(s.types), (q, a)
                 assert all(o.colour in a for o in s.objects)
             elif qa["kind"] == "count":
                 obj = next(o for o in tw.OBJECTS if tw.plural(o) in q.split())
@@ -111,8 +119,8 @@ def test_world_samples_mix_descriptions_and_short_answers():
 
 
 def test_validation_images_are_disjoint_from_the_test_images(small_world):
-    val = tw.load_annotations(small_world["annotations_val"])
-    test = tw.load_annotations(small_world["annotations_test"])
+    val = load_annotations(small_world["annotations_val"])
+    test = load_annotations(small_world["annotations_test"])
     assert len(val) == 40 and all(s.id.startswith("val_") for s in val)
     val_pixels = {np.asarray(Image.open(Path(small_world["val_images"]) / f"{s.id}.png")).tobytes() for s in val}
     test_pixels = {np.asarray(Image.open(Path(small_world["test_images"]) / f"{s.id}.png")).tobytes() for s in test}
@@ -135,7 +143,7 @@ def test_llava_instruct_layout(small_world):
 
 
 def test_pope_files_official_format_and_sampling(small_world):
-    ann = {f"{s.id}.png": s for s in tw.load_annotations(small_world["annotations_test"])}
+    ann = {f"{s.id}.png": s for s in load_annotations(small_world["annotations_test"])}
     partner_share = {}
     for split, path in small_world["pope"].items():
         qs = read_jsonl(path)
@@ -143,15 +151,15 @@ def test_pope_files_official_format_and_sampling(small_world):
         assert len({q["question_id"] for q in qs}) == len(qs)
         assert sum(q["label"] == "yes" for q in qs) * 2 == len(qs)
         for q in qs:
-            obj = twe.mentioned_objects(q["text"])[0]
+            obj = mentioned_objects(q["text"])[0]
             assert (obj in ann[q["image"]].types) == (q["label"] == "yes")
         negs = [q for q in qs if q["label"] == "no"]
-        partner_share[split] = np.mean([tw.PARTNER[twe.mentioned_objects(q["text"])[0]] in ann[q["image"]].types
+        partner_share[split] = np.mean([tw.PARTNER[mentioned_objects(q["text"])[0]] in ann[q["image"]].types
                                         for q in negs])
     # adversarial negatives are the co-occurring objects: far more partners than random negatives
     assert partner_share["adversarial"] > partner_share["random"] + 0.3
     freq = Counter(small_world["object_frequency"])
-    popular_negs = Counter(twe.mentioned_objects(q["text"])[0] for q in read_jsonl(small_world["pope"]["popular"])
+    popular_negs = Counter(mentioned_objects(q["text"])[0] for q in read_jsonl(small_world["pope"]["popular"])
                            if q["label"] == "no")
     top = [o for o, _ in freq.most_common(3)]
     assert popular_negs.most_common(1)[0][0] in top
@@ -184,7 +192,8 @@ def test_mme_answers_are_true():
 
 
 def test_build_world_reuses_a_complete_world(small_world, tmp_path):
-    from realign_lib.tinyworld import WorldConfig, build_world
+    from realign_lib.tinyworld.settings import WorldConfig
+    from realign_lib.tinyworld.world import build_world
     again = build_world(small_world["root"], WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8, n_val=40))
     assert again == small_world
     with pytest.raises(ValueError, match="n_train"):
@@ -194,13 +203,14 @@ def test_build_world_reuses_a_complete_world(small_world, tmp_path):
 def test_caption_hallucination_counts():
     s = tw.Scene(id="x_000001", scene="night", seed=0, objects=[
         tw.ObjectInstance("star", "yellow", "left", 5, 1)])
-    m = twe.caption_hallucination(["a yellow star and a white moon .", "a star ."], [s, s])
+    m = chair_scores(["a yellow star and a white moon .", "a star ."], [s.types, s.types], object_lexicon(), PARTNER)
     assert m["chair_i"] == pytest.approx(1 / 3) and m["chair_s"] == 0.5 and m["recall"] == 1.0
     assert m["partner_share"] == 1.0
 
 
 def test_parallel_rendering_gives_the_same_world(tmp_path):
-    from realign_lib.tinyworld import WorldConfig, build_world
+    from realign_lib.tinyworld.settings import WorldConfig
+    from realign_lib.tinyworld.world import build_world
     cfg = WorldConfig(seed=11, n_train=1100, n_test=10, n_mme=2)
     a = build_world(tmp_path / "a", cfg, workers=1)
     b = build_world(tmp_path / "b", cfg, workers=2)
@@ -217,7 +227,8 @@ def test_another_world_into_the_same_folder_is_built_whole_not_mixed(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from realign_lib.tinyworld import WorldConfig, build_world
+    from realign_lib.tinyworld.settings import WorldConfig
+    from realign_lib.tinyworld.world import build_world
 
     small = dict(n_train=40, n_test=12, n_mme=2)
     build_world(tmp_path / "w", WorldConfig(seed=3, **small), workers=1)

@@ -1,4 +1,4 @@
-"""realign_lib.training on the tiny random LLaVA: collator rows, losses vs. separate scoring, the
+"""realign_lib.training.config on the tiny random LLaVA: collator rows, losses vs. separate scoring, the
 reference cache, one step against TRL's DPOTrainer, and short PreferenceTrainer runs (+ resume)."""
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import losses, reference, testing, training, vlm
-from realign_lib.trainer import PreferenceTrainer
-from realign_lib.training import PreferenceCollator, PreferenceConfig, PreferenceDataset
+from realign_lib.models import vlm
+from realign_lib.models.scoring import response_logprobs
+from realign_lib.training import config as training
+from realign_lib.training import losses, reference
+from realign_lib.training.batches import PreferenceCollator, PreferenceDataset, random_crop
+from realign_lib.training.config import PreferenceConfig
+from realign_lib.training.objective import compute_preference_loss, score_pairs
+from realign_lib.training.trainer import PreferenceTrainer
+from tests.support import tiny_models as testing
 
 PROMPTS = ["what is in the image ?", "describe the picture", "what colour is the car ?", "is there a dog ?"]
 CHOSEN = ["a red cat on the left .", "two dogs and a tree", "the car is blue .", "yes"]
@@ -113,7 +119,7 @@ def test_collator_rows(tiny, prefs):
     assert m1["input_ids"].shape[0] == 6
     torch.testing.assert_close(m1["pixel_values"], m2["pixel_values"])  # crops are seeded per sample
     assert not torch.allclose(m1["pixel_values"][4:], pix(v))
-    crop = training.random_crop(v[0], seed=1)
+    crop = random_crop(v[0], seed=1)
     assert 0.005 * 1024 <= crop.size[0] * crop.size[1] <= 0.25 * 1024
 
 
@@ -124,7 +130,7 @@ def test_policy_equal_reference_gives_log2_per_term(tiny, prefs, loss, n_terms):
     batch = PreferenceCollator(processor, cfg)([PreferenceDataset(prefs)[i] for i in range(3)])
     ref = reference.reference_logps_for_batch(model, batch, cfg, ref_model=model)
     with torch.no_grad():
-        value, metrics = training.compute_preference_loss(model, batch, ref, cfg)
+        value, metrics = compute_preference_loss(model, batch, ref, cfg)
     assert float(value) == pytest.approx(n_terms * math.log(2), abs=1e-5)
     assert metrics["rewards/margins"] == pytest.approx(0, abs=1e-6)
 
@@ -136,10 +142,10 @@ def test_loss_matches_separate_scoring(tiny, prefs):
     batch = PreferenceCollator(processor, cfg)(items)
     g = torch.Generator().manual_seed(0)
     ref = {k: -20 * torch.rand(3, generator=g) for k in ("chosen", "rejected", "retrieved")}
-    value, metrics = training.compute_preference_loss(model, batch, ref, cfg)
+    value, metrics = compute_preference_loss(model, batch, ref, cfg)
     value.backward()  # differentiable
     im = [it["image"] for it in items]
-    sep = lambda images, resp: vlm.response_logprobs(model, processor, images, PROMPTS[:3], resp, batch_size=1)
+    sep = lambda images, resp: response_logprobs(model, processor, images, PROMPTS[:3], resp, batch_size=1)
     pc, pr = sep(im, CHOSEN[:3]), sep(im, REJECTED[:3])
     pv = sep([it["retrieved_image"] for it in items], CHOSEN[:3])
     want = losses.rdpo(pc, pr, pv, ref["chosen"], ref["rejected"], ref["retrieved"], beta=0.3)
@@ -160,7 +166,7 @@ def test_released_noisy_terms_from_same_logits(tiny, prefs):
     items = [PreferenceDataset(prefs)[i] for i in range(2)]
     batch = PreferenceCollator(processor, cfg)(items)
     with torch.no_grad():
-        out = training.score_pairs(model, batch, cfg)
+        out = score_pairs(model, batch, cfg)
         inputs = {k: v for k, v in batch.items() if k not in ("response_mask", "ids")}
         logits = model(**inputs).logits
     noisy = losses.released_noisy_logprobs(logits, batch["response_mask"])
@@ -218,7 +224,7 @@ def test_one_step_matches_trl_dpo_trainer(tiny, prefs, tmp_path):
     cfg = PreferenceConfig(loss="dpo", beta=beta)
     batch = PreferenceCollator(processor, cfg)(items)
     ref_lp = reference.reference_logps_for_batch(kit, batch, cfg, ref_model=ref)
-    kit_loss, _ = training.compute_preference_loss(kit, batch, ref_lp, cfg)
+    kit_loss, _ = compute_preference_loss(kit, batch, ref_lp, cfg)
     opt = torch.optim.SGD(kit.parameters(), lr=lr)
     kit_loss.backward()
     opt.step()
@@ -252,8 +258,9 @@ def test_one_step_matches_trl_dpo_trainer(tiny, prefs, tmp_path):
 def _run_trainer(model, processor, prefs, out, **cfg_kw):
     cfg = PreferenceConfig(**{"loss": "rdpo", "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3,
                               "gradient_accumulation_steps": 1, "max_steps": 3, "warmup_steps": 0.0,
-                              "lr_scheduler_type": "constant", **cfg_kw})
-    args = cfg.training_arguments(out, use_cpu=True, save_steps=2, dataloader_num_workers=0, disable_tqdm=True)
+                              "lr_scheduler_type": "constant", "save_steps": 2, "dataloader_num_workers": 0,
+                              **cfg_kw})
+    args = cfg.training_arguments(out, use_cpu=True, disable_tqdm=True)
     return PreferenceTrainer(model, cfg, PreferenceDataset(prefs), processor, args=args)
 
 
@@ -363,3 +370,16 @@ def test_gpu_defaults_follow_the_device():
         PreferenceConfig(dataloader_num_workers=-1)
     with pytest.raises(TypeError, match="activation_checkpointing"):
         PreferenceConfig(activation_checkpointing="yes")
+
+
+def test_a_training_argument_has_one_name():
+    """A PreferenceConfig setting given again as a TrainingArguments override (--targs) is an error,
+    not a silent winner; records_to_train is the one rule for max_records."""
+    from realign_lib.training.config import records_to_train
+
+    with pytest.raises(ValueError, match="learning_rate: a PreferenceConfig setting"):
+        PreferenceConfig().training_arguments("unused", learning_rate=1e-3)
+    cfg = PreferenceConfig(max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert records_to_train(1000, 0, cfg) == 80 and records_to_train(1000, 0, cfg, processes=2) == 160
+    assert records_to_train(50, 0, cfg) == 50 and records_to_train(1000, 30, cfg) == 30
+    assert records_to_train(1000, 0, PreferenceConfig()) == 1000

@@ -1,7 +1,7 @@
-"""``realign_lib.vlm`` on tiny random models of five real VLM architectures.
+"""``realign_lib.models.vlm`` on tiny random models of five real VLM architectures.
 
 For each of LLaVA-1.5, LLaVA-1.6, Qwen2-VL, Idefics3/SmolVLM and Janus (built offline by
-``realign_lib.testing``): batched generation, batched response log-probabilities against a
+``tests.support.tiny_models``): batched generation, batched response log-probabilities against a
 by-hand computation on single un-padded samples, image embeddings, and save → ``load_vlm``
 round trips. An architecture the environment cannot build is skipped with the reason. Without
 torchvision, Qwen2-VL runs with ``testing.Qwen2VLImageOnlyProcessor`` (checked on its own below).
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from realign_lib import testing, vlm
+from realign_lib.models import vlm
+from realign_lib.models.scoring import build_scoring_batch, response_logprobs, sequence_logprobs, truncate_batch
+from tests.support import tiny_models as testing
 
 NAMES = list(testing.TINY_BUILDERS)
 
@@ -87,13 +89,13 @@ def test_generate_batch(tiny):
 def test_response_logprobs_match_single_unpadded_forward(tiny):
     name, model, processor = tiny
     images = _images()
-    batched = vlm.response_logprobs(model, processor, images, QUESTIONS, RESPONSES, batch_size=8)
+    batched = response_logprobs(model, processor, images, QUESTIONS, RESPONSES, batch_size=8)
     assert batched.shape == (3,) and torch.isfinite(batched).all()
     by_hand = torch.tensor([_by_hand(model, processor, im, q, r) for im, q, r in zip(images, QUESTIONS, RESPONSES)])
     torch.testing.assert_close(batched, by_hand, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
 
     # the mask covers exactly the response (+ EOS) tokens: no image, prompt or padding token
-    batch = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
+    batch = build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
     ids, mask, attn = batch["input_ids"], batch["response_mask"].bool(), batch["attention_mask"].bool()
     assert ids.shape[0] == 3 and not bool(attn.all()), f"{name}: the batch should be padded"
     assert not bool((mask & ~attn).any()), f"{name}: response mask on padding"
@@ -126,7 +128,7 @@ def test_padding_side_is_respected(tiny, side):
 def test_image_changes_the_logprobs(tiny):
     name, model, processor = tiny
     a, b = _images(2, seed=1)
-    lp = vlm.response_logprobs(model, processor, [a, b], QUESTIONS[:1] * 2, RESPONSES[:1] * 2)
+    lp = response_logprobs(model, processor, [a, b], QUESTIONS[:1] * 2, RESPONSES[:1] * 2)
     assert abs(float(lp[0] - lp[1])) > 1e-6, f"{name}: the image has no effect on the response log-prob"
 
 
@@ -240,7 +242,7 @@ def test_scoring_batch_preprocesses_each_image_once(tiny):
 
     ip.preprocess = counting
     try:
-        batch = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
+        batch = build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
     finally:
         del ip.preprocess
     assert len(calls) == 1, calls
@@ -255,18 +257,18 @@ def test_scoring_batch_preprocesses_each_image_once(tiny):
 def test_truncate_batch_cuts_responses_not_images(tiny):
     name, model, processor = tiny
     images = _images()
-    full = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
+    full = build_scoring_batch(processor, images, QUESTIONS, RESPONSES)
     prompt_len = int((full["attention_mask"] - full["response_mask"]).sum(1).max())
-    cut = vlm.build_scoring_batch(processor, images, QUESTIONS, RESPONSES, max_length=prompt_len + 1)
+    cut = build_scoring_batch(processor, images, QUESTIONS, RESPONSES, max_length=prompt_len + 1)
     assert cut["input_ids"].shape[1] == prompt_len + 1 < full["input_ids"].shape[1]
     assert torch.equal(cut["input_ids"], full["input_ids"][:, :prompt_len + 1])
     assert torch.equal(cut["pixel_values"], full["pixel_values"])
     inputs = {k: v for k, v in cut.items() if k != "response_mask"}
     with torch.no_grad():
-        lp = vlm.sequence_logprobs(model(**inputs).logits, cut["input_ids"], cut["response_mask"])
+        lp = sequence_logprobs(model(**inputs).logits, cut["input_ids"], cut["response_mask"])
     assert torch.isfinite(lp).all() and cut["response_mask"].sum() < full["response_mask"].sum()
     with pytest.raises(ValueError, match="model_max_length"):
-        vlm.truncate_batch(full, 3)
+        truncate_batch(full, 3)
 
 
 # ----------------------------------------------------------------------------- LoRA targets per architecture
@@ -279,7 +281,7 @@ PROJECTOR = {"llava": "model.multi_modal_projector", "llava_next": "model.multi_
 def test_lora_targets_by_architecture(tiny):
     """``language_model`` (the default): every linear layer of the language model and nothing of the
     vision tower, the connector, a generation head or the output head; the projector only when asked."""
-    from realign_lib import training
+    from realign_lib.training import config as training
 
     name, model, _ = tiny
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -317,8 +319,8 @@ def test_load_vlm_fills_processor_fields_of_an_old_config(name, tmp_path):
     assert (filled.patch_size, filled.num_additional_image_tokens, filled.vision_feature_select_strategy) == \
         (full.patch_size, full.num_additional_image_tokens, full.vision_feature_select_strategy) == (8, 1, "default")
     images = _images()
-    want = vlm.response_logprobs(model, full, images, QUESTIONS, RESPONSES)
-    got = vlm.response_logprobs(model, filled, images, QUESTIONS, RESPONSES)
+    want = response_logprobs(model, full, images, QUESTIONS, RESPONSES)
+    got = response_logprobs(model, filled, images, QUESTIONS, RESPONSES)
     torch.testing.assert_close(got, want)
     import warnings
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from realign_lib import workspace
+from realign_lib.run import workspace
 
 
 def test_a_relative_run_dir_is_under_the_repository_wherever_the_kernel_starts(root, monkeypatch, tmp_path):
@@ -19,7 +19,7 @@ def test_a_relative_run_dir_is_under_the_repository_wherever_the_kernel_starts(r
 
 def test_the_cli_resolves_run_dir_like_the_notebooks(root, monkeypatch, tmp_path, capsys):
     """`realign run` from another folder with a relative run_dir writes under $REALIGN_HOME, not the cwd."""
-    from realign_lib.cli import main
+    from realign_lib.run.cli import main
 
     monkeypatch.setenv("REALIGN_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
