@@ -1,6 +1,6 @@
 """One GPU check: LLaVA-1.5-7B- and LLaVA-1.6-Mistral-7B-shaped models with random weights, no network.
 
-    python benchmarks/gpu_check.py                      # on a lent GPU machine (bf16; a few minutes on one H200)
+    python benchmarks/gpu_check.py --out $OUT/gpu_check.json   # on a GPU machine (bf16; a few minutes on one H200)
     python benchmarks/gpu_check.py --tiny --out x.json  # the same code at a tiny shape on a CPU (the tests run it)
 
 For each shape it builds the model on the device (the real classes ``LlavaForConditionalGeneration`` /
@@ -11,14 +11,17 @@ writes a handful of synthetic preference records, then:
 
 * runs the kit's rDPO trainer (``PreferenceTrainer``: LoRA r 128 on the language model, batch 1 × 8,
   cached reference pass) for two steps, with activation checkpointing off and on, recording the
-  reference-pass time, the time of each optimiser step, peak device memory and the step-1 losses
+  reference-pass time, the time of each optimiser step (compute alone, and wall time with the
+  collation of its micro-batches), the tokens scored per step, peak allocated and reserved device
+  memory, the bf16 model-FLOPs utilisation (``mfu_bf16``: 6 × parameters × tokens per step over the
+  step's wall time and the GPU's dense peak) and the step-1 losses
   (``loss_dpo`` and ``loss_vdpo`` are log 2 = 0.6931 each: the adapters start as the identity);
 * times greedy generation through :func:`realign_lib.models.vlm.generate` for a POPE-style batch (8 new
   tokens) and a fill-style batch (256 new tokens), EOS disabled so every row runs to the end;
 * times :func:`realign_lib.models.vlm.image_embeddings` (stage 01's pooled vision features).
 
 A run that does not fit in memory is recorded as ``{"error": "out of memory"}`` and the check goes on.
-Writes one JSON (default ``benchmarks/results/gpu_check.json``).
+Writes one JSON where ``--out`` says. Without a CUDA GPU it refuses to start unless ``--tiny``.
 """
 from __future__ import annotations
 
@@ -143,6 +146,31 @@ def _peak_reset():
         torch.cuda.reset_peak_memory_stats()
 
 
+def _peak_reserved_mb() -> float | None:
+    """Peak memory the CUDA caching allocator held (what nvidia-smi sees), None on a CPU."""
+    import torch
+
+    return round(torch.cuda.max_memory_reserved() / 2 ** 20, 1) if torch.cuda.is_available() else None
+
+
+#: dense bf16 peak of the GPUs a lent machine may have (the vendors' figures, no sparsity), FLOP/s
+PEAK_BF16 = {"H100 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def _mfu(n_params: int, tokens_per_step: float, step_seconds: float) -> float | None:
+    """Model FLOPs utilisation of one optimiser step: 6 × parameters × tokens per step (the usual
+    convention; the policy's forward and backward, the reference being cached) over the step's wall
+    time and the GPU's dense bf16 peak. LoRA computes no gradients of the frozen weights (≈ 4 N per
+    token), so this convention overstates the work by about 1.5×. None on a CPU or an unknown GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or step_seconds <= 0:
+        return None
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return round(6 * n_params * tokens_per_step / step_seconds / peak, 4) if peak else None
+
+
 def _peak_mb() -> float:
     import torch
 
@@ -163,8 +191,15 @@ def train_run(model, processor, prefs: Path, out: Path, checkpointing: bool) -> 
     from realign_lib.training.trainer import PreferenceTrainer
 
     class Clock(TrainerCallback):
+        """Each optimiser step's compute (step begin to end) and its wall time from the end of the step
+        before, which includes fetching and collating its micro-batches (image preprocessing)."""
+
         def __init__(self):
-            self.steps, self.t = [], 0.0
+            self.steps, self.walls, self.t, self.last = [], [], 0.0, 0.0
+
+        def on_train_begin(self, *a, **k):
+            _sync()
+            self.last = time.perf_counter()
 
         def on_step_begin(self, *a, **k):
             _sync()
@@ -172,7 +207,10 @@ def train_run(model, processor, prefs: Path, out: Path, checkpointing: bool) -> 
 
         def on_step_end(self, *a, **k):
             _sync()
-            self.steps.append(round(time.perf_counter() - self.t, 3))
+            now = time.perf_counter()
+            self.steps.append(round(now - self.t, 3))
+            self.walls.append(round(now - self.last, 3))
+            self.last = now
 
     cfg = PreferenceConfig(loss="rdpo", lora_r=128, lora_alpha=256, per_device_train_batch_size=1,
                            gradient_accumulation_steps=8, max_steps=2, warmup_steps=0.0,
@@ -189,9 +227,23 @@ def train_run(model, processor, prefs: Path, out: Path, checkpointing: bool) -> 
                                     callbacks=[clock])
         _sync()
         t_ref = time.perf_counter() - t0
+        tokens = []  # scored tokens (image tokens included) of every micro-batch the collator builds
+        collate = trainer.data_collator
+
+        def counting(items):
+            batch = collate(items)
+            tokens.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        trainer.data_collator = counting
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss_dpo" in h]
-        res = {"reference_seconds": round(t_ref, 2), "step_seconds": clock.steps, "peak_memory_mb": _peak_mb(),
+        per_step = sum(tokens) / max(len(clock.steps), 1)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        res = {"reference_seconds": round(t_ref, 2), "step_seconds": clock.steps,
+               "step_seconds_with_collation": clock.walls, "tokens_per_step": round(per_step),
+               "peak_memory_mb": _peak_mb(), "peak_reserved_mb": _peak_reserved_mb(),
+               "mfu_bf16": _mfu(n_params, per_step, clock.walls[-1] if clock.walls else 0.0),
                "step1": {k: round(logs[0][k], 4) for k in ("loss_dpo", "loss_vdpo", "pref/loss")},
                "step2": {k: round(logs[1][k], 4) for k in ("loss_dpo", "loss_vdpo", "pref/loss")},
                "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
@@ -274,10 +326,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU, float32): the test of this script")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    ap.add_argument("--out", required=True, help="the JSON to write, e.g. $OUT/gpu_check.json on a lent machine; "
+                                                "commit it as benchmarks/results/gpu_check.json")
     args = ap.parse_args(argv)
     import torch
     import transformers
+
+    if not torch.cuda.is_available() and not args.tiny:
+        print("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False: a CPU build of torch, or "
+              "CUDA_VISIBLE_DEVICES hides them). The 7B shapes would be built in fp32 on the CPU and run for hours; "
+              "run it on a GPU machine, or with --tiny to check the script itself on the CPU.", file=sys.stderr)
+        return 2
 
     t0 = time.time()
     cuda = torch.cuda.is_available() and not args.tiny

@@ -16,8 +16,8 @@ from tests.support import tiny_models as testing
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs" / "backbones").rglob("*.yaml"))
-PAPER = {"lora_target_modules": "language_model", "train_projector": False, "learning_rate": 1e-5,
-         "model_max_length": 0}
+PAPER = {"lora_target_modules": "language_model", "train_projector": True, "learning_rate": 1e-5,
+         "projector_learning_rate": 2e-5, "model_max_length": 0}
 RELEASE = {"lora_target_modules": "q_proj,k_proj,v_proj,o_proj", "train_projector": True,
            "projector_learning_rate": 2e-5, "learning_rate": 1e-6, "model_max_length": 1048}
 
@@ -31,7 +31,7 @@ def test_presets_hold_their_values():
     release = TrainingStage(**load_config(ROOT / "configs" / "release.yaml").parameters("04_training"))
     for preset, stage, want in (("paper", paper, PAPER), ("release", release, RELEASE)):
         assert {k: getattr(stage, k) for k in want} == want, preset
-    assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps == 8
+    assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps == 32  # Table 6 on four GPUs
     assert 16 <= release.per_device_train_batch_size * release.gradient_accumulation_steps <= 32
     # everything else is shared: beta, LoRA rank, schedule, epochs, the loss
     for name in ("loss", "beta", "lora_r", "lora_alpha", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
@@ -74,6 +74,8 @@ def test_backbone_config_takes_one_rdpo_step(path, prefs, tmp_path):
     # the paper's settings (Re-Align §4.1)
     stage = TrainingStage(**params)
     want = RELEASE if _preset(path) == "release" else PAPER
+    if _preset(path) == "release" and "llava16" in path.name:  # anyres tiles: see the test below
+        want = dict(want, model_max_length=4096)
     assert {k: getattr(stage, k) for k in want} == want
     assert (stage.loss, stage.beta, stage.lora_r, stage.lora_alpha, stage.max_steps) == ("rdpo", 0.1, 128, 256, -1)
     assert (stage.lr_scheduler_type, stage.warmup_steps, stage.num_train_epochs, stage.sft_weight) == \
@@ -95,3 +97,31 @@ def test_backbone_config_takes_one_rdpo_step(path, prefs, tmp_path):
     assert np.isfinite(log["loss"]) and "loss_vdpo" in log and log["loss_dpo"] == pytest.approx(np.log(2), abs=1e-4)
     moved = sum(not torch.equal(p.detach(), before[n]) for n, p in trainer.model.named_parameters() if n in before)
     assert moved > 0
+
+
+def _llava16_image_tokens(width: int, height: int) -> int:
+    """Image tokens of one ``width`` × ``height`` image through LLaVA-NeXT's processor at the llava-hf
+    LLaVA-1.6 checkpoints' settings (336-px CLIP tiles of patch 14, their five grid pinpoints, anyres)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    _, tiny = testing.tiny_llava_next()
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                    image_grid_pinpoints=pinpoints, do_convert_rgb=True)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tiny.tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    batch = proc(images=[Image.new("RGB", (width, height))], text=["<image>\ndescribe"], return_tensors="pt")
+    return int((batch["input_ids"] == tiny.tokenizer.convert_tokens_to_ids("<image>")).sum())
+
+
+def test_release_presets_leave_room_for_llava16_anyres_images():
+    """The authors cut sequences at 1048 tokens with LLaVA-1.6 images padded to one 576-token view; the
+    Hugging Face LLaVA-NeXT processor tiles every image, so a COCO image alone is longer than 1048: the
+    kit's LLaVA-1.6 release presets cut later, and the LLaVA-1.5 ones (576 image tokens) keep 1048."""
+    coco = {size: _llava16_image_tokens(*size) for size in ((640, 480), (480, 640), (640, 427), (500, 375))}
+    assert all(1800 < n < 3000 for n in coco.values()), coco
+    assert all(n > 1048 for n in coco.values())  # the authors' cut would refuse every image
+    for path in sorted((ROOT / "configs" / "backbones" / "release").glob("*.yaml")):
+        cut = load_config(path).parameters("04_training")["model_max_length"]
+        need = (max(coco.values()) if "llava16" in path.name else 576) + 400  # the image, prompt and a response
+        assert cut == 0 or cut >= need, (path.name, cut, need)

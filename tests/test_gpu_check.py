@@ -24,8 +24,24 @@ def test_gpu_check_runs_at_tiny_shape(root, tmp_path):
             assert "error" not in run, (name, run)
             assert run["step1"]["loss_dpo"] == run["step1"]["loss_vdpo"] == 0.6931  # adapters start as the identity
             assert len(run["step_seconds"]) == 2 and run["reference_seconds"] > 0 and run["peak_memory_mb"] > 0
+            assert all(w >= s for w, s in zip(run["step_seconds_with_collation"], run["step_seconds"]))
+            assert run["tokens_per_step"] > 8 * 3 * 16  # 8 pairs x 3 scored rows, each longer than its image
+            assert run["peak_reserved_mb"] is None and run["mfu_bf16"] is None  # CPU: no device memory, no peak
         assert off["step1"] == on["step1"] and off["step2"] == on["step2"]  # checkpointing changes no number
         assert r["generation_pope"]["new_tokens"] == 8 and r["generation_pope"]["tokens_per_second"] > 0
         assert r["generation_fill"]["tokens_per_second"] > 0 and r["image_embeddings"]["images_per_second"] > 0
     # LLaVA-1.6 scores more image tokens per row (anyres tiles + newline tokens) than LLaVA-1.5
     assert fig["shapes"]["llava16_mistral_7b"]["tokens_per_row"] > fig["shapes"]["llava15_7b"]["tokens_per_row"]
+
+
+def test_gpu_check_refuses_the_cpu_without_tiny(root, tmp_path):
+    """Without a GPU the 7B shapes would be built in fp32 on the CPU and run for hours: it refuses at once,
+    and it writes only where --out says."""
+    env = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "g.json")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "no CUDA GPU is visible" in res.stderr and "--tiny" in res.stderr
+    assert not (tmp_path / "g.json").exists()
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--tiny"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "--out" in res.stderr

@@ -383,3 +383,19 @@ def test_a_training_argument_has_one_name():
     assert records_to_train(1000, 0, cfg) == 80 and records_to_train(1000, 0, cfg, processes=2) == 160
     assert records_to_train(50, 0, cfg) == 50 and records_to_train(1000, 30, cfg) == 30
     assert records_to_train(1000, 0, PreferenceConfig()) == 1000
+
+
+def test_several_gpus_in_one_process_train_on_one_not_with_dataparallel(prefs, tmp_path):
+    """With N GPUs visible to one process the Trainer would wrap the model in DataParallel: each step would
+    see N× the pairs and N× fewer steps would be taken. The kit trains on one device and says so. (The GPU
+    count is faked: this machine has none.)"""
+    model, processor = testing.tiny_llava()
+    cfg = PreferenceConfig(loss="rdpo", lora_r=4, lora_alpha=8, gradient_accumulation_steps=1, max_steps=2,
+                           per_device_train_batch_size=2, save_steps=10, dataloader_num_workers=0)
+    args = cfg.training_arguments(tmp_path / "run", use_cpu=True, disable_tqdm=True)
+    args._n_gpu = 4  # what TrainingArguments finds on a 4-GPU machine in one process
+    with pytest.warns(UserWarning, match=r"4 GPUs are visible to this one process: training on one of them"):
+        trainer = PreferenceTrainer(model, cfg, PreferenceDataset(prefs), processor, args=args)
+    assert trainer.args.n_gpu == 1 and trainer._train_batch_size == 2 and trainer.gpus_visible == 4
+    trainer.train()
+    assert trainer.state.global_step == 2 and not isinstance(trainer.model, torch.nn.DataParallel)

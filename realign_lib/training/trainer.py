@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +66,14 @@ class PreferenceTrainer(Trainer):
         if args.remove_unused_columns:
             raise ValueError("TrainingArguments.remove_unused_columns must be False: the collator needs "
                              "the raw preference records")
+        self.gpus_visible = args.n_gpu
+        if args.n_gpu > 1:  # several GPUs in ONE process: the Trainer would wrap the model in DataParallel
+            warnings.warn(f"{args.n_gpu} GPUs are visible to this one process: training on one of them (cuda:0), "
+                          f"with the global batch as configured. For data parallel training start one process "
+                          f"per GPU: accelerate launch --num_processes {args.n_gpu} -m realign_lib.run.cli train ... "
+                          f"(docs/gpu.md, 'Several GPUs'), or hide the others with CUDA_VISIBLE_DEVICES=0.",
+                          stacklevel=2)
+            args._n_gpu = 1  # (DataParallel would split each batch over the GPUs and take N× fewer steps)
         if cfg.use_lora and not hasattr(model, "disable_adapter"):
             from peft import get_peft_model
 
@@ -323,5 +332,5 @@ def _summary(trainer: PreferenceTrainer, cfg: PreferenceConfig, result, n_record
         "seconds": {**seconds, "per_step": round(seconds["train"] / max(steps, 1), 4),
                     "total": round(time.time() - t0, 2)},
         "config": dataclasses.asdict(cfg), "model_path": str(model_path),
-        "device": str(args.device), "torch_threads": torch.get_num_threads(),
+        "device": str(args.device), "gpus_visible": trainer.gpus_visible, "torch_threads": torch.get_num_threads(),
     }
