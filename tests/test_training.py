@@ -399,3 +399,21 @@ def test_several_gpus_in_one_process_train_on_one_not_with_dataparallel(prefs, t
     assert trainer.args.n_gpu == 1 and trainer._train_batch_size == 2 and trainer.gpus_visible == 4
     trainer.train()
     assert trainer.state.global_step == 2 and not isinstance(trainer.model, torch.nn.DataParallel)
+
+
+def test_reference_and_policy_take_the_same_precision_path(prefs, tmp_path):
+    """bf16 mixed precision: the cached reference pass runs under the same autocast as the policy's
+    training forward, so the step-1 rewards are exactly 0 (the adapters start as the identity)."""
+    model, processor = testing.tiny_llava()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    cfg = PreferenceConfig(loss="rdpo", lora_r=4, lora_alpha=8, gradient_accumulation_steps=1, max_steps=1,
+                           per_device_train_batch_size=4, save_steps=10, dataloader_num_workers=0, bf16=True)
+    trainer = PreferenceTrainer(model, cfg, PreferenceDataset(prefs),
+                                processor, args=cfg.training_arguments(tmp_path / "run", use_cpu=True, disable_tqdm=True))
+    reference_pass = list(seen)
+    trainer.train()
+    training = seen[len(reference_pass):]
+    assert reference_pass and training and set(reference_pass) == set(training) == {True}
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["rewards/chosen"] == log["rewards/rejected"] == log["rewards/retrieved"] == 0.0
