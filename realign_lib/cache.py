@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["digest", "cache_key", "file_digest", "file_stamp", "weights_digest", "parameter_fingerprint",
-           "model_identity"]
+           "model_identity", "processor_identity"]
 
 _WHOLE_BELOW = 256 * 2**20  # weights files smaller than this are read whole (a LoRA adapter, the tiny VLM)
 _EDGE = 1 << 20  # bytes read from each end of a bigger one
@@ -114,3 +114,15 @@ def model_identity(model, skip_adapters: bool = True) -> dict:
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     return {"path": path, "revision": revision, "weights": weights,
             "dtype": str(param.dtype) if param is not None else None}
+
+
+def processor_identity(processor) -> str:
+    """A digest of what a processor does to a text and an image: its saved settings (image size, tiling,
+    normalisation, patch size, special tokens …), its chat template and its tokenizer's vocabulary size."""
+    tok = getattr(processor, "tokenizer", processor)
+    try:
+        settings = processor.to_json_string()
+    except (AttributeError, TypeError, ValueError):  # a bare tokenizer, or settings that do not serialise
+        settings = repr(getattr(processor, "init_kwargs", ""))
+    return digest([type(processor).__name__, settings, getattr(processor, "chat_template", None)
+                   or getattr(tok, "chat_template", None), len(tok) if hasattr(tok, "__len__") else None])

@@ -107,3 +107,31 @@ def test_two_cpu_processes_match_one(setup):
     assert any(float(v.abs().max()) > 0 for k, v in a1.items() if "lora_B" in k)
     worst = max(float((a1[k] - a2[k]).abs().max()) for k in a1)
     assert worst < 1e-5, worst  # seen: 2e-7 (weights up to 0.19)
+
+
+def test_a_failing_rank_stops_every_rank_with_its_message(setup):
+    """An image only rank 1 scores cannot be decoded: both processes stop at once naming rank 1 and the
+    file, instead of rank 0 waiting in the gather until the 30-minute collective timeout."""
+    import time
+
+    tmp, model, prefs = setup
+    bad = tmp / "bad"
+    (bad / "img").mkdir(parents=True)
+    recs = [json.loads(line) for line in prefs.read_text().splitlines()]
+    recs = [dict(r, id=f"{r['id']}_{k}") for k in range(2) for r in recs]  # 4 pairs: 2 per rank
+    for r in recs:
+        for key in ("images", "retrieved_image"):
+            src = tmp / (r[key][0] if key == "images" else r[key])
+            (bad / "img" / src.name).write_bytes(src.read_bytes())
+    (bad / "img" / "r1.png").write_bytes(b"not an image")  # used by s1_0 and s1_1: ranks 1's share only
+    (bad / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = _cmd([str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+                "--main_process_port", "29519"], bad / "preferences.jsonl", model, bad / "out", batch=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 240
+    err = proc.stdout + proc.stderr
+    assert "the reference pass failed on rank 1" in err and "r1.png" in err, err[-3000:]

@@ -75,3 +75,24 @@ def test_key_follows_content_and_settings(prefs, tmp_path):
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert reference.reference_identity(model)["weights"] != ident["weights"]
+
+
+def test_cache_is_recomputed_when_the_processor_changes(prefs, tmp_path):
+    """The same weights behind another processor (image size, chat template) score other token
+    sequences: the cache key holds the processor's identity, so the values are recomputed."""
+    from realign_lib.cache import processor_identity
+
+    folder = tmp_path / "model"
+    testing.save_tiny("llava", folder, seed=0)
+    cache = tmp_path / "ref.jsonl"
+    _, n = _pass(folder, prefs, cache)
+    assert n == 2
+    model, processor = vlm.load_vlm(folder, device="cpu")
+    before = processor_identity(processor)
+    processor.chat_template = processor.chat_template.replace("USER: ", "User: ")
+    assert processor_identity(processor) != before
+    processor.save_pretrained(folder)  # the folder now carries the other template
+    _, n = _pass(folder, prefs, cache)
+    assert n == 2 and len(cache.read_text().splitlines()) == 6
+    _, n = _pass(folder, prefs, cache)
+    assert n == 0

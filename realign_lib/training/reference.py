@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from realign_lib.cache import cache_key, file_digest, model_identity, parameter_fingerprint
+from realign_lib.cache import cache_key, file_digest, model_identity, parameter_fingerprint, processor_identity
 from realign_lib.files import append_jsonl, read_appended
 from realign_lib.training.batches import PreferenceCollator, PreferenceDataset
 from realign_lib.training.config import PreferenceConfig
@@ -176,7 +176,7 @@ def precompute_reference_logps(model, dataset: PreferenceDataset, collator: Pref
     import torch.distributed as dist
 
     keys = reference_keys(cfg)
-    identity = reference_identity(model, ref_model)
+    identity = dict(reference_identity(model, ref_model), processor=processor_identity(collator.processor))
     digests = FileDigests()
     items = [dict(r, key=pair_key(r, cfg, identity, digests)) for r in dataset.records]
     rank, world = rank_and_world()
@@ -190,11 +190,20 @@ def precompute_reference_logps(model, dataset: PreferenceDataset, collator: Pref
         dist.barrier()  # every rank has read the caches before any writes
     mine = todo[rank::world]
     part = parts[rank] if parts else cache_path
-    done = _score(model, mine, collator, cfg, ref_model, max(1, batch_size), part, progress, rank)
+    try:
+        done, failure = _score(model, mine, collator, cfg, ref_model, max(1, batch_size), part, progress, rank), None
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it, or the others wait in all_gather
+        if world == 1:
+            raise
+        done, failure = [], f"rank {rank}: {type(err).__name__}: {err}"
     if world > 1:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, done)
-        done = list(earlier.values()) + [rec for recs in gathered for rec in recs]
+        dist.all_gather_object(gathered, (done, failure))
+        failures = [f for _, f in gathered if f]
+        if failures:  # every rank stops with the same message instead of hanging until the collective times out
+            raise RuntimeError("the reference pass failed on " + "; ".join(failures) + " (the scores made before "
+                               "are kept: a rerun resumes)")
+        done = list(earlier.values()) + [rec for recs, _ in gathered for rec in recs]
         if rank == 0 and cache_path is not None:
             append_jsonl(cache_path, done)
             for p in parts:
