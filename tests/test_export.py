@@ -50,3 +50,38 @@ def test_merged_checkpoint_scores_as_base_plus_adapter(name, tmp_path):
     assert float((want - base).abs().max()) > 1e-2  # the adapter does change the scores
     assert merged_proc.apply_chat_template is not None and vlm.chat_prompt(merged_proc, "hi") == \
         vlm.chat_prompt(processor, "hi")
+
+
+def test_merged_config_keeps_every_base_field_and_adds_the_transformers_4_names(tmp_path):
+    """Key by key, the merged config.json holds the base checkpoint's values; transformers 5 writes
+    rope_parameters and dtype, so rope_theta and torch_dtype are added for transformers-4.x readers
+    (a missing rope_theta reads as 1e4 there: Mistral's is 1e6)."""
+    import json
+
+    from peft import get_peft_model
+
+    base_dir = testing.save_tiny("llava_next", tmp_path / "base")
+    conf = json.loads((base_dir / "config.json").read_text())
+    conf["text_config"]["rope_parameters"]["rope_theta"] = 1e6  # as Mistral-7B's
+    (base_dir / "config.json").write_text(json.dumps(conf))
+    model, processor = vlm.load_vlm(base_dir, device="cpu")
+    peft_model = get_peft_model(model, PreferenceConfig(lora_r=4, lora_alpha=8).lora_config(model))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = export.merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32", device="cpu")
+    merged = json.loads((out / "config.json").read_text())
+
+    def same(a, b, where=""):
+        for k, v in a.items():
+            if k in ("transformers_version",):
+                continue
+            assert k in b, f"{where}{k} lost"
+            if isinstance(v, dict):
+                same(v, b[k], f"{where}{k}.")
+            else:
+                assert b[k] == v, (f"{where}{k}", v, b[k])
+
+    same(conf, merged)
+    assert merged["text_config"]["rope_theta"] == 1e6 and merged["torch_dtype"] == merged["dtype"] == "float32"
+    assert export.with_v4_config_fields({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}) \
+        == {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}, "rope_theta": 5e5,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}

@@ -8,7 +8,9 @@ it), folds the adapter into the weights (``peft``'s ``merge_and_unload``) and wr
 ``save_pretrained`` folder: ``config.json``, ``model*.safetensors``, ``generation_config.json``,
 the processor (image processor, tokenizer) and the chat template — the same layout as a
 llava-hf checkpoint, so ``vllm serve <folder>`` and ``lmms-eval --model llava_hf
---model_args pretrained=<folder>`` take it as they take the base model (``docs/gpu.md``).
+--model_args pretrained=<folder>`` take it as they take the base model (``docs/gpu.md``). Its
+``config.json`` carries the transformers-4.x names (``rope_theta``, ``torch_dtype``) beside the
+transformers-5 ones, for serving environments on transformers 4.x (:func:`with_v4_config_fields`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,26 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["merge_adapter", "main"]
+__all__ = ["merge_adapter", "with_v4_config_fields", "main"]
+
+
+def with_v4_config_fields(config: dict) -> dict:
+    """``config`` (a ``config.json`` as transformers 5 writes it) with the fields transformers 4.x reads
+    added beside the new ones, at every level (``text_config``, ``vision_config`` …): ``rope_theta`` and
+    ``rope_scaling`` from ``rope_parameters``, ``torch_dtype`` from ``dtype``. A vLLM or lmms-eval
+    environment on transformers 4.x would otherwise take its default ``rope_theta`` (1e4; Mistral's is
+    1e6) and generate quietly wrong text. Nothing is removed or changed."""
+    out = {}
+    for key, value in config.items():
+        out[key] = with_v4_config_fields(value) if isinstance(value, dict) and key.endswith("_config") else value
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        out.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            out.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    if "dtype" in config:
+        out.setdefault("torch_dtype", config["dtype"])
+    return out
 
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
@@ -31,6 +52,7 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str 
     """
     from transformers import AutoProcessor
 
+    from realign_lib.files import read_json, write_json
     from realign_lib.models.vlm import load_vlm
 
     model, processor = load_vlm(base, dtype=dtype, device=device, adapter=adapter)
@@ -39,6 +61,8 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
+    conf = read_json(out / "config.json")
+    write_json(out / "config.json", with_v4_config_fields(conf))  # readable by transformers 4.x too
     adapter = Path(adapter)
     if (adapter / "processor_config.json").is_file() or (adapter / "preprocessor_config.json").is_file():
         processor = AutoProcessor.from_pretrained(str(adapter))
