@@ -100,6 +100,11 @@ def test_two_cpu_processes_match_one(setup):
     assert len(l1) == len(l2) == STEPS
     np.testing.assert_allclose(l2, l1, rtol=1e-5)  # seen: 7e-8
     assert l1[-1] < l1[0]  # it learns
+    # and so are the rewards and margins: each process scored one of the two pairs, the log shows both
+    for key in ("rewards/chosen", "rewards/margins", "rewards/visual_margins", "logps/chosen", "pref/loss"):
+        m1 = [json.loads(x)[key] for x in (one / "train_log.jsonl").read_text().splitlines()]
+        m2 = [json.loads(x)[key] for x in (two / "train_log.jsonl").read_text().splitlines()]
+        np.testing.assert_allclose(m2, m1, rtol=1e-4, atol=1e-6, err_msg=key)
 
     # and the trained LoRA weights agree (they moved: B starts at zero)
     a1, a2 = _adapter(one), _adapter(two)

@@ -109,8 +109,12 @@ class PreferenceTrainer(Trainer):
         ZeRO-3, FSDP or a model spread over devices: those place (or shard) it themselves."""
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled() or getattr(self.model, "hf_device_map", None) \
-                or self.is_model_parallel:
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError("the cached reference pass needs whole parameters on each device; under DeepSpeed ZeRO-3 "
+                             "or FSDP they are sharded and it would run on the CPU. Use ZeRO-2 "
+                             "(configs/accelerate/deepspeed_zero2.yaml), or set precompute_ref=false (the reference "
+                             "is then scored in each training step)")
+        if getattr(self.model, "hf_device_map", None) or self.is_model_parallel:
             return
         param = next((p for p in self.model.parameters()), None)
         if param is not None and param.device != self.args.device:
@@ -135,10 +139,20 @@ class PreferenceTrainer(Trainer):
             self._eval_metrics.setdefault(k, []).append(v)
         return loss.detach(), None, None
 
+    def _mean_over_processes(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """Each metric's mean since the last log, over every process (each scored its own pairs): the
+        Trainer logs on the main process, which alone would report only its share of the batch."""
+        names = sorted(metrics)
+        means = torch.tensor([sum(metrics[k]) / len(metrics[k]) for k in names], dtype=torch.float64,
+                             device=self.args.device)
+        if self.args.world_size > 1:  # every process calls log() at the same step: a collective is safe
+            means = self.accelerator.reduce(means, reduction="mean")
+        return dict(zip(names, means.tolist()))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:  # a training log: add the averaged metrics
-            for k, vals in self._metrics.items():
-                logs["pref/" + k if k == "loss" else k] = sum(vals) / len(vals)
+            for k, v in self._mean_over_processes(self._metrics).items():
+                logs["pref/" + k if k == "loss" else k] = v
             self._metrics = {}
         if self._eval_metrics and "eval_loss" in logs:
             for k, vals in self._eval_metrics.items():
