@@ -57,7 +57,7 @@ def test_pope_prompt_is_newline_joined(tmp_path):
 def test_there_is_a_config_per_paper_backbone():
     names = {p.stem for p in CONFIGS}
     assert {"llava15_7b", "llava15_13b", "llava16_mistral_7b", "llava16_vicuna_7b", "llava16_vicuna_13b",
-            "janus_pro_1b", "janus_pro_7b", "smolvlm_256m"} <= names
+            "janus_pro_1b", "janus_pro_7b", "smolvlm_256m", "qwen2_vl_2b"} <= names  # + the README's others
 
 
 @pytest.fixture(scope="module")
