@@ -134,6 +134,7 @@ activation_checkpointing = None  # gradient (activation) checkpointing, non-reen
 dataloader_num_workers = None  # worker processes building the scoring batches; None: 4 on a CUDA GPU, 0 on a CPU
 model_max_length = 0  # cut each scored sequence (image tokens included) to this many tokens (authors' scripts: 1048); 0: no limit
 precompute_ref = True  # compute the reference log-probs once before training (cached); False: on the fly
+reference_batch_size = 0  # pairs per forward pass of the cached reference pass (no gradients: more fit than in training); 0: per_device_train_batch_size
 max_steps = -1  # optimiser steps; -1: num_train_epochs over all pairs (the paper: one epoch)
 logging_steps = 1  # log every this many optimiser steps
 save_steps = 500  # checkpoint every this many optimiser steps

@@ -417,3 +417,21 @@ def test_reference_and_policy_take_the_same_precision_path(prefs, tmp_path):
     assert reference_pass and training and set(reference_pass) == set(training) == {True}
     log = next(h for h in trainer.state.log_history if "loss" in h)
     assert log["rewards/chosen"] == log["rewards/rejected"] == log["rewards/retrieved"] == 0.0
+
+
+def test_the_reference_pass_has_its_own_batch_size(prefs, tmp_path):
+    """Training takes one pair per device step (the paper's batch 1); the no-gradient reference pass
+    scores reference_batch_size pairs per forward pass."""
+    counts = {}
+    for ref_batch in (0, 4):
+        model, processor = testing.tiny_llava()
+        calls = []
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        cfg = PreferenceConfig(loss="rdpo", lora_r=4, lora_alpha=8, per_device_train_batch_size=1, max_steps=1,
+                               save_steps=10, dataloader_num_workers=0, reference_batch_size=ref_batch)
+        PreferenceTrainer(model, cfg, PreferenceDataset(prefs), processor,
+                          args=cfg.training_arguments(tmp_path / f"run{ref_batch}", use_cpu=True, disable_tqdm=True))
+        counts[ref_batch] = len(calls)
+    assert counts == {0: 4, 4: 1}  # 4 pairs: one forward each, or all four in one
+    with pytest.raises(ValueError, match="reference_batch_size"):
+        PreferenceConfig(reference_batch_size=-1)

@@ -65,6 +65,9 @@ class PreferenceConfig:
                 "(1048); 0: no limit"})
     precompute_ref: bool = field(default=True, metadata={
         "help": "compute the reference log-probs once before training (cached); False: on the fly"})
+    reference_batch_size: int = field(default=0, metadata={
+        "help": "pairs per forward pass of the cached reference pass (no gradients: more fit than in training); "
+                "0: per_device_train_batch_size"})
     seed: int = field(default=0, metadata={"help": "seed of training (data order, LoRA init) and of mDPO's crops"})
     max_steps: int = field(default=-1, metadata={
         "help": "optimiser steps; -1: num_train_epochs over all pairs (the paper: one epoch)"})
@@ -117,6 +120,8 @@ class PreferenceConfig:
             bad("bf16", "must be True, False or None")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "must be >= 0, or None for the device's default")
+        if self.reference_batch_size < 0:
+            bad("reference_batch_size", "must be >= 0 (0: per_device_train_batch_size)")
         if self.model_max_length < 0:
             bad("model_max_length", "must be >= 0 (0: no limit)")
 

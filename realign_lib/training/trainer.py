@@ -101,7 +101,7 @@ class PreferenceTrainer(Trainer):
             # the reference's, or step-0 rewards are not exactly 0 and the log-2 check in gpu_check false-alarms
             with self.accelerator.autocast():
                 precompute_reference_logps(self.model, train_dataset, collator, cfg, cache, ref_model=self.ref_model,
-                                           batch_size=max(1, args.per_device_train_batch_size))
+                                           batch_size=cfg.reference_batch_size or args.per_device_train_batch_size)
 
     def _place_for_reference(self) -> None:
         """Move the model to ``args.device`` where the Trainer postponed it (DeepSpeed ZeRO-1/2 moves
