@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,39 @@ def test_realign_train_refuses_a_setting_given_twice(root, tmp_path):
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "learning_rate: a PreferenceConfig setting" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_chain_started_from_another_checkout_writes_every_file_in_one_folder(small_world, tmp_path):
+    """The `realign` command of one checkout (an editable install) started in a second checkout: a kernel
+    started there would import the second checkout's library (its working directory is on its path) and
+    resolve a relative run_dir into another folder than the command. The command hands each kernel the
+    absolute run folder and its own library first on the path: config, marker, executed notebook and the
+    stage's data all land in one folder."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "checkout_b"
+    for part in ("realign_lib", "notebooks", "configs"):
+        shutil.copytree(root / part, other / part)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REALIGN_HOME")}
+    env["HF_HUB_OFFLINE"] = "1"
+    name = f"runs/test_two_checkouts_{os.getpid()}"
+    cfg = other / "c.yaml"
+    cfg.write_text(json.dumps({"run_dir": name, "stages": {"00_real_data": {
+        "llava_json": small_world["train_json"], "image_folder": small_world["train_images"], "n_samples": 8}}}))
+    command = (f"import sys; sys.path.insert(0, {str(root)!r}); from realign_lib.run.cli import main; "
+               f"sys.exit(main(['run', '--config', {str(cfg)!r}]))")  # what the installed `realign` does
+    try:
+        res = subprocess.run([sys.executable, "-c", command], cwd=other, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        run = root / name  # relative: under the repository of the command's library
+        for f in ("config.json", "00_real_data/.done.json", "00_real_data/00_real_data.ipynb",
+                  "00_real_data/metrics.json", "data/samples.jsonl"):
+            assert (run / f).is_file(), f
+        assert len((run / "data" / "samples.jsonl").read_text().splitlines()) == 8
+        assert not (other / "runs").exists()  # nothing under the second checkout
+    finally:
+        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(other / "runs", ignore_errors=True)

@@ -99,8 +99,10 @@ def run_stage(stage: str, params: dict, run_dir: Path, redo: bool = False, log=p
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"[{stage}] running {nb.name} → {out_dir / nb.name}")
     t0 = time.time()
-    pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, kernel_name="python3",
-                        language="python", cwd=str(Path.cwd()), progress_bar=False, log_output=False)
+    # the kernel gets the run folder this command resolved, absolute: the two can never disagree
+    pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=dict(params, run_dir=str(run_dir)),
+                        kernel_name="python3", language="python", cwd=str(Path.cwd()), progress_bar=False,
+                        log_output=False)
     write_json(marker, {"parameters": params, "notebook_sha256": nb_hash, "upstream": upstream or {},
                         "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     log(f"[{stage}] done in {time.time() - t0:.0f} s")
@@ -177,16 +179,28 @@ def run_main(args) -> int:
         lock.__exit__(None, None, None)
 
 
+def kernel_environment() -> dict[str, str]:
+    """What the notebooks' kernels inherit during a chain: :data:`CHAIN_ENV` (a missing stage is then
+    an error, not a build), and this ``realign_lib`` first on ``PYTHONPATH`` with ``PYTHONSAFEPATH`` set,
+    so a kernel started in another checkout imports the library this command runs, not the copy in
+    its working directory (the two would resolve a relative run_dir into different folders)."""
+    here = str(Path(__file__).resolve().parents[2])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    return {CHAIN_ENV: "1", "PYTHONPATH": os.pathsep.join([here] + rest), "PYTHONSAFEPATH": "1"}
+
+
 def _run_stages(cfg, stages: list[str], args) -> int:
-    previous = os.environ.get(CHAIN_ENV)
-    os.environ[CHAIN_ENV] = "1"  # the notebooks' ensure_stages then reports a missing stage instead of building it
+    env = kernel_environment()
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return _run_stages_in_chain(cfg, stages, args)
     finally:
-        if previous is None:
-            os.environ.pop(CHAIN_ENV, None)
-        else:
-            os.environ[CHAIN_ENV] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_stages_in_chain(cfg, stages: list[str], args) -> int:
