@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["atomic_write_text", "atomic_save_npy", "atomic_torch_save", "jsonable", "write_json", "read_json", "write_jsonl", "read_jsonl",
-           "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join", "RunLock",
-           "read_text", "check_settings"]
+__all__ = ["atomic_write_text", "atomic_save_npy", "atomic_torch_save", "jsonable", "write_json", "read_json",
+           "write_jsonl", "read_jsonl", "iter_jsonl", "append_jsonl", "repair_jsonl_tail", "read_appended", "safe_join",
+           "RunLock", "kernels_of", "read_text", "check_settings"]
 
 
 @contextmanager
@@ -219,13 +219,18 @@ def safe_join(root: str | os.PathLike, name: str, where: str = "") -> Path:
 
 
 class RunLock:
-    """One process per run folder: ``with RunLock(run_dir):`` holds ``<run_dir>/.realign.lock``
-    (created exclusively, holding the pid). A second holder fails at once naming the first; a lock
-    whose process is gone (killed, machine restarted) is taken over."""
+    """One run per run folder: ``with RunLock(run_dir):`` holds ``<run_dir>/.realign.lock``
+    (created exclusively, holding the pid). A second holder fails at once naming the first. A lock
+    whose process is gone (killed, machine restarted) is taken over — but not while a notebook kernel
+    that process started still runs (after ``kill -9`` of ``realign run`` its kernel writes on for a few
+    seconds, until it notices): the lock belongs to the run, kernels included. Those kernels are found
+    by the ``JPY_PARENT_PID`` that Jupyter gives them (Linux ``/proc``); the new holder waits up to
+    ``wait`` seconds for them to end, then fails naming them."""
 
-    def __init__(self, folder: str | os.PathLike, log=None):
+    def __init__(self, folder: str | os.PathLike, log=None, wait: float = 30.0):
         self.path = Path(folder) / ".realign.lock"
         self.log = log
+        self.wait = wait
 
     def __enter__(self) -> "RunLock":
         import socket
@@ -243,6 +248,8 @@ class RunLock:
                     raise RuntimeError(f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
                                        f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or "
                                        f"stop it — two runs in one folder would mix their files") from None
+                if holder is not None:
+                    self._wait_for_kernels(holder)
                 if self.log:
                     self.log(f"{self.path}: taking over a stale lock ({holder})")
                 self.path.unlink(missing_ok=True)
@@ -254,6 +261,23 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
+
+    def _wait_for_kernels(self, holder: dict) -> None:
+        """Block while kernels of the dead holder still run (up to ``wait`` s), else raise naming them."""
+        import time
+
+        deadline = time.time() + self.wait
+        kernels = kernels_of(holder.get("pid"))
+        if kernels and self.log:
+            self.log(f"{self.path}: the previous run (pid {holder.get('pid')}) is gone but its notebook kernel "
+                     f"(pid {', '.join(map(str, kernels))}) still runs: waiting for it to end")
+        while kernels and time.time() < deadline:
+            time.sleep(0.2)
+            kernels = kernels_of(holder.get("pid"))
+        if kernels:
+            raise RuntimeError(f"{self.path.parent} is still written by a notebook kernel of a stopped run (pid "
+                               f"{', '.join(map(str, kernels))}); wait for it to end or stop it (kill "
+                               f"{' '.join(map(str, kernels))}) — two runs in one folder would mix their files")
 
     def _holder(self) -> dict | None:
         try:
@@ -311,3 +335,23 @@ def check_settings(sig_path: str | os.PathLike, signature: dict, files, on_chang
             if p.exists():
                 p.unlink()
     write_json(sig_path, signature)
+
+
+def kernels_of(pid) -> list[int]:
+    """Live processes that Jupyter started as kernels of process ``pid`` (their environment holds
+    ``JPY_PARENT_PID=<pid>``), on a system with ``/proc``; empty elsewhere or for a bad pid."""
+    if not isinstance(pid, int) or pid <= 0 or not Path("/proc").is_dir():
+        return []
+    want = f"JPY_PARENT_PID={pid}".encode()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone, or another user's
+            continue
+        if want in env.split(b"\0") and state != "Z":  # a zombie writes nothing
+            out.append(int(entry.name))
+    return sorted(out)

@@ -144,3 +144,41 @@ def test_a_chain_started_from_another_checkout_writes_every_file_in_one_folder(s
     finally:
         shutil.rmtree(root / name, ignore_errors=True)
         shutil.rmtree(other / "runs", ignore_errors=True)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _stale_lock(folder, pid):
+    import socket
+
+    (folder / ".realign.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "before"}))
+    os.utime(folder / ".realign.lock", (time.time() - 60, time.time() - 60))
+
+
+def test_a_lock_is_not_taken_over_while_the_stopped_runs_kernel_still_writes(tmp_path):
+    """After kill -9 of `realign run` its kernel (JPY_PARENT_PID = the dead command) lives on for seconds:
+    the next run waits for it, and fails naming it if it does not end."""
+    dead = _dead_pid()
+    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"],
+                              env=dict(os.environ, JPY_PARENT_PID=str(dead)))
+    _stale_lock(tmp_path, dead)
+    said, t0 = [], time.time()
+    with RunLock(tmp_path, log=said.append):
+        assert kernel.poll() is not None and time.time() - t0 > 1.0  # taken only once the kernel ended
+        assert read_json(tmp_path / ".realign.lock")["pid"] == os.getpid()
+    assert "its notebook kernel" in said[0] and str(kernel.pid) in said[0] and "stale lock" in said[1]
+    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                              env=dict(os.environ, JPY_PARENT_PID=str(dead)))
+    try:
+        _stale_lock(tmp_path, dead)
+        with pytest.raises(RuntimeError, match=rf"still written by a notebook kernel of a stopped run \(pid {kernel.pid}\)"):
+            with RunLock(tmp_path, wait=0.5):
+                pass
+        assert read_json(tmp_path / ".realign.lock")["pid"] == dead  # the old lock stays
+    finally:
+        kernel.kill()
+        kernel.wait()
