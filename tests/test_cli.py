@@ -182,3 +182,44 @@ def test_a_lock_is_not_taken_over_while_the_stopped_runs_kernel_still_writes(tmp
     finally:
         kernel.kill()
         kernel.wait()
+
+
+@pytest.mark.slow
+def test_a_kernel_killed_from_outside_is_one_line_saying_to_rerun(root, tmp_path):
+    """The kernel dies (an out-of-memory kill looks the same as this kill -9): one line, rc 1, no traceback."""
+    from realign_lib.files import kernels_of
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", _config(tmp_path, run_dir)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, kernels = time.time() + 120, []
+    while not kernels and time.time() < deadline:
+        time.sleep(0.5)
+        kernels = kernels_of(proc.pid)
+    assert kernels, "no kernel started"
+    time.sleep(2)
+    for k in kernels:
+        os.kill(k, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    ours = [x for x in err.strip().splitlines() if x.strip() and not x.startswith("[IPKernelApp]")]
+    assert ours[-1].startswith("realign: the kernel of stage 00_tiny_world died (killed from outside"), err[-2000:]
+    assert "Traceback" not in err and "DeadKernelError" not in err
+    assert not (run_dir / ".realign.lock").exists()
+
+
+def test_a_stage_that_cannot_write_its_notebook_is_one_line(root, tmp_path):
+    """The executed notebook cannot be written (here: a folder stands where it goes; a full disk is the same
+    OSError): one line naming the folder and what to do, rc 1, no traceback."""
+    run_dir = tmp_path / "run"
+    (run_dir / "00_tiny_world" / "00_tiny_world.ipynb").mkdir(parents=True)
+    res = subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", _config(tmp_path, run_dir)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    ours = [x for x in res.stderr.strip().splitlines() if x.strip() and not x.startswith("[IPKernelApp]")]
+    assert ours[-1].startswith(f"realign: stage 00_tiny_world could not write in {run_dir}"), res.stderr[-2000:]
+    assert "run the same command again" in ours[-1] and "Traceback" not in res.stderr

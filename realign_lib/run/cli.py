@@ -205,6 +205,7 @@ def _run_stages(cfg, stages: list[str], args) -> int:
 
 def _run_stages_in_chain(cfg, stages: list[str], args) -> int:
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     from realign_lib.files import write_json
 
@@ -223,6 +224,15 @@ def _run_stages_in_chain(cfg, stages: list[str], args) -> int:
             print(f"realign: stage {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
                   f"  executed notebook with the traceback: {run_dir / stage / (stage.split('/')[0] + '.ipynb')}",
                   file=sys.stderr)
+            return 1
+        except DeadKernelError:  # killed from outside: out of memory (the kernel OOM killer), kill -9 …
+            print(f"realign: the kernel of stage {stage} died (killed from outside: out of memory, or kill -9). "
+                  f"What it saved is kept: run the same command again to resume.", file=sys.stderr)
+            return 1
+        except OSError as err:  # writing the executed notebook or a marker: a full disk, a read-only folder
+            print(f"realign: stage {stage} could not write in {run_dir}: {err.strerror or err} "
+                  f"({err.filename or 'a file'}). Free space or fix the folder, then run the same command again "
+                  f"to resume.", file=sys.stderr)
             return 1
     print(f"== all {len(stages)} stage(s) finished in {time.time() - t0:.0f} s; results in {run_dir}", flush=True)
     return 0
