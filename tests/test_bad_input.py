@@ -582,3 +582,18 @@ def test_a_pope_question_id_that_is_not_a_number_or_text_names_the_line(tmp_path
     path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, question_id=2, image="")) + "\n")
     with pytest.raises(ValueError, match=r"record 2 \(question_id 2\) has image ''"):
         pope.load_pope_questions(path)
+
+
+def test_a_link_in_a_run_relative_image_folder_that_leads_out_is_refused(tmp_path):
+    """samples.jsonl at <run>/data/ with image_root relative to the run folder: the image path is checked
+    there, links resolved, so a link inside the run's image folder that points outside it is refused."""
+    run = tmp_path / "run"
+    _png(run / "data" / "imgs" / "a.png"), _png(tmp_path / "outside.png")
+    (run / "data" / "imgs" / "evil.png").symlink_to(tmp_path / "outside.png")
+    rec = {"id": "a", "image": "a.png", "image_root": "data/imgs", "prompt": "Describe.", "chosen": "A red car ."}
+    path = run / "data" / "samples.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps(dict(rec, id="b", image="evil.png")) + "\n")
+    with pytest.raises(ValueError, match=r"record 2 \(id b\): image path 'evil.png' leads outside the image folder"):
+        data.load_samples(path)
+    path.write_text(json.dumps(rec) + "\n")
+    assert [s["id"] for s in data.load_samples(path)] == ["a"]  # the run-relative root itself is fine

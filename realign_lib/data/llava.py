@@ -173,14 +173,17 @@ def llava_records(samples: list[dict]) -> list[dict]:
                                {"from": "gpt", "value": s["chosen"]}]} for s in samples]
 
 
-def load_samples(path: str | os.PathLike) -> list[dict]:
+def load_samples(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> list[dict]:
     """Read ``samples.jsonl`` (stage 00's hand-over), checking every record.
 
     Each line needs ``id``, ``image``, ``prompt`` and ``chosen`` (strings; ``chosen`` may be empty:
     stage 02 counts it as a skipped sample) and ``image_root``; ids must be unique and image paths
-    must stay inside the image root. Errors name the file and line and say what to fix.
+    must stay inside the image root, links resolved. A relative ``image_root`` is relative to the run
+    folder ``run_dir`` (default: the folder above ``data/samples.jsonl``'s, where stage 00 writes it).
+    Errors name the file and line and say what to fix.
     """
     path = Path(path)
+    run_dir = Path(run_dir) if run_dir is not None else path.resolve().parent.parent
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run stage 00 (00_tiny_world or 00_real_data) first")
     out, seen = [], {}
@@ -198,7 +201,7 @@ def load_samples(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{where}: duplicate id {sid!r} (first at record {seen[sid]}); stages join on id, so "
                              f"ids must be unique")
         seen[sid] = lineno
-        safe_join(rec["image_root"], rec["image"], f"{where} (id {sid})")
+        safe_join(run_dir / rec["image_root"], rec["image"], f"{where} (id {sid})")  # an absolute root stays
         out.append(dict(rec, id=sid))
     if not out:
         raise ValueError(f"{path}: no samples")
