@@ -244,3 +244,26 @@ def test_another_world_into_the_same_folder_is_built_whole_not_mixed(tmp_path):
     for name in ("llava_instruct_tiny.json", "annotations_train.jsonl", "annotations_test.jsonl"):
         assert (tmp_path / "w" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     assert not (tmp_path / "w" / ".building.json").exists() and clean["object_frequency"] == again["object_frequency"]
+
+
+def test_a_moved_world_reads_its_own_files_not_its_old_place(tmp_path):
+    """world.json keeps paths relative to its folder: rename runs/A to runs/B and build another world at
+    runs/A, and B's summary still points into B (before, at A's new files: another world's images)."""
+    import json
+    import shutil
+
+    from realign_lib.tinyworld.settings import WorldConfig
+    from realign_lib.tinyworld.world import build_world
+
+    small = dict(n_train=30, n_test=10, n_mme=2, n_val=6)
+    a, b = tmp_path / "A" / "world", tmp_path / "B" / "world"
+    build_world(a, WorldConfig(seed=3, **small), workers=1)
+    shutil.move(tmp_path / "A", tmp_path / "B")
+    build_world(a, WorldConfig(seed=4, **small), workers=1)  # another world where B used to be
+    moved = build_world(b, WorldConfig(seed=3, **small), workers=1)  # nothing rebuilt: world.json is there
+    for key in ("root", "train_json", "train_images", "test_images", "annotations_train", "mme_root"):
+        assert Path(moved[key]).is_relative_to(b.resolve()) and Path(moved[key]).exists(), key
+    assert all(Path(f).is_relative_to(b.resolve()) for f in list(moved["pope"].values()) + list(moved["pope_val"].values()))
+    stored = json.loads((b / "world.json").read_text())
+    assert stored["train_images"] == "train_images" and not any(
+        str(tmp_path) in json.dumps(v) for k, v in stored.items() if k != "config")  # no absolute path inside

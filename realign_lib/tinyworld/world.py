@@ -237,7 +237,8 @@ def _render_all(scenes: Sequence[Scene], folder: Path, progress: bool, workers: 
 
 def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), progress: bool = False,
                 workers: int | None = None) -> dict:
-    """Generate the tiny world into ``out_dir`` and return a summary with its file paths.
+    """Generate the tiny world into ``out_dir`` and return a summary with its file paths (absolute; the
+    ``world.json`` it writes holds them relative to ``out_dir``, so a moved folder still reads its own).
 
     Layout (official formats where one exists)::
 
@@ -264,7 +265,7 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     done, building = out / "world.json", out / ".building.json"
     finished = read_json(done) if done.is_file() else None
     if finished is not None and finished.get("config") == asdict(cfg):
-        return finished
+        return _world_paths(finished, out)
     before = read_json(building) if building.is_file() else finished
     if before is not None and before.get("config") != asdict(cfg):
         _clear_world(out)  # another world's files: images would not match the new labels
@@ -293,26 +294,41 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     pope_val = write_pope_files(out / "pope_val", val, [f"{s.id}.png" for s in val], train, cfg.seed + 1)
     mme_counts = write_mme_folders(out, cfg.seed, cfg.n_mme)
     freq, co = object_statistics(train)
-    summary = {
+    summary = {  # paths relative to the world's folder: a moved or copied run folder reads its own files
         "config": asdict(cfg),
-        "root": str(out),
-        "train_json": str(out / "llava_instruct_tiny.json"),
-        "train_images": str(out / "train_images"),
-        "test_images": str(out / "test_images"),
-        "annotations_train": str(out / "annotations_train.jsonl"),
-        "annotations_test": str(out / "annotations_test.jsonl"),
-        "pope": pope_files,
-        "val_images": str(out / "val_images"),
-        "annotations_val": str(out / "annotations_val.jsonl"),
-        "pope_val": pope_val,
-        "mme_root": str(out / "MME"),
+        "root": ".",
+        "train_json": "llava_instruct_tiny.json",
+        "train_images": "train_images",
+        "test_images": "test_images",
+        "annotations_train": "annotations_train.jsonl",
+        "annotations_test": "annotations_test.jsonl",
+        "pope": {s: os.path.relpath(f, out) for s, f in pope_files.items()},
+        "val_images": "val_images",
+        "annotations_val": "annotations_val.jsonl",
+        "pope_val": {s: os.path.relpath(f, out) for s, f in pope_val.items()},
+        "mme_root": "MME",
         "mme_images_per_task": mme_counts,
         "object_frequency": dict(freq.most_common()),
         "partner_cooccurrence": {a: round(co[a][PARTNER[a]] / max(freq[a], 1), 3) for a in OBJECTS},
     }
     write_json(done, summary)
     building.unlink(missing_ok=True)
-    return summary
+    return _world_paths(summary, out)
+
+
+_PATH_KEYS = ("root", "train_json", "train_images", "test_images", "annotations_train", "annotations_test",
+              "val_images", "annotations_val", "mme_root")
+
+
+def _world_paths(summary: dict, out: Path) -> dict:
+    """``world.json``'s summary with its paths (relative to the world folder) made absolute under ``out``,
+    the folder the world is in now."""
+    res = dict(summary)
+    for key in _PATH_KEYS:
+        res[key] = str((out / summary[key]).resolve()) if key == "root" else str(out.resolve() / summary[key])
+    for key in ("pope", "pope_val"):
+        res[key] = {s: str(out.resolve() / f) for s, f in summary[key].items()}
+    return res
 
 
 def _clear_world(out: Path) -> None:
