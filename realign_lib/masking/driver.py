@@ -21,16 +21,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from realign_lib.cache import digest
-from realign_lib.files import (
-    append_jsonl,
-    check_settings,
-    iter_jsonl,
-    read_appended,
-    read_json,
-    repair_jsonl_tail,
-    write_json,
-    write_jsonl,
-)
+from realign_lib.files import (append_jsonl, check_settings, iter_jsonl, read_appended, read_json, repair_jsonl_tail,
+                               write_json, write_jsonl)
 from realign_lib.masking.core import MAX_MASK_WORDS, BackendFailure, Masker, Span, validate_masking, word_count
 
 __all__ = [

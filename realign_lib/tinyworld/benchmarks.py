@@ -26,21 +26,9 @@ import numpy as np
 from realign_lib.evaluation.chair import mentioned_objects
 from realign_lib.files import write_jsonl
 from realign_lib.prompts import MME_SUFFIX
-from realign_lib.tinyworld.scenes import (
-    COLOURS,
-    NUMBER_WORDS,
-    OBJECTS,
-    PARTNER,
-    POSITION_PHRASE,
-    POSITIONS,
-    Scene,
-    existence_question,
-    object_lexicon,
-    plural,
-    render_scene,
-    sample_scenes,
-    save_png,
-)
+from realign_lib.tinyworld.scenes import (COLOURS, NUMBER_WORDS, OBJECTS, PARTNER, POSITION_PHRASE, POSITIONS, Scene,
+                                          existence_question, object_lexicon, plural, render_scene, sample_scenes,
+                                          save_png)
 
 LEXICON = object_lexicon()
 

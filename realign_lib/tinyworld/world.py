@@ -16,22 +16,9 @@ import numpy as np
 
 from realign_lib.files import write_json, write_jsonl
 from realign_lib.prompts import DESCRIBE_PROMPT, FIXED_PROMPTS, LMMS_EVAL_SUFFIX, MME_SUFFIX
-from realign_lib.tinyworld.scenes import (
-    COLOURS,
-    NUMBER_WORDS,
-    OBJECTS,
-    PARTNER,
-    POSITION_PHRASE,
-    POSITIONS,
-    SCENES,
-    ObjectInstance,
-    Scene,
-    existence_question,
-    plural,
-    render_scene,
-    sample_scenes,
-    save_png,
-)
+from realign_lib.tinyworld.scenes import (COLOURS, NUMBER_WORDS, OBJECTS, PARTNER, POSITION_PHRASE, POSITIONS, SCENES,
+                                          ObjectInstance, Scene, existence_question, plural, render_scene,
+                                          sample_scenes, save_png)
 from realign_lib.tinyworld.settings import WorldConfig
 
 __all__ = [
