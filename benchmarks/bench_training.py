@@ -15,6 +15,7 @@ libraries (compare ``peak_before_train_mb``); the tiny model itself is a few MB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -104,17 +105,18 @@ def worker(args) -> dict:
                   per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
                   report_to="none", logging_steps=1, save_strategy="no", seed=0, bf16=args.bf16,
                   use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
+    KIT_FIELDS = {f.name for f in dataclasses.fields(training.PreferenceConfig)}
+    common["warmup_steps"] = 0.0  # PreferenceConfig's type: a fraction or a whole number of steps, as a float
     t_ref = 0.0
     out = Path(tempfile.mkdtemp(prefix=f"bench_{args.config}_"))
     if args.config.startswith("kit_"):
         loss = "dpo" if args.config == "kit_dpo" else "rdpo"
-        cfg = training.PreferenceConfig(loss=loss, learning_rate=1e-4, per_device_train_batch_size=args.batch,
-                                        gradient_accumulation_steps=1, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                        lora_dropout=0.0, max_steps=args.steps, seed=0, bf16=args.bf16,
-                                        precompute_ref=args.config != "kit_rdpo_onthefly")
+        cfg = training.PreferenceConfig(loss=loss, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                        precompute_ref=args.config != "kit_rdpo_onthefly",
+                                        **{k: v for k, v in common.items() if k in KIT_FIELDS})
         ds = PreferenceDataset(records, root=root, need_retrieved=loss == "rdpo")
-        targs = cfg.training_arguments(out, **{k: v for k, v in common.items()
-                                               if k not in ("per_device_train_batch_size", "seed")})
+        # the settings PreferenceConfig has are its fields (one name per setting); the rest go to TrainingArguments
+        targs = cfg.training_arguments(out, **{k: v for k, v in common.items() if k not in KIT_FIELDS})
         t0 = time.perf_counter()
         trainer = PreferenceTrainer(model, cfg, ds, processor, args=targs, ref_cache=out / "ref.jsonl",
                                     callbacks=[Timer()])
