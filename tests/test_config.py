@@ -322,3 +322,17 @@ def test_variants_that_would_write_one_folder_are_an_error(tmp_path):
                  "  '04_training/{loss}_seed{seed}': {matrix: {loss: [dpo, rdpo], seed: [0, 1]}}\n")
     with pytest.raises(ValueError, match="'04_training/rdpo_seed0' is given twice"):
         load_config(p)
+
+
+def test_a_matrix_in_a_recipe_replaces_the_base_recipes_variants_of_its_names(tmp_path):
+    """tiny_world_smoke.yaml names 04_training/rdpo_seed0 and dpo_seed0; a recipe built on it with a matrix
+    that names them too replaces them (the file that says more wins); within one file the same name twice
+    is an error."""
+    root = Path(__file__).resolve().parents[1]
+    p = tmp_path / "c.yaml"
+    p.write_text(f"base: {root / 'configs' / 'tiny_world_smoke.yaml'}\nstages:\n"
+                 "  '04_training/{loss}_seed{seed}': {matrix: {loss: [dpo, rdpo], seed: [0, 1]}, beta: 0.3}\n")
+    cfg = load_config(p)
+    runs = [s for s in cfg.stages if s.startswith("04_training/")]
+    assert sorted(runs) == sorted(f"04_training/{l}_seed{s}" for l in ("dpo", "rdpo") for s in (0, 1))
+    assert all(cfg.parameters(s)["beta"] == 0.3 for s in runs)

@@ -223,7 +223,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _load_raw(path: Path, seen: tuple = ()) -> dict:
-    """The YAML of ``path`` with its ``base`` recipes merged under it (stages merged key by key)."""
+    """The YAML of ``path`` with its ``base`` recipes merged under it (stages merged key by key; a variant
+    this file's matrix names replaces the base's variant of that name: the file that says more wins)."""
     path = path.resolve()
     if path in seen:
         raise ValueError(f"{path}: 'base' chain loops back to itself")
@@ -235,7 +236,13 @@ def _load_raw(path: Path, seen: tuple = ()) -> dict:
         raise ValueError(f"{path}: 'base' must be a file path")
     merged = _load_raw(path.parent / base, seen + (path,))
     stages = dict(merged.pop("stages", None) or {})
-    for stage, params in (data.pop("stages", None) or {}).items():
+    mine = data.pop("stages", None) or {}
+    if isinstance(mine, dict):
+        for stage, params in mine.items():
+            if isinstance(params, dict) and "matrix" in params:
+                for name in expand_matrix(str(stage), params, str(path)):
+                    stages.pop(name, None)
+    for stage, params in (mine.items() if isinstance(mine, dict) else ()):
         stages[stage] = {**(stages.get(stage) or {}), **(params or {})}
     return {**merged, **data, "stages": stages}
 
