@@ -18,6 +18,8 @@ is then (learning curve; the schedule is the run's own cosine, so early points h
 (``tinyworld.llava_record``; the world builds 2) without re-rendering images.
 ``--existence_per_image K``: K extra existence turns per image (half yes, half no with a uniformly random
 absent object, as the world's own negatives; no MME/lmms suffix, as POPE asks).
+``--partner_negatives P``: that share of the extra existence negatives asks for the absent partner of a
+present object (hard negatives, as POPE-adversarial asks) instead of a uniformly random absent object.
 ``--yn_repeat R``: each image's yes/no exchanges appear R times among the exchanges (description once).
 """
 from __future__ import annotations
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--questions_per_image", type=int, default=0, help="0: the world's own conversations (2)")
     ap.add_argument("--yn_repeat", type=int, default=1)
     ap.add_argument("--existence_per_image", type=int, default=0, help="extra existence turns per image")
+    ap.add_argument("--partner_negatives", type=float, default=0.0,
+                    help="share of the extra existence negatives asking for an absent partner of a present object")
     ap.add_argument("--n_pope", type=int, default=600, help="POPE questions per split (validation)")
     ap.add_argument("--n_chair", type=int, default=150)
     ap.add_argument("--curve", default="", help="SFT steps at which to measure POPE too")
@@ -161,7 +165,11 @@ def main() -> None:
             conv = list(r["conversations"])
             for k in range(args.existence_per_image):
                 yes = k % 2 == 0
-                obj = str(rng.choice(s.types)) if yes else str(rng.choice(absent))
+                partners = [tws.PARTNER[t] for t in s.types if tws.PARTNER[t] in absent]
+                if not yes and partners and rng.random() < args.partner_negatives:
+                    obj = str(rng.choice(partners))
+                else:
+                    obj = str(rng.choice(s.types)) if yes else str(rng.choice(absent))
                 conv += [{"from": "human", "value": tws.existence_question(obj)},
                          {"from": "gpt", "value": "Yes." if yes else "No."}]
             out.append(dict(r, conversations=conv))

@@ -74,6 +74,7 @@ from realign_lib.run import workspace
 from realign_lib.run.stages import RealDataStage
 
 stage = RealDataStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
+print(stage.changed())
 
 t0 = time.time()
 run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts

@@ -29,7 +29,9 @@
 #    scratch: the vision tower first learns the world's labels (a stand-in for CLIP's
 #    pre-training), then projector and language model are instruction-tuned on the conversations.
 #    It is saved with `save_pretrained` and loaded back by path like any hub checkpoint.
-# 3. **Its base-line hallucination** — POPE (random / popular / adversarial) and CHAIR-style
+# 3. **A health check** — can the model answer yes/no questions from the image at all? If not, the
+#    stage stops here, before anything is built on a broken model.
+# 4. **Its base-line hallucination** — POPE (random / popular / adversarial) and CHAIR-style
 #    caption hallucination on held-out images.
 #
 # Everything is written into the run folder; later notebooks read only files.
@@ -50,16 +52,21 @@ if importlib.util.find_spec("realign_lib") is None:
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
 small_run = False  # smoke setting: every size shrunk to run in about a minute
-model_path = ""  # an existing model folder to evaluate instead of training the tiny VLM
-n_train = 20000  # training images (LLaVA-Instruct layout)
+n_train = 15000  # training images (LLaVA-Instruct layout)
 n_test = 1000  # held-out POPE images
 n_mme = 30  # images per MME-style subtask
 n_val = 500  # validation images (POPE, CHAIR), disjoint from the test images: recipes are chosen on these
 n_samples = 6000  # samples handed to stages 01-03
 short_answers_per_image = 0  # short-answer turns per training conversation: the tiny VLM learns them
 short_answer_share = 0.0  # share of samples that are short-answer exchanges (needs short_answers_per_image 1 or more)
-tower_steps = 1000  # vision-tower pre-training steps (batch 128)
-sft_steps = 1100  # instruction-tuning steps (batch 48 exchanges)
+existence_per_image = 4  # extra "Is there a X in the image?" turns per training conversation
+partner_negatives = 0.0  # share of those "no" turns asking for a present object's absent partner
+tower_steps = 900  # vision-tower pre-training steps (batch 128)
+sft_steps = 1000  # instruction-tuning steps (batch 48 exchanges)
+sft_lr = 0.0005  # instruction-tuning peak learning rate (cosine schedule)
+model_path = ""  # an existing model folder to evaluate instead of training the tiny VLM
+health_check = True  # stop the chain when the base model's validation POPE figures are outside sane bounds
+n_health = 600  # validation POPE questions per split for the health check (whole yes/no pairs); 0: all
 batch_size = 64  # inputs per batched model call
 n_chair = 300  # held-out test images described for CHAIR (tiny world only; realign_lib.evaluation.chair); 0 skips it
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
@@ -81,7 +88,7 @@ from PIL import Image
 
 from realign_lib.data.llava import samples_from_llava
 from realign_lib.evaluation import chair as chair_lib
-from realign_lib.evaluation import pope
+from realign_lib.evaluation import health, pope
 from realign_lib.files import read_jsonl, write_json, write_jsonl
 from realign_lib.models import vlm
 from realign_lib.run import workspace
@@ -92,10 +99,8 @@ from realign_lib.tinyworld.settings import TinyVLMConfig
 from realign_lib.tinyworld.training import train_tiny_vlm
 
 stage = TinyWorldStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
+print(stage.changed())
 
-if small_run:
-    n_train, n_test, n_mme, n_val, n_samples = 1500, 120, 10, 60, 300
-    tower_steps, sft_steps, n_show = 120, 150, 6
 torch.manual_seed(seed)
 LEXICON = object_lexicon()  # word → object type: what CHAIR counts as naming an object
 run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
@@ -137,7 +142,9 @@ t_start = time.time()
 t0 = time.time()
 world = tw.build_world(run / "data" / "tiny_world",
                        tw.WorldConfig(seed=seed, n_train=n_train, n_test=n_test, n_mme=n_mme, n_val=n_val,
-                                      short_answers_per_image=short_answers_per_image), progress=False)
+                                      short_answers_per_image=short_answers_per_image,
+                                      existence_per_image=existence_per_image, partner_negatives=partner_negatives),
+                       progress=False)
 t_world = time.time() - t0
 train_scenes = load_annotations(world["annotations_train"])
 test_scenes = load_annotations(world["annotations_test"])
@@ -189,7 +196,15 @@ plt.show()
 # The world's files are in the official layouts, so the same readers serve COCO later. The cell
 # prints the first LLaVA-Instruct training record (an image and a conversation), one POPE question
 # line (`question_id`, `image`, `text`, `label`) and one MME question file (two questions about one
-# image, one answered Yes and one No):
+# image, one answered Yes and one No).
+#
+# A training conversation holds the detailed description, two yes/no questions of four kinds
+# (existence, colour, count, position) and `existence_per_image` more *"Is there a X in the image?"*
+# turns, half about a present object and half about a uniformly random absent one (with
+# `partner_negatives` > 0, some ask for the absent partner instead: hard negatives, off by default so
+# that nothing in the data teaches the model about partners). Why the extra turns: with two yes/no
+# turns per image, the model on some world seeds kept answering every question the same way until
+# the learning rate had decayed, and ended near chance (see the health check below).
 
 # %%
 llava = json.load(open(world["train_json"]))
@@ -232,7 +247,7 @@ if model_path:
     train_summary = {"path": str(model_dir), "trained_here": False}
 else:
     model_dir = workspace.model_dir(run)
-    cfg = TinyVLMConfig(seed=seed, tower_steps=tower_steps, sft_steps=sft_steps, cpu_threads=cpu_threads)
+    cfg = TinyVLMConfig(seed=seed, tower_steps=tower_steps, sft_steps=sft_steps, sft_lr=sft_lr, cpu_threads=cpu_threads)
     train_summary = train_tiny_vlm(world, model_dir, cfg,
                                    log=lambda r: print(r) if r["step"] % 300 == 0 else None)
     train_summary["trained_here"] = True
@@ -266,6 +281,45 @@ q = pope.load_pope_questions(world["pope"]["adversarial"])[0]
 print(repr(vlm.chat_prompt(processor, q["text"])))
 print(q["text"], "→", vlm.generate(model, processor, [Path(world["test_images"]) / q["image"]], [q["text"]],
                                     max_new_tokens=4)[0], f"(truth: {q['label']})")
+
+# %% [markdown]
+# ### Health check: can it answer yes/no at all?
+#
+# Everything after this stage measures how preference training changes the model's answers. That
+# only means something if the base model answers yes/no questions from the image: a model that
+# says "no" to almost everything (or "yes") gains F1 from any change that makes it say "yes" more
+# often, without seeing anything better. So the stage asks `n_health` POPE questions per split about
+# the **validation** images (whole yes/no pairs, so half the answers should be "yes") and checks
+# accuracy on *random*, recall and yes-ratio against `realign_lib.evaluation.health.HealthBounds`.
+# Outside them the stage stops with the figures and the settings to raise; `health_check = False`
+# lets the model through with a warning (the smoke configuration does so: it checks the plumbing,
+# not the learning).
+
+# %%
+t0 = time.time()
+val_questions = {split: health.pope_subset(pope.load_pope_questions(f), n_health, seed=seed)
+                 for split, f in world["pope_val"].items()}
+health_metrics = {}
+for split, qs in val_questions.items():
+    answers = pope.answer_pope(model, processor, qs, world["val_images"], stage_dir / "health" / f"{split}.jsonl",
+                               batch_size=batch_size, model_id=str(model_dir))
+    health_metrics[split] = pope.score_pope([q["label"] for q in qs],
+                                            [pope.parse_yes_no(t) for _, t in pope.join_answers(qs, answers)])
+for split, m in health_metrics.items():
+    print(f"{split:<12} accuracy {100 * m['accuracy']:5.1f}  recall {100 * m['recall']:5.1f}  "
+          f"yes-ratio {100 * m['yes_ratio']:5.1f}  ({m['n']} questions)")
+problems = health.health_problems(health_metrics)
+t_health = time.time() - t0
+if problems:
+    message = health.health_message(
+        problems, {"n_train": n_train, "existence_per_image": existence_per_image, "tower_steps": tower_steps,
+                   "sft_steps": sft_steps, "sft_lr": sft_lr},
+        ["sft_steps", "existence_per_image", "tower_steps", "n_train"], "00_tiny_world.health_check=false")
+    if health_check:
+        raise health.UnhealthyBaseModel(message)
+    print("WARNING (health_check is off): " + message)
+else:
+    print("healthy: every figure within", health.HealthBounds())
 
 # %% [markdown]
 # ## 4 · What it says about held-out images
@@ -365,9 +419,11 @@ metrics = {
     "model": {k: v for k, v in train_summary.items() if k != "config"},
     "pope": pope_metrics,
     "pope_partner": partner,
+    "health": {"pope_val": health_metrics, "problems": problems, "checked": health_check},
     "chair": chair,
     "hallucinated_examples": hallucinated_examples[:10],
-    "seconds": {"world": round(t_world, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),
+    "seconds": {"world": round(t_world, 1), "train": round(t_train, 1), "health": round(t_health, 1),
+                "eval": round(t_eval, 1),
                 "total": round(time.time() - t_start, 1)},
     "versions": versions,
 }
@@ -382,12 +438,16 @@ print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['tota
 #
 # * **`seed`** — another world (other scenes, images and questions) and another tiny VLM from the
 #   same recipe. The lift table and the partner yes-rate should look alike; how much CHAIR and POPE
-#   move tells you how much any single world's numbers can be trusted.
-# * **`sft_steps`** (and `tower_steps`) — a model trained less or longer. Fewer steps give a
-#   model that has learned the text habits but not yet the faint objects: expect more
-#   hallucination and a larger partner yes-rate; more steps, the reverse, and less room for stages
-#   01–04 to improve on it.
+#   move tells you how much any single world's numbers can be trusted. Expect the health check to
+#   pass: the recipe was checked on ten world seeds (docs/results.md, "The base model on ten worlds").
+# * **`sft_steps = 300`** (or `existence_per_image = 0`) — a starved budget. Expect the health check
+#   to stop the stage: for hundreds of steps the instruction-tuned model answers every yes/no question
+#   the same way (its recall near 0 % or 100 %), and only later learns to look at the image for the
+#   answer. Set `health_check = False` to see the numbers of such a model anyway, and what stage 05
+#   then "finds".
+# * **`tower_steps`** — a weaker or stronger vision tower. With 600 steps some worlds' models say "yes"
+#   to most absent partners (POPE-adversarial near 55 %): the tower does not separate a faint partner
+#   from an empty patch, and the language model falls back on the co-occurrence prior.
 # * **`n_train`** — more training images make the co-occurrence statistics sharper and the model
 #   better; fewer make it lean on the prior. Watch the training loss curves and the partner share of
 #   hallucinations in section 4.
-

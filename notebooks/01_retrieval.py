@@ -84,6 +84,7 @@ from realign_lib.run import workspace
 from realign_lib.run.stages import RetrievalStage
 
 stage = RetrievalStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
+print(stage.changed())
 
 run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
 workspace.ensure_stages(run, needs=['00'])  # missing? built in the small setting, with one realign run call

@@ -170,6 +170,7 @@ from realign_lib.training import trainer as preference_trainer
 from realign_lib.training.config import records_to_train
 
 stage = TrainingStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
+print(stage.changed())
 
 t_start = time.time()
 torch.manual_seed(seed)

@@ -79,9 +79,11 @@ image_root = ""  # folder of the POPE images (COCO val2014 for the real files); 
 mme_root = ""  # MME folder (one folder per subtask); default: the tiny world's; "none" skips MME
 pope_suffix = False  # append lmms-eval's "Answer the question using a single word or phrase."
 max_questions = 0  # POPE questions per split (first N); 0: all
+max_mme_questions = 0  # MME questions per subtask (first N, whole images); 0: all
 n_chair = 300  # held-out images described for CHAIR (tiny world only); 0 skips it
 batch_size = 64  # inputs per batched model call
 baseline = "base"  # condition the others are compared with, paired by seed
+worlds = []  # world folders under run_dir, each with its own stages 00-04; empty: run_dir is the one world
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
 # %%
@@ -99,79 +101,57 @@ from PIL import Image
 from realign_lib.evaluation import chair as chair_lib
 from realign_lib.evaluation import pope
 from realign_lib.evaluation import runner as ev
-from realign_lib.evaluation.mme import load_mme
-from realign_lib.evaluation.stats import (condition_of, flat_metrics, format_differences, format_table,
-                                          paired_differences, summarize_conditions)
+from realign_lib.evaluation.stats import (answer_bias, condition_of, describe_differences, flat_metrics,
+                                          format_differences, format_table, paired_differences,
+                                          summarize_conditions)
 from realign_lib.files import read_json, read_jsonl, write_json
-from realign_lib.prompts import LMMS_EVAL_SUFFIX
 from realign_lib.run import workspace
 from realign_lib.run.stages import EvaluationStage
 from realign_lib.tinyworld.scenes import PARTNER, load_annotations, object_lexicon
 
 stage = EvaluationStage.from_namespace(globals())  # checks every parameter by name: type, range, choices
+print(stage.changed())
 
 t_start = time.time()
 if cpu_threads and not torch.cuda.is_available():
     torch.set_num_threads(cpu_threads)
 run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repository (or $REALIGN_HOME), wherever the kernel starts
-workspace.ensure_stages(run, needs=['00', '04'])  # missing? built in the small setting, with one realign run call
 stage_dir = run / "05_evaluation"
 stage_dir.mkdir(parents=True, exist_ok=True)
-world_dir = run / "data" / "tiny_world"
-base_path = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
-validation = eval_split == "validation"  # recipes are chosen on these images, never on the test images
-if validation and (pope_dir or image_root):
-    raise ValueError("eval_split='validation' selects the tiny world's validation images; with your own data "
-                     "point pope_dir and image_root at your validation questions and images instead")
-pope_files = pope.find_pope_files(pope_dir or world_dir / ("pope_val" if validation else "pope"))
-img_root = Path(image_root) if image_root else world_dir / ("val_images" if validation else "test_images")
-mme_dir = None if mme_root == "none" or validation else Path(mme_root) if mme_root else world_dir / "MME"
-if small_run:
-    max_questions = min(max_questions or 40, 40)
-    n_chair = min(n_chair, 16)
-suffix = LMMS_EVAL_SUFFIX if pope_suffix else ""
-
-# the tiny world's ground truth, for the partner yes-rate and CHAIR (absent for real data)
-test_ann = world_dir / ("annotations_val.jsonl" if validation else "annotations_test.jsonl")
-scenes = load_annotations(test_ann) if test_ann.is_file() and not pope_dir else []
-chair_scenes = scenes[:n_chair]
-chair_image_dir = world_dir / ("val_images" if validation else "test_images")
 LEXICON = object_lexicon()  # word → object type: what CHAIR counts as naming an object
-
-# questions (a prefix of each split with max_questions), written where the answers can find them
-questions = {}
-for split, path in pope_files.items():
-    qs = pope.load_pope_questions(path)
-    questions[split] = qs[:max_questions] if max_questions else qs
-mme_records = load_mme(mme_dir) if mme_dir is not None else {}
-if small_run:
-    mme_records = {t: rs[:8] for t, rs in mme_records.items()}
-
-# which models: the base, then every finished stage-04 run (a folder with an adapter or a model)
-train_dir = run / "04_training"
-available = sorted(p.name for p in train_dir.iterdir()
-                   if (p / "adapter_config.json").is_file() or (p / "config.json").is_file()) \
-    if train_dir.is_dir() else []
-missing = [r for r in runs if r not in available]
-if missing:
-    raise FileNotFoundError(f"stage-04 runs not found under {train_dir}: {missing}; available: {available}")
-models = (["base"] if include_base else []) + (list(runs) or available)
-print(f"POPE {', '.join(f'{s} {len(q)}' for s, q in questions.items())} questions; "
-      f"MME {sum(map(len, mme_records.values()))} questions in {len(mme_records)} subtasks; "
-      f"CHAIR on {len(chair_scenes)} images")
-print("models:", ", ".join(models))
+# one plan per world: its questions (POPE, MME, CHAIR images) and its models (base, then stage 04's runs)
+plans = {}
+for w in worlds or [""]:
+    wrun = run / w if w else run
+    workspace.ensure_stages(wrun, needs=['00', '04'])  # missing? built in the small setting, with one realign run call
+    plans[w] = ev.plan_world(wrun, model_path=model_path, eval_split=eval_split, pope_dir=pope_dir,
+                             image_root=image_root, mme_root=mme_root, pope_suffix=pope_suffix,
+                             max_questions=max_questions, max_mme_questions=max_mme_questions, n_chair=n_chair,
+                             batch_size=batch_size, runs=runs, include_base=include_base,
+                             # the tiny world's ground truth (CHAIR, the absent-partner yes-rate); none for real data
+                             load_scenes=load_annotations, lexicon=LEXICON, partners=PARTNER)
+    q = plans[w].setup.questions
+    print(f"{w or run.name}: POPE {', '.join(f'{s} {len(x)}' for s, x in q.items())} questions; MME "
+          f"{sum(map(len, plans[w].setup.mme_records.values()))} questions in {len(plans[w].setup.mme_records)} "
+          f"subtasks; CHAIR on {len(plans[w].chair_scenes)} images; models: {', '.join(plans[w].models)}")
+# the first world's plan, for the written-out sections 2 and 3
+first = plans[next(iter(plans))]
+questions, mme_records, chair_scenes, chair_image_dir = (first.setup.questions, first.setup.mme_records,
+                                                         first.chair_scenes, first.chair_image_dir)
 
 # %% [markdown]
-# The cell above printed what will be asked (questions per POPE split, MME questions, images described
-# for CHAIR) and which models answer: `base` is the model of stage 00, the others are stage 04's
-# runs. In the small setting every number is shrunk (40 POPE questions per split), so one question
-# moves a POPE accuracy by 2.5 points: read the smoke run's figures as a check that everything runs,
-# not as results.
+# The cell above printed, per world, what will be asked (questions per POPE split, MME questions,
+# images described for CHAIR) and which models answer: `base` is the model of stage 00, the others are
+# stage 04's runs. With `worlds` (a config's `worlds: [0, 1, 2]`) each world is a run folder of its
+# own — its own images, tiny VLM and preference pairs — and its models answer about its own test
+# images. `realign_lib.evaluation.runner.plan_world` makes each plan: the tiny world's POPE files of
+# `eval_split`, the first `max_questions` per split, MME and CHAIR images, and the finished runs under
+# `04_training`.
 #
 # ## 1 · Answer and score, model by model
 #
 # `ev.evaluate_model` does one model: it answers POPE, MME and the CHAIR descriptions, scores them,
-# and writes everything to `05_evaluation/<model>/` (`pope_<split>_answers.jsonl`,
+# and writes everything to `05_evaluation/[<world>/]<model>/` (`pope_<split>_answers.jsonl`,
 # `mme_answers.jsonl`, `mme/<subtask>.txt`, `descriptions.jsonl`, `fingerprint.json`,
 # `metrics.json`). The bookkeeping lives in the library: a *fingerprint* of the model's weights and
 # of the settings (question files, images, prompt suffix, …) is kept with the results, so a model
@@ -185,28 +165,21 @@ print("models:", ", ".join(models))
 # time it took (0 s: read from the cache).
 
 # %%
-setup = ev.EvaluationSetup(
-    base_path=base_path, train_dir=train_dir, questions=questions, pope_files=pope_files, image_root=img_root,
-    suffix=suffix, mme_records=mme_records, mme_dir=mme_dir, batch_size=batch_size,
-    # the tiny world's ground truth: objects per image, the words naming them and their partners (CHAIR and the
-    # absent-partner yes-rate); empty for real data
-    present={f"{s.id}.png": s.types for s in scenes}, lexicon=LEXICON if scenes else {},
-    partners=PARTNER if scenes else {}, chair_images=[chair_image_dir / f"{s.id}.png" for s in chair_scenes],
-    chair_present=[s.types for s in chair_scenes],
-    # stage 00's base answers: same questions and prompt only on the tiny world's test images, no suffix
-    base_answers=run / "00_tiny_world" / "eval_base"
-    if not (model_path or pope_dir or suffix or validation) else None)
-results = {}
-for name in models:
-    results[name] = r = ev.evaluate_model(setup, name, stage_dir / name)
-    pa = r["pope"].get("adversarial") or next(iter(r["pope"].values()))
-    other = sum(x.get("other_answers", 0) for x in r["pope"].values())
-    print(f"{name:<22} POPE adv acc {100 * pa['accuracy']:.1f} yes {100 * pa['yes_ratio']:.1f}"
-          + (f" ({other} POPE answers neither yes nor no, scored yes by the official rule)" if other else "")
-          + (f" | MME perception {r['mme']['perception']:.1f} compliance {100 * r['mme']['compliance']:.0f}%"
-             if "mme" in r else "")
-          + (f" | CHAIR_i {100 * r['chair']['chair_i']:.1f}" if "chair" in r else "")
-          + f" | {r['seconds']['total']:.0f} s")
+results = {}  # "<world>/<model>" (or "<model>" with one world) → its metrics; also its folder under stage_dir
+for w, plan in plans.items():
+    for m in plan.models:
+        name = f"{w}/{m}" if w else m
+        results[name] = r = ev.evaluate_model(plan.setup, m, stage_dir / name)
+        pa = r["pope"].get("adversarial") or next(iter(r["pope"].values()))
+        other = sum(x.get("other_answers", 0) for x in r["pope"].values())
+        print(f"{name:<22} POPE adv acc {100 * pa['accuracy']:.1f} yes {100 * pa['yes_ratio']:.1f}"
+              + (f" ({other} POPE answers neither yes nor no, scored yes by the official rule)" if other else "")
+              + (f" | MME perception {r['mme']['perception']:.1f} compliance {100 * r['mme']['compliance']:.0f}%"
+                 if "mme" in r else "")
+              + (f" | CHAIR_i {100 * r['chair']['chair_i']:.1f}" if "chair" in r else "")
+              + f" | {r['seconds']['total']:.0f} s")
+models = list(results)
+shown = [n for n in models if not worlds or n.split("/")[0] == worlds[0]]  # the first world's models (sections 2-3)
 
 # %% [markdown]
 # ## 2 · The POPE score, written out
@@ -306,8 +279,8 @@ print(f"all {len(qs)} {split} questions: " + ", ".join(f"{k} {v:.3f}" for k, v i
 
 # %%
 if chair_scenes:
-    texts = {m: {r["id"]: r["text"] for r in read_jsonl(stage_dir / m / "descriptions.jsonl")} for m in models}
-    for m in models:
+    texts = {m: {r["id"]: r["text"] for r in read_jsonl(stage_dir / m / "descriptions.jsonl")} for m in shown}
+    for m in shown:
         named = hallucinated = with_hallucination = 0
         for s in chair_scenes:
             objects = chair_lib.mentioned_objects(texts[m][s.id], LEXICON)      # object types the description names
@@ -319,7 +292,7 @@ if chair_scenes:
         print(f"{m:<22} CHAIR_i = {hallucinated}/{named} = {chair_i:.3f}   "
               f"CHAIR_s = {with_hallucination}/{len(chair_scenes)} = {chair_s:.3f}")
 
-    show = sorted(chair_scenes, key=lambda s: -sum(o not in s.types for m in models
+    show = sorted(chair_scenes, key=lambda s: -sum(o not in s.types for m in shown
                                                  for o in chair_lib.mentioned_objects(texts[m][s.id], LEXICON)))[:3]
     fig, axes = plt.subplots(len(show), 2, figsize=(11, 2.3 * len(show)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 5]})
@@ -328,9 +301,9 @@ if chair_scenes:
         ax_img.set_title(f"present: {', '.join(sorted(set(s.types)))}", fontsize=8)
         ax_txt.axis("off")
         ax_img.axis("off")
-        for i, m in enumerate(models):
+        for i, m in enumerate(shown):
             absent = [o for o in chair_lib.mentioned_objects(texts[m][s.id], LEXICON) if o not in s.types]
-            ax_txt.text(0, 1 - i / len(models), f"{m}: " + textwrap.shorten(texts[m][s.id], 110)
+            ax_txt.text(0, 1 - i / len(shown), f"{m}: " + textwrap.shorten(texts[m][s.id], 110)
                         + (f"   [absent: {', '.join(absent)}]" if absent else ""), va="top", fontsize=8,
                         color="tab:red" if absent else "black", transform=ax_txt.transAxes)
     fig.suptitle("Held-out images and every model's description (red: names an absent object)", fontsize=9)
@@ -372,8 +345,8 @@ display(Markdown("\n".join(rows)))
 # %%
 table_rows = []
 for name, f in flat.items():
-    cond, s = condition_of(name)
-    table_rows.append({"condition": cond, "seed": s, "metrics": f})
+    cond, s = condition_of(name.split("/")[-1])
+    table_rows.append({"condition": cond, "seed": s, "group": name.split("/")[0] if worlds else None, "metrics": f})
 conditions = list(dict.fromkeys(r["condition"] for r in table_rows))
 summary = summarize_conditions(table_rows)
 key_metrics = [m for m in ("pope/random/accuracy", "pope/popular/accuracy", "pope/adversarial/accuracy",
@@ -388,8 +361,14 @@ if "rdpo" in conditions and "dpo" in conditions:
     comparisons.append(("rdpo", "dpo"))
 diffs = {f"{a} - {b}": paired_differences(table_rows, a, b) for a, b in comparisons}
 diff_md = format_differences(diffs, key_metrics)
-display(Markdown("Paired differences, mean ± sd over seeds (seeds agreeing in sign / seeds); **bold**: clear.\n\n"
+pairs_are = "(world, seed) pairs" if worlds else "seeds"
+display(Markdown(f"Paired differences, mean ± sd over {pairs_are} (agreeing in sign / pairs); **bold**: clear.\n\n"
                  + diff_md))
+# the same within each world: does the pooled result hold in every world, or does one world carry it?
+per_world = {f"{w}: {label}": paired_differences([r for r in table_rows if r["group"] == w], a, b)
+             for w in worlds for label, (a, b) in zip(diffs, comparisons)}
+if per_world:
+    display(Markdown("Per world, paired by seed within the world:\n\n" + format_differences(per_world, key_metrics)))
 
 # %% [markdown]
 # The first table is the level of every condition: mean ± sd over its seeds (a single number where
@@ -430,7 +409,8 @@ for ax, m in zip(axes[0], plot_metrics):
             continue
         ds = np.asarray(d["diffs"], dtype=float)
         jitter = np.linspace(-0.12, 0.12, len(ds)) if len(ds) > 1 else np.zeros(1)
-        ax.scatter(i + jitter, ds, s=14, color="tab:blue", alpha=0.7, zorder=3)
+        colours = [f"C{worlds.index(g)}" if g in worlds else "tab:blue" for g in d.get("groups", [None] * len(ds))]
+        ax.scatter(i + jitter, ds, s=14, c=colours, alpha=0.7, zorder=3)
         se = d["sd"] / np.sqrt(d["n"]) if d["n"] > 1 and d["sd"] == d["sd"] else 0.0
         ax.errorbar(i + 0.25, d["mean"], yerr=2 * se, fmt="D", color="black" if d["clear"] else "grey",
                     markersize=5, capsize=4, zorder=4)
@@ -450,22 +430,25 @@ plt.show()
 # ## 7 · Reading
 #
 # The reading below is generated from the paired differences above, so it cannot say more than
-# they do: per comparison, the key metrics whose change is clear (with the mean change in points),
-# or that none is. It goes into `comparison.md` and `metrics.json` as it is.
+# they do: per comparison, the key metrics whose change is clear, with the mean change in points and
+# whether it is *better* or *worse* (`realign_lib.evaluation.stats.better_direction`: a higher F1 or
+# accuracy is better, a higher yes-rate to absent objects or CHAIR is worse, a yes-ratio is better
+# nearer the label balance), or that none is. It also warns when the base model's yes-ratio is far
+# from the label balance, where F1 follows the answer bias. It goes into `comparison.md` and `metrics.json` as it is.
 
 # %%
 lines = []
 for label, d in diffs.items():
-    clear = [f"{m} {x['mean']:+.2f}" for m, x in d.items() if m in key_metrics and x["clear"]]
-    n = max((x["n"] for x in d.values()), default=0)
-    if n < 2:
-        lines.append(f"- {label}: one seed only, no spread to compare with.")
-    elif clear:
-        lines.append(f"- {label}: clear (all {n} seeds agree, |mean| > 2 se) on " + ", ".join(clear)
-                     + "; every other key metric within the seed spread.")
-    else:
-        lines.append(f"- {label}: no key metric differs beyond the seed spread ({n} seeds).")
+    baseline_of = label.split(" - ")[1]
+    base_levels = {m: x["mean"] for m, x in summary.get(baseline_of, {}).items()}
+    lines.append(describe_differences(label, d, key_metrics, base_levels, unit=pairs_are))
 reading = "\n".join(lines) or "- one model only: nothing to compare."
+if "base" in summary:
+    biased = answer_bias({m: x["mean"] for m, x in summary["base"].items()})
+    if biased:
+        reading += ("\n- Caution: the base model's yes-ratio is far from the label balance (50 %) on "
+                    + ", ".join(biased) + ": its F1 moves with how often it says yes, so an F1 gain may be "
+                    "answer bias moving rather than better seeing; read accuracy and the yes-rates beside it.")
 n_seeds = max((x["n"] for d in diffs.values() for x in d.values()), default=0)
 if n_seeds > 1:
     reading += (f"\n- How far to trust this: 'clear' is a screening rule, not a significance test (with {n_seeds} seeds, "
@@ -494,7 +477,8 @@ report = "\n\n".join([
     + ", ".join(f"{s} {len(q)}" for s, q in questions.items())
     + f"; MME questions: {sum(map(len, mme_records.values()))}; CHAIR images: {len(chair_scenes)}.",
     "## Mean ± sd over seeds\n\n" + table_md,
-    "## Paired differences (mean ± sd, seeds agreeing in sign / seeds; bold: clear)\n\n" + diff_md,
+    f"## Paired differences (mean ± sd over {pairs_are}, agreeing in sign / pairs; bold: clear)\n\n" + diff_md
+    + ("\n\n### Per world\n\n" + format_differences(per_world, key_metrics) if per_world else ""),
     "## Reading\n\n" + reading,
     "## Versions\n\n" + ", ".join(f"{k} {v}" for k, v in versions.items()),
     "## Run config\n\n```json\n" + json.dumps(run_config, indent=1) + "\n```",
@@ -502,12 +486,15 @@ report = "\n\n".join([
 (stage_dir / "comparison.md").write_text(report + "\n")
 metrics = {
     "stage": "05_evaluation", "small_run": small_run, "eval_split": eval_split, "models": models,
-    "base": str(base_path),
-    "pope_files": pope_files, "mme_root": str(mme_dir), "suffix": suffix,
+    # per world with worlds, else the run's own
+    "base": {w: str(p.setup.base_path) for w, p in plans.items()} if worlds else str(first.setup.base_path),
+    "pope_files": {w: p.setup.pope_files for w, p in plans.items()} if worlds else first.setup.pope_files,
+    "mme_root": {w: str(p.setup.mme_dir) for w, p in plans.items()} if worlds else str(first.setup.mme_dir),
+    "suffix": first.setup.suffix,
     "per_model": {n: {k: results[n][k] for k in ("pope", "pope_partner", "mme", "chair", "seconds") if k in results[n]}
                   for n in models},
     "flat": flat, "summary": summary,
-    "paired_differences": diffs,
+    "paired_differences": diffs, "worlds": worlds, "per_world_differences": per_world,
     "reading": reading, "versions": versions, "seconds": round(time.time() - t_start, 1),
 }
 write_json(stage_dir / "metrics.json", metrics)

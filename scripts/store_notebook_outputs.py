@@ -8,6 +8,11 @@ Each stage notebook of the main chain gets the outputs of its executed copy in t
 cell sources (``metadata.realign.source_sha256``) so that tests/test_notebooks.py can tell when a
 notebook was edited after its outputs were made. Notebooks the main chain does not run (00_real_data)
 are stored without outputs, with the digest.
+
+Notebook 05 is stored from the comparison run (``--stage-from 05_evaluation=configs/tiny_world_comparison.yaml``,
+the default: base, DPO and rDPO over worlds and seeds, the README's result), which must have finished
+(``realign run --config configs/tiny_world_comparison.yaml``); ``--stage-from 05_evaluation=`` stores the
+main run's instead.
 """
 from __future__ import annotations
 
@@ -32,17 +37,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny_world.yaml", help="the reference run's config (main command)")
     ap.add_argument("--no-run", action="store_true", help="do not run the chain first")
+    ap.add_argument("--stage-from", action="append", default=["05_evaluation=configs/tiny_world_comparison.yaml"],
+                    metavar="STAGE=CONFIG", help="store STAGE from the finished run of CONFIG (empty: the main run)")
     args = ap.parse_args(argv)
     cfg = load_config(ROOT / args.config, [])
     run = resolve_run_dir(cfg.run_dir)
+    other = {k: v for k, _, v in (x.partition("=") for x in args.stage_from)}  # the last one given wins
     if not args.no_run:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", args.config], cwd=ROOT, env=env,
                        check=True)
-    rel_run = os.path.relpath(run, ROOT) if run.is_relative_to(ROOT) else cfg.run_dir
-    replacements = {str(run): rel_run, str(ROOT) + os.sep: "", str(ROOT): ".", str(Path.home()) + os.sep: "~/"}
     for nb_path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         stage = nb_path.stem
+        config = other.get(stage) or args.config
+        stage_cfg = load_config(ROOT / config, []) if config != args.config else cfg
+        run = resolve_run_dir(stage_cfg.run_dir)
+        rel_run = os.path.relpath(run, ROOT) if run.is_relative_to(ROOT) else stage_cfg.run_dir
+        replacements = {str(run): rel_run, str(ROOT) + os.sep: "", str(ROOT): ".", str(Path.home()) + os.sep: "~/"}
         source = json.loads(nb_path.read_text())
         for cell in source["cells"]:  # start from the sources alone
             if cell["cell_type"] == "code":
@@ -50,7 +61,7 @@ def main(argv=None) -> int:
         executed = run / stage / f"{stage}.ipynb"
         if stage in cfg.stages and executed.is_file():
             nb = nbstore.with_outputs(source, json.loads(executed.read_text()), replacements,
-                                      outputs_from=f"{args.config} ({rel_run}/{stage}/{stage}.ipynb)")
+                                      outputs_from=f"{config} ({rel_run}/{stage}/{stage}.ipynb)")
             left = nbstore.machine_paths(nb)
             if left:
                 raise SystemExit(f"{stage}: machine paths left in the outputs: {left[:3]}")
@@ -60,7 +71,7 @@ def main(argv=None) -> int:
                   + (f"; figure cells without an image: {missing}" if missing else ""))
         else:
             if stage in cfg.stages:
-                raise SystemExit(f"{executed} not found: run the main command first (or drop --no-run)")
+                raise SystemExit(f"{executed} not found: run {config} first (or drop --no-run)")
             nb = source
             nb["metadata"]["realign"] = {"source_sha256": nbstore.source_digest(source), "outputs_from": None}
             print(f"{stage}: not part of {args.config}; stored without outputs")

@@ -148,7 +148,7 @@ def test_parameters_precedence_top_level_then_stage():
 def test_unknown_keys_wrong_types_and_bad_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown parameter 'n_trian'.*takes:.*n_train"):
         RunConfig(run_dir="r", stages={"00_tiny_world": {"n_trian": 5}})
-    with pytest.raises(TypeError, match=r"n_train='many': must be an integer \(default 20000\)"):
+    with pytest.raises(TypeError, match=r"n_train='many': must be an integer \(default 15000\)"):
         RunConfig(run_dir="r", stages={"00_tiny_world": {"n_train": "many"}})
     with pytest.raises(TypeError, match="small_run=1: must be true or false"):
         RunConfig(run_dir="r", stages={"00_tiny_world": {"small_run": 1}})
@@ -336,3 +336,27 @@ def test_a_matrix_in_a_recipe_replaces_the_base_recipes_variants_of_its_names(tm
     runs = [s for s in cfg.stages if s.startswith("04_training/")]
     assert sorted(runs) == sorted(f"04_training/{l}_seed{s}" for l in ("dpo", "rdpo") for s in (0, 1))
     assert all(cfg.parameters(s)["beta"] == 0.3 for s in runs)
+
+
+def test_worlds_run_the_stages_before_05_per_world_and_05_once_over_all(tmp_path):
+    """`worlds: [3, 5]`: stages 00-04 in <run_dir>/world3 and world5 (stage 00's seed = the world seed,
+    the others keep theirs), then 05 once in run_dir with the world folders as its `worlds`."""
+    cfg_file = tmp_path / "w.yaml"
+    cfg_file.write_text("run_dir: r\nseed: 7\nworlds: [3, 5]\nstages:\n  '00_tiny_world': {}\n  '01_retrieval': {}\n"
+                        "  '04_training/rdpo_seed{seed}':\n    matrix: {seed: [0, 1]}\n    loss: rdpo\n"
+                        "  '05_evaluation': {}\n")
+    plan = load_config(cfg_file).plan()
+    assert [(f, s) for s, f, _ in plan] == [
+        ("world3", "00_tiny_world"), ("world3", "01_retrieval"), ("world3", "04_training/rdpo_seed0"),
+        ("world3", "04_training/rdpo_seed1"), ("world5", "00_tiny_world"), ("world5", "01_retrieval"),
+        ("world5", "04_training/rdpo_seed0"), ("world5", "04_training/rdpo_seed1"), ("", "05_evaluation")]
+    seeds = [p["seed"] for _, _, p in plan]
+    assert seeds == [3, 7, 0, 1, 5, 7, 0, 1, 7]
+    assert plan[-1][2]["worlds"] == ["world3", "world5"]
+    assert all("worlds" not in p for _, _, p in plan[:-1])
+    plain = load_config(cfg_file.parent / "w.yaml", ["worlds=[]"]).plan()
+    assert [f for _, f, _ in plain] == [""] * 5 and "worlds" not in plain[-1][2]
+    for bad, message in (("[1, 1]", "names a world seed twice"), ("[-1]", "non-negative integers"),
+                         ("three", "non-negative integers")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            load_config(cfg_file, [f"worlds={bad}"])

@@ -137,6 +137,29 @@ def test_readme_has_one_replaceable_results_block():
     assert {r.split("|")[1].strip() for r in rows} >= {"base", "DPO", "rDPO"}, "the results table lost a row"
 
 
+def test_results_in_readme_and_docs_are_written_from_the_committed_results(tmp_path):
+    """The README's results block and docs/results.md's tables equal what scripts/write_results.py writes
+    from experiments/results/comparison.json and benchmarks/results/stage00_worlds.json; and the check
+    notices a hand edit."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "scripts/write_results.py", "--check"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import write_results
+    finally:
+        sys.path.pop(0)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
+    edited = readme.replace(block, block.replace("| rDPO |", "| rDPO (typed) |"))
+    assert edited != readme
+    assert write_results.replace_block(edited, "results", block) == readme  # the writer restores it
+    with pytest.raises(ValueError, match="exactly once"):
+        write_results.replace_block("no markers", "results", "x")
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc):
     assert broken_links(doc) == []

@@ -10,7 +10,10 @@ from realign_lib.evaluation import pope
 from realign_lib.evaluation import runner as ev
 from realign_lib.evaluation.mme import clean_prediction, is_compliant, load_mme, parse_mme_answer, score_mme_file
 from realign_lib.evaluation.stats import (
+    answer_bias,
+    better_direction,
     condition_of,
+    describe_differences,
     flat_metrics,
     format_differences,
     format_table,
@@ -266,3 +269,57 @@ def test_format_differences_marks_clear_ones():
                          "f1": {"mean": -0.2, "sd": float("nan"), "n": 1, "same_sign": 1, "clear": False}}}
     table = format_differences(d, ["acc", "f1", "chair"])
     assert table.splitlines()[2] == "| rdpo - base | **+1.5 ± 0.5** (3/3) | -0.2 (1/1) | – |"
+
+
+def test_paired_differences_pair_within_each_world():
+    """Rows with a group (a world) pair only with their own world's base model."""
+    rows = [{"condition": "base", "seed": None, "group": 0, "metrics": {"f1": 70.0}},
+            {"condition": "base", "seed": None, "group": 1, "metrics": {"f1": 50.0}}]
+    rows += [{"condition": "rdpo", "seed": s, "group": g, "metrics": {"f1": base + 1.0 + 0.1 * s}}
+             for g, base in ((0, 70.0), (1, 50.0)) for s in range(3)]
+    d = paired_differences(rows, "rdpo", "base")["f1"]
+    assert d["n"] == 6 and d["mean"] == pytest.approx(1.1) and d["clear"]  # not 70-50 mixed pairs
+
+
+def test_reading_says_better_or_worse_by_the_metric_direction():
+    assert better_direction("pope/adversarial/f1") == 1 and better_direction("chair/chair_i") == -1
+    assert better_direction("pope/adversarial/absent_partner_yes_rate") == -1
+    assert better_direction("pope/random/yes_ratio") == 0
+    clear = lambda mean: {"mean": mean, "sd": 0.1, "n": 3, "same_sign": 3, "diffs": [mean] * 3, "clear": True}
+    diffs = {"pope/adversarial/f1": clear(1.5), "pope/adversarial/absent_partner_yes_rate": clear(2.0),
+             "pope/adversarial/yes_ratio": clear(-3.0), "chair/chair_i": clear(-1.0),
+             "mme/perception": {**clear(4.0), "clear": False}}
+    line = describe_differences("rdpo - base", diffs, list(diffs), {"pope/adversarial/yes_ratio": 60.0})
+    assert "pope/adversarial/f1 +1.50 (better)" in line
+    assert "absent_partner_yes_rate +2.00 (worse)" in line
+    assert "yes_ratio -3.00 (better (closer to the label balance))" in line  # 60 → 57
+    assert "chair/chair_i -1.00 (better)" in line and "mme/perception" not in line
+    assert line.startswith("- rdpo - base: better on 3, worse on 1 clear metrics")
+    line = describe_differences("rdpo - base", diffs, list(diffs), {"pope/adversarial/yes_ratio": 45.0})
+    assert "yes_ratio -3.00 (worse (further from the label balance))" in line  # 45 → 42
+    none = describe_differences("a - b", {"f1": {**clear(0.1), "clear": False}}, ["f1"])
+    assert "neither better nor worse" in none
+    assert answer_bias({"pope/random/yes_ratio": 52.0, "pope/adversarial/yes_ratio": 71.0,
+                        "pope/adversarial/f1": 90.0}) == ["adversarial 71.0 %"]
+
+
+def test_health_check_names_the_figures_outside_the_bounds(root):
+    from realign_lib.evaluation import health
+    qs = pope.load_pope_questions(root / "data" / "pope" / "coco_pope_adversarial.json")  # the real file
+    fake = [{"question_id": i, "image": f"{i // 2}.png", "text": "q", "label": "yes" if i % 2 == 0 else "no"}
+            for i in range(1000)]
+    for questions in [q for q in (qs, fake) if q]:
+        sub = health.pope_subset(questions, 100, seed=3)
+        assert len(sub) == 100 and sum(q["label"] == "yes" for q in sub) == 50
+        assert sub == health.pope_subset(questions, 100, seed=3) != health.pope_subset(questions, 100, seed=4)
+    assert health.pope_subset(fake, 0) == fake
+    good = {"accuracy": 0.78, "recall": 0.85, "yes_ratio": 0.55}
+    assert health.health_problems({"random": good, "adversarial": {**good, "accuracy": 0.6}}) == []
+    broken = {"random": {"accuracy": 0.53, "recall": 0.22, "yes_ratio": 0.19},
+              "adversarial": {"accuracy": 0.5, "recall": 1.0, "yes_ratio": 1.0}}
+    problems = health.health_problems(broken)
+    assert problems == ["accuracy on random 53.0 % < 65 %", "recall on random 22.0 % < 50 %",
+                        "yes-ratio on random 19.0 % outside 20-85 % (labels: 50 %)",
+                        "yes-ratio on adversarial 100.0 % outside 20-85 % (labels: 50 %)"]
+    msg = health.health_message(problems, {"sft_steps": 150}, ["sft_steps"], "health_check=false")
+    assert "sft_steps=150" in msg and "Raise sft_steps" in msg and problems[0] in msg

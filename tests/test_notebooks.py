@@ -54,6 +54,42 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
             assert all(not c.get("outputs") for c in code), f"{path}: not run by the main command, stored without outputs"
 
 
+def test_stored_notebooks_show_the_settings_that_produced_them(root):
+    """The first output of each stored notebook lists the settings that differ from its parameters cell's
+    defaults, and they are exactly those of the config that made the outputs (run_dir aside: a machine
+    path); notebook 05 is stored from the comparison over worlds, with several models per condition."""
+    import ast
+
+    from realign_lib.run.config import load_config
+    from realign_lib.run.stages import stage_class
+
+    for path in _notebooks(root):
+        nb = json.loads(path.read_text())
+        made_by = nb["metadata"]["realign"].get("outputs_from")
+        if not made_by:
+            continue
+        cfg = load_config(root / made_by.split(" ")[0])
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        printed = "".join(o.get("text", "") for o in code[2]["outputs"] if o.get("name") == "stdout")
+        assert f"{path.stem} runs with" in printed, (path, printed[:300])
+        shown = {}
+        for line in printed.splitlines():
+            if line.startswith("  ") and " = " in line:
+                k, v = line.strip().split(" = ", 1)
+                shown[k] = ast.literal_eval(v)
+        settings = stage_class(path.stem)(**{k: v for k, v in cfg.parameters(path.stem).items()})
+        defaults = stage_class(path.stem).defaults()
+        expected = {k: getattr(settings, k) for k in defaults if getattr(settings, k) != defaults[k] and k != "run_dir"}
+        shown.pop("run_dir", None)
+        assert shown == expected, (path, shown, expected)
+        if path.stem == "05_evaluation":
+            assert len(cfg.worlds) >= 3 and shown.get("worlds") == [f"world{w}" for w in cfg.worlds]
+            models = "".join(o.get("text", "") for c in code for o in c.get("outputs", []) if o.get("name") == "stdout")
+            for w in shown["worlds"]:
+                for cond in ("base", "dpo_seed0", "rdpo_seed0", "dpo_seed2", "rdpo_seed2"):
+                    assert f"{w}/{cond} " in models, (w, cond)
+
+
 def _chain_cmd(root, run_dir):
     return [sys.executable, "-m", "realign_lib.run.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
             "--set", f"run_dir={run_dir}"]
@@ -193,6 +229,51 @@ def test_chain_killed_mid_evaluation_resumes_to_the_same_results(root, smoke_cha
         ids = [json.loads(x)["question_id"] for x in open(run_dir / "05_evaluation" / "base" / f"pope_{split}_answers.jsonl")]
         assert len(ids) == len(set(ids)) == 40
     assert _comparable(run_dir) == _comparable(smoke_chain)
+
+
+@pytest.mark.slow
+def test_a_starved_base_model_fails_its_health_check_and_stops_the_chain(root, smoke_chain, tmp_path):
+    """The smoke budget (a minute of training) cannot learn yes/no answers: with the health check on,
+    stage 00 fails with the figures and the settings to raise, rc != 0, and no later stage runs."""
+    run_dir = tmp_path / "run"
+    _copy_run(root, smoke_chain, run_dir, only=["00_tiny_world", "data", "model"])  # world and model reused
+    res = subprocess.run(_chain_cmd(root, run_dir) + ["--set", "00_tiny_world.health_check=true"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "UnhealthyBaseModel" in out and "failed its health check on the validation images" in out, out[-3000:]
+    assert "sft_steps=150" in out and "Raise sft_steps" in out and "health_check=false" in out, out[-3000:]
+    assert "[01_retrieval] running" not in out and not (run_dir / "01_retrieval").exists()
+    m = json.loads((smoke_chain / "00_tiny_world" / "metrics.json").read_text())  # the smoke run: checked, let through
+    assert m["health"]["checked"] is False and m["health"]["problems"], m["health"]
+
+
+@pytest.mark.slow
+def test_stage_05_over_worlds_pairs_within_each_world(root, smoke_chain, tmp_path):
+    """A config with `worlds`: stage 05 runs once in run_dir over the world folders, every world's models
+    answer in 05_evaluation/<world>/<model>/, and the comparison pairs on (world, seed) — two copies of the
+    smoke run as two worlds give two pairs per comparison, each pair equal to the one-world run's."""
+    import shutil
+    run = tmp_path / "run"
+    for w in (0, 1):
+        shutil.copytree(smoke_chain, run / f"world{w}", ignore=shutil.ignore_patterns("05_evaluation", ".realign.lock"))
+    cfg = tmp_path / "worlds.yaml"
+    cfg.write_text(f"base: {root / 'configs' / 'tiny_world_smoke.yaml'}\nrun_dir: {run}\nworlds: [0, 1]\n")
+    res = subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", str(cfg), "--stage", "5"],
+                         cwd=root, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    m = json.loads((run / "05_evaluation" / "metrics.json").read_text())
+    one = json.loads((smoke_chain / "05_evaluation" / "metrics.json").read_text())
+    assert m["worlds"] == ["world0", "world1"]
+    assert m["models"] == [f"world{w}/{n}" for w in (0, 1) for n in ("base", "dpo_seed0", "rdpo_seed0")]
+    for w in (0, 1):
+        assert (run / "05_evaluation" / f"world{w}" / "rdpo_seed0" / "pope_random_answers.jsonl").is_file()
+    d = m["paired_differences"]["rdpo - base"]["pope/adversarial/accuracy"]
+    d1 = one["paired_differences"]["rdpo - base"]["pope/adversarial/accuracy"]
+    assert d["n"] == 2 and d["groups"] == ["world0", "world1"] and d["diffs"] == pytest.approx(d1["diffs"] * 2)
+    assert set(m["per_world_differences"]) == {f"world{w}: {c}" for w in (0, 1)
+                                               for c in ("dpo - base", "rdpo - base", "rdpo - dpo")}
+    assert "(world, seed) pairs" in m["reading"]
 
 
 def test_cli_refuses_a_bad_config_clearly(root, tmp_path):

@@ -71,6 +71,31 @@ def test_training_questions_are_balanced_and_true():
     assert answers["yes"] == answers["no"]
 
 
+def test_extra_existence_questions_are_balanced_true_and_ask_partners_when_told():
+    """existence_per_image turns: half yes (a present object), half no (an absent one); with
+    partner_negatives=1 every "no" that can be asks for a present object's absent partner, with 0 none
+    is chosen for being one (partners then appear only at the rate of chance)."""
+    scenes = tw.sample_scenes(300, seed=5)
+    for share in (0.0, 1.0):
+        rng = np.random.default_rng(1)
+        partner_no = can = 0
+        for s in scenes:
+            qs = tw.existence_questions(s, rng, 4, partner_negatives=share)
+            assert [q["answer"] for q in qs] == ["yes", "no", "yes", "no"]
+            for q in qs:
+                obj = q["question"].split()[3]
+                assert q["question"] == f"Is there a {obj} in the image?" and (obj in s.types) == (q["answer"] == "yes")
+                partners = {PARTNER[t] for t in s.types} - set(s.types)
+                if q["answer"] == "no" and partners:
+                    can += 1
+                    partner_no += obj in partners
+        assert (partner_no == can) if share == 1.0 else (partner_no < 0.3 * can), (share, partner_no, can)
+    rec = tw.llava_record(scenes[0], "x.png", np.random.default_rng(2), 2, n_existence=4)
+    assert len(rec["conversations"]) == 2 * (1 + 2 + 4)  # description, 2 mixed yes/no, 4 existence turns
+    with pytest.raises(ValueError, match="existence_per_image must be 0-8"):
+        tw.WorldConfig(existence_per_image=9)
+
+
 def test_short_answers_are_true_and_name_what_is_asked():
     rng = np.random.default_rng(1)
     kinds = Counter()

@@ -16,7 +16,7 @@ from realign_lib.cache import file_digest, model_identity
 from realign_lib.evaluation.chair import CHAIR_MAX_NEW_TOKENS, chair_scores, describe_images, partner_yes_rate
 from realign_lib.evaluation.mme import answer_mme, score_mme_results, write_mme_results
 
-__all__ = ["EvaluationSetup", "load_for_evaluation", "evaluate_model"]
+__all__ = ["EvaluationSetup", "WorldPlan", "plan_world", "load_for_evaluation", "evaluate_model"]
 
 
 # ------------------------------------------------------------------- one model, answered once
@@ -67,6 +67,78 @@ class EvaluationSetup:
                 "mme": str(self.mme_dir), "mme_questions": sum(map(len, self.mme_records.values())),
                 "chair_images": [Path(p).name for p in self.chair_images],
                 "chair_max_new_tokens": CHAIR_MAX_NEW_TOKENS}
+
+
+@dataclass
+class WorldPlan:
+    """Stage 05's plan for one run folder (one world): the :class:`EvaluationSetup`, the models to
+    evaluate (``"base"`` then stage 04's runs), and the tiny world's ground truth when there is one."""
+    setup: EvaluationSetup
+    models: list[str]
+    scenes: list = field(default_factory=list)          # the evaluation images' scenes (tiny world)
+    chair_scenes: list = field(default_factory=list)    # the ones described for CHAIR
+    chair_image_dir: Path | None = None
+
+
+def plan_world(run: str | os.PathLike, *, model_path: str, eval_split: str, pope_dir: str, image_root: str,
+               mme_root: str, pope_suffix: bool, max_questions: int, max_mme_questions: int, n_chair: int,
+               batch_size: int, runs: Sequence[str], include_base: bool, load_scenes=None,
+               lexicon: dict[str, str] | None = None, partners: dict[str, str] | None = None) -> WorldPlan:
+    """What stage 05 asks in run folder ``run`` and of which models (the notebook's parameters, same names
+    and meanings; their defaults are :class:`realign_lib.run.stages.EvaluationStage`'s).
+
+    Questions: the tiny world's POPE files of ``eval_split`` (``pope_val`` for validation) unless
+    ``pope_dir`` is given, the first ``max_questions`` of each split (0: all); MME from ``mme_root`` (the
+    tiny world's by default, ``"none"`` or validation: none), the first ``max_mme_questions`` per subtask;
+    CHAIR on the first ``n_chair`` evaluation images of the tiny world. Models: ``base`` (with
+    ``include_base``), then ``runs`` or every finished stage-04 run under ``run/04_training``.
+
+    The tiny world's ground truth comes from the caller (the evaluation never imports the tiny world):
+    ``load_scenes(annotations.jsonl)`` → scenes with ``.id`` and ``.types``, ``lexicon`` (word → object)
+    and ``partners`` (object → its usual companion); without them, no CHAIR and no partner yes-rate.
+    """
+    from realign_lib.evaluation import pope
+    from realign_lib.evaluation.mme import load_mme
+    from realign_lib.prompts import LMMS_EVAL_SUFFIX
+    from realign_lib.run.workspace import model_dir
+
+    run = Path(run)
+    world_dir = run / "data" / "tiny_world"
+    validation = eval_split == "validation"  # recipes are chosen on these images, never on the test images
+    if validation and (pope_dir or image_root):
+        raise ValueError("eval_split='validation' selects the tiny world's validation images; with your own data "
+                         "point pope_dir and image_root at your validation questions and images instead")
+    pope_files = pope.find_pope_files(pope_dir or world_dir / ("pope_val" if validation else "pope"))
+    img_root = Path(image_root) if image_root else world_dir / ("val_images" if validation else "test_images")
+    mme_dir = None if mme_root == "none" or validation else Path(mme_root) if mme_root else world_dir / "MME"
+    ann = world_dir / ("annotations_val.jsonl" if validation else "annotations_test.jsonl")
+    scenes = load_scenes(ann) if load_scenes and ann.is_file() and not pope_dir else []
+    chair_scenes = scenes[:n_chair]
+    chair_image_dir = world_dir / ("val_images" if validation else "test_images")
+    questions = {split: (qs[:max_questions] if max_questions else qs)
+                 for split, qs in ((s, pope.load_pope_questions(p)) for s, p in pope_files.items())}
+    mme_records = load_mme(mme_dir) if mme_dir is not None else {}
+    if max_mme_questions:
+        mme_records = {t: rs[:max_mme_questions] for t, rs in mme_records.items()}
+    train_dir = run / "04_training"
+    available = sorted(p.name for p in train_dir.iterdir()
+                       if (p / "adapter_config.json").is_file() or (p / "config.json").is_file()) \
+        if train_dir.is_dir() else []
+    missing = [r for r in runs if r not in available]
+    if missing:
+        raise FileNotFoundError(f"stage-04 runs not found under {train_dir}: {missing}; available: {available}")
+    setup = EvaluationSetup(
+        base_path=model_dir(run, model_path), train_dir=train_dir, questions=questions, pope_files=pope_files,
+        image_root=img_root, suffix=LMMS_EVAL_SUFFIX if pope_suffix else "", mme_records=mme_records,
+        mme_dir=mme_dir, batch_size=batch_size,
+        present={f"{s.id}.png": s.types for s in scenes}, lexicon=(lexicon or {}) if scenes else {},
+        partners=(partners or {}) if scenes else {}, chair_images=[chair_image_dir / f"{s.id}.png" for s in chair_scenes],
+        chair_present=[s.types for s in chair_scenes],
+        # stage 00's base answers: same questions and prompt only on the tiny world's test images, no suffix
+        base_answers=run / "00_tiny_world" / "eval_base" if not (model_path or pope_dir or pope_suffix or validation)
+        else None)
+    return WorldPlan(setup, (["base"] if include_base else []) + (list(runs) or available), scenes, chair_scenes,
+                     chair_image_dir)
 
 
 def load_for_evaluation(setup: EvaluationSetup, name: str):

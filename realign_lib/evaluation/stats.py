@@ -11,7 +11,7 @@ from typing import Sequence
 from realign_lib.evaluation.mme import MME_COGNITION, MME_PERCEPTION
 
 __all__ = ["flat_metrics", "condition_of", "summarize_conditions", "paired_differences", "format_table",
-           "format_differences"]
+           "format_differences", "better_direction", "describe_differences", "answer_bias"]
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -81,28 +81,32 @@ def summarize_conditions(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
 def paired_differences(rows: Sequence[dict], condition: str, baseline: str) -> dict[str, dict]:
     """Per metric, ``condition − baseline`` paired by seed: mean, sd, n and seeds agreeing in sign.
 
-    A baseline without seeds (the base model, evaluated once) pairs with every seed. ``clear`` is
+    A baseline without seeds (the base model, evaluated once) pairs with every seed. Rows may carry a
+    ``"group"`` (a world: its own base model and data); pairs are then made within each group only,
+    on ``(group, seed)``. ``clear`` is
     True when every paired difference has the same sign and the mean exceeds twice its standard
     error — a plain, conservative reading for 3–5 seeds, not a significance test.
     """
-    base = {r["seed"]: r["metrics"] for r in rows if r["condition"] == baseline}
+    base = {(r.get("group"), r["seed"]): r["metrics"] for r in rows if r["condition"] == baseline}
     out = {}
     for r in rows:
         if r["condition"] != condition:
             continue
-        b = base.get(r["seed"], base.get(None))
+        g = r.get("group")
+        b = base.get((g, r["seed"]), base.get((g, None)))
         if b is None:
             continue
         for k, v in r["metrics"].items():
             if k in b:
-                out.setdefault(k, []).append(v - b[k])
+                out.setdefault(k, []).append((v - b[k], g))
     res = {}
-    for k, ds in out.items():
+    for k, pairs in out.items():
+        ds = [d for d, _ in pairs]
         mean, sd = _mean_sd(ds)
         n = len(ds)
         same_sign = max(sum(d > 0 for d in ds), sum(d < 0 for d in ds))
         se = sd / math.sqrt(n) if n > 1 and sd == sd else float("nan")
-        res[k] = {"mean": mean, "sd": sd, "n": n, "same_sign": same_sign, "diffs": ds,
+        res[k] = {"mean": mean, "sd": sd, "n": n, "same_sign": same_sign, "diffs": ds, "groups": [g for _, g in pairs],
                   "clear": bool(n > 1 and same_sign == n and se == se and abs(mean) > 2 * se)}
     return res
 
@@ -143,3 +147,62 @@ def format_differences(diffs: dict[str, dict[str, dict]], metrics: Sequence[str]
                              f"({x['same_sign']}/{x['n']})")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- the reading
+_LOWER_IS_BETTER = ("absent_partner_yes_rate", "absent_other_yes_rate", "neither_yes_no", "chair_i", "chair_s")
+
+
+def better_direction(metric: str) -> int:
+    """+1 when a higher value of ``metric`` (a :func:`flat_metrics` name) is better, -1 when lower is,
+    0 for the yes-ratio (best at the label balance: which way is better depends on where it starts)."""
+    last = metric.split("/")[-1]
+    if last == "yes_ratio":
+        return 0
+    return -1 if last in _LOWER_IS_BETTER else 1
+
+
+def _verdict(metric: str, diff: float, base_level: float | None, balance: float = 50.0) -> str:
+    sign = better_direction(metric)
+    if sign:
+        return "better" if diff * sign > 0 else "worse"
+    if base_level is None or base_level != base_level:
+        return "closer to or further from the label balance (base level unknown)"
+    return "better (closer to the label balance)" if abs(base_level + diff - balance) < abs(base_level - balance) \
+        else "worse (further from the label balance)"
+
+
+def describe_differences(label: str, diffs: dict[str, dict], metrics: Sequence[str],
+                         base_levels: dict[str, float] | None = None, unit: str = "seeds") -> str:
+    """One line of the reading for a comparison ``label`` (``"rdpo - base"``): every clear difference
+    among ``metrics`` with its mean change and whether it is better or worse, or that none is clear.
+
+    ``diffs``: :func:`paired_differences` of the comparison; ``base_levels``: the baseline's mean per
+    metric (needed to judge a yes-ratio change); ``unit``: what the pairs are ("seeds", "(world, seed) pairs").
+    """
+    base_levels = base_levels or {}
+    n = max((x["n"] for m, x in diffs.items() if m in metrics), default=0)
+    if n < 2:
+        return f"- {label}: one pair only, no spread to compare with."
+    clear = [f"{m} {x['mean']:+.2f} ({_verdict(m, x['mean'], base_levels.get(m))})"
+             for m, x in diffs.items() if m in metrics and x["clear"]]
+    if not clear:
+        return f"- {label}: no key metric differs beyond the spread ({n} {unit}): neither better nor worse."
+    good = sum("(better" in c for c in clear)
+    bad = sum("(worse" in c for c in clear)
+    summary = "better on every clear metric" if not bad else "worse on every clear metric" if not good \
+        else f"better on {good}, worse on {bad} clear metrics"
+    return (f"- {label}: {summary} (all {n} {unit} agree in sign, |mean| > 2 se): " + ", ".join(clear)
+            + "; every other key metric within the spread.")
+
+
+def answer_bias(levels: dict[str, float], balance: float = 50.0, tolerance: float = 15.0) -> list[str]:
+    """POPE splits whose yes-ratio (``levels``: flat metric → value, percent) is more than ``tolerance``
+    points from the label balance: ``["adversarial 71.0 %", …]``. Such a model's F1 moves with its
+    answer bias: a change that makes it say "yes" more (or less) often shifts F1 without better seeing."""
+    out = []
+    for k, v in levels.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "pope" and parts[2] == "yes_ratio" and abs(v - balance) > tolerance:
+            out.append(f"{parts[1]} {v:.1f} %")
+    return out

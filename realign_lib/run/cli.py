@@ -211,30 +211,38 @@ def _run_stages_in_chain(cfg, stages: list[str], args) -> int:
 
     run_dir = resolve_run_dir(cfg.run_dir)
     write_json(run_dir / "config.json", {"config": args.config, "overrides": args.overrides, "run_dir": cfg.run_dir,
-                                         "seed": cfg.seed, "shared": cfg.shared, "stages": cfg.stages})
+                                         "seed": cfg.seed, "worlds": cfg.worlds, "shared": cfg.shared,
+                                         "stages": cfg.stages})
     t0 = time.time()
-    for i, stage in enumerate(stages, 1):
-        print(f"== stage {i}/{len(stages)}: {stage}", flush=True)
+    plan = cfg.plan(stages)
+    for i, (stage, folder, params) in enumerate(plan, 1):
+        where = run_dir / folder if folder else run_dir
+        name = f"{folder}/{stage}" if folder else stage
+        print(f"== stage {i}/{len(plan)}: {name}", flush=True)
+        if folder:
+            upstream = upstream_digest(stage, list(cfg.stages), where)
+        else:  # over every world (or the run folder itself)
+            upstream = {f"{f}/{k}" if f else k: v for f in ([cfg.world_folder(w) for w in cfg.worlds] or [""])
+                        for k, v in upstream_digest(stage, list(cfg.stages), run_dir / f if f else run_dir).items()}
         try:
-            run_stage(stage, cfg.parameters(stage), run_dir, redo=args.redo, log=lambda m: print(m, flush=True),
-                      upstream=upstream_digest(stage, list(cfg.stages), run_dir))
+            run_stage(stage, params, where, redo=args.redo, log=lambda m: print(m, flush=True), upstream=upstream)
         except pm.PapermillExecutionError as err:
             if err.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel too (the whole process group)
                 raise KeyboardInterrupt from None
-            print(f"realign: stage {stage} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
-                  f"  executed notebook with the traceback: {run_dir / stage / (stage.split('/')[0] + '.ipynb')}",
+            print(f"realign: stage {name} failed in cell {err.exec_count} ({err.ename}: {err.evalue})\n"
+                  f"  executed notebook with the traceback: {where / stage / (stage.split('/')[0] + '.ipynb')}",
                   file=sys.stderr)
             return 1
         except DeadKernelError:  # killed from outside: out of memory (the kernel OOM killer), kill -9 …
-            print(f"realign: the kernel of stage {stage} died (killed from outside: out of memory, or kill -9). "
+            print(f"realign: the kernel of stage {name} died (killed from outside: out of memory, or kill -9). "
                   f"What it saved is kept: run the same command again to resume.", file=sys.stderr)
             return 1
         except OSError as err:  # writing the executed notebook or a marker: a full disk, a read-only folder
-            print(f"realign: stage {stage} could not write in {run_dir}: {err.strerror or err} "
+            print(f"realign: stage {name} could not write in {where}: {err.strerror or err} "
                   f"({err.filename or 'a file'}). Free space or fix the folder, then run the same command again "
                   f"to resume.", file=sys.stderr)
             return 1
-    print(f"== all {len(stages)} stage(s) finished in {time.time() - t0:.0f} s; results in {run_dir}", flush=True)
+    print(f"== all {len(plan)} stage(s) finished in {time.time() - t0:.0f} s; results in {run_dir}", flush=True)
     return 0
 
 

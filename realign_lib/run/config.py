@@ -22,6 +22,10 @@ values of the wrong type and values out of range are refused with a message that
 and lists what is allowed. A ``matrix`` axis is either a list of values of a parameter, or a
 mapping of names to parameter sets (``condition: {dpo: {loss: dpo}, swap: {loss: dpo,
 preferences: baseline_random_swap.jsonl}}``); the key's ``{axis}`` placeholders name each variant.
+``worlds: [0, 1, 2]`` (top level) runs the stages before 05 once per world seed, each world in its
+own folder ``<run_dir>/world<k>`` with stage 00's ``seed`` set to ``k`` (another world and another tiny
+VLM; the other stages keep the config's seeds), and stage 05 once in ``<run_dir>`` over all of them
+(its ``worlds`` parameter), pairing conditions within each world.
 Where a stage has variants, its plain key (``"04_training"``) holds what they share and does not
 run on its own. A stage-04 variant trains into ``04_training/<variant name>`` unless it sets
 ``output_name``. Stages run in the order of their numbers.
@@ -40,7 +44,7 @@ __all__ = ["RunConfig", "load_config", "notebook_parameters", "NOTEBOOK_DIR", "p
            "expand_stages"]
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
-_TOP = ("base", "run_dir", "seed", "stages")
+_TOP = ("base", "run_dir", "seed", "worlds", "stages")
 _VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -117,6 +121,7 @@ class RunConfig:
     run_dir: str
     seed: int = 0
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worlds: list[int] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
@@ -128,8 +133,16 @@ class RunConfig:
         self.run_dir = os.path.expanduser(self.run_dir)  # "~/runs/x" is the home folder, not a folder named "~"
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise TypeError(f"{self.source}: 'seed' must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.worlds, list) or any(not isinstance(w, int) or isinstance(w, bool) or w < 0
+                                                    for w in self.worlds):
+            raise TypeError(f"{self.source}: 'worlds' must be a list of non-negative integers (world seeds), "
+                            f"got {self.worlds!r}")
+        if len(set(self.worlds)) != len(self.worlds):
+            raise ValueError(f"{self.source}: 'worlds' names a world seed twice: {self.worlds}")
         known = stage_fields()
         for key in self.shared:
+            if key == "worlds":
+                raise ValueError(f"{self.source}: 'worlds' is set at the top level of a config only")
             if key not in known:
                 raise ValueError(f"{self.source}: unknown top-level key {key!r}; allowed: {', '.join(_TOP)} and any "
                                  f"stage parameter ({', '.join(sorted(k for k in known if k not in _TOP))})")
@@ -181,6 +194,24 @@ class RunConfig:
                 raise ValueError(f"{self.source}: stages {other!r} and {stage!r} would both write "
                                  f"{stage.split('/', 1)[0]}/{folder}: give each its own output_name")
 
+    @staticmethod
+    def world_folder(world: int) -> str:
+        """The folder (under run_dir) of world seed ``world`` in a config with ``worlds``."""
+        return f"world{world}"
+
+    def plan(self, stages: list[str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """``[(stage, folder under run_dir ("" for run_dir itself), papermill parameters)]`` in run order:
+        without ``worlds``, every stage in run_dir; with them, the stages before 05 per world (stage 00's
+        seed = the world seed), then stage 05 once over all worlds."""
+        stages = list(self.stages) if stages is None else stages
+        if not self.worlds:
+            return [(s, "", self.parameters(s)) for s in stages]
+        out = []
+        for w in self.worlds:
+            for s in (s for s in stages if s[:2] < "05"):
+                out.append((s, self.world_folder(w), dict(self.parameters(s), **({"seed": w} if s[:2] == "00" else {}))))
+        return out + [(s, "", self.parameters(s)) for s in stages if s[:2] >= "05"]
+
     def parameters(self, stage: str) -> dict[str, Any]:
         """The papermill parameters of ``stage``: run_dir and seed, the top-level parameters the stage
         takes, then the stage's own (a variant's ``seed`` beats the top-level one). A variant of a
@@ -192,6 +223,8 @@ class RunConfig:
                **{k: v for k, v in self.shared.items() if k in allowed}, **self.stages.get(stage, {})}
         if "/" in stage and "output_name" in allowed and not out.get("output_name"):
             out["output_name"] = stage.split("/", 1)[1]
+        if self.worlds and stage.startswith("05"):
+            out["worlds"] = [self.world_folder(w) for w in self.worlds]
         checked = stage_class(stage)(**out)  # the values the check converted (YAML 1.1 reads 9e-1 as text)
         return {k: getattr(checked, k) for k in out}
 
@@ -268,9 +301,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                              f"--set {param}=...")
         for s in targets:
             stages[s] = dict(stages.get(s) or {}, **{param: value})
-    top = {k: data.pop(k) for k in ("run_dir", "seed") if k in data}
+    top = {k: data.pop(k) for k in ("run_dir", "seed", "worlds") if k in data}
     return RunConfig(run_dir=top.get("run_dir", ""), seed=top.get("seed", 0), stages=stages, shared=data,
-                     source=str(path))
+                     worlds=top.get("worlds", []), source=str(path))
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -120,6 +120,14 @@ class Stage:
         """The checked stage settings from a notebook's globals (its parameters cell, as papermill set it)."""
         return cls(**{f.name: namespace[f.name] for f in fields(cls) if f.name in namespace})
 
+    def changed(self) -> str:
+        """The settings this stage runs with that differ from the defaults, one ``name = value`` per line
+        (what a notebook prints first, so its stored outputs show the settings that produced them)."""
+        d = self.defaults()
+        diff = [f"  {f.name} = {getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != d[f.name]]
+        return (f"{self.name} runs with {len(diff)} setting(s) changed from the defaults"
+                + (":\n" + "\n".join(diff) if diff else "") + "\n(every other parameter: its default above)")
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """``name → default`` of every field."""
@@ -159,9 +167,20 @@ class TinyWorldStage(Stage):
     short_answer_share: float = knob(0.0, "share of samples that are short-answer exchanges (needs "
                                           "short_answers_per_image >= 1); the rest are detailed descriptions",
                                      min=0.0, max=1.0)
+    existence_per_image: int = _from(WorldConfig, "existence_per_image", "extra \"Is there a X in the image?\" "
+                                     "turns per training conversation (half yes, half a random absent object)",
+                                     min=0, max=8)
+    partner_negatives: float = _from(WorldConfig, "partner_negatives", "share of those \"no\" turns that ask for "
+                                     "a present object's absent partner (hard negatives)", min=0.0, max=1.0)
     tower_steps: int = _from(TinyVLMConfig, "tower_steps", "vision-tower pre-training steps (batch 128)", min=1)
     sft_steps: int = _from(TinyVLMConfig, "sft_steps", "instruction-tuning steps (batch 48 exchanges)", min=1)
+    sft_lr: float = _from(TinyVLMConfig, "sft_lr", "instruction-tuning peak learning rate (cosine schedule)",
+                          above=0.0)
     model_path: str = knob("", "an existing model folder to evaluate instead of training the tiny VLM")
+    health_check: bool = knob(True, "stop the chain when the base model's validation POPE figures are outside "
+                                    "sane bounds (realign_lib.evaluation.health); false: go on, with a warning")
+    n_health: int = knob(600, "validation POPE questions per split for the health check (whole yes/no pairs); "
+                              "0: all", min=0)
     batch_size: int = shared("batch_size")
     n_chair: int = shared("n_chair")
     cpu_threads: int = shared("cpu_threads")
@@ -295,9 +314,13 @@ class EvaluationStage(Stage):
     mme_root: str = knob("", "MME folder (one folder per subtask); default: the tiny world's; \"none\" skips MME")
     pope_suffix: bool = knob(False, "append lmms-eval's \"Answer the question using a single word or phrase.\"")
     max_questions: int = knob(0, "POPE questions per split (first N); 0: all", min=0)
+    max_mme_questions: int = knob(0, "MME questions per subtask (first N, whole images); 0: all", min=0)
     n_chair: int = shared("n_chair")
     batch_size: int = shared("batch_size")
     baseline: str = knob("base", "condition the others are compared with, paired by seed")
+    worlds: list = knob([], "world folders under run_dir, each with its own stages 00-04 (a config's `worlds`): "
+                            "every world's models answer on its own images, pairs are made within each world; "
+                            "empty: run_dir is the one world")
     cpu_threads: int = shared("cpu_threads")
 
 

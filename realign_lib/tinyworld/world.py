@@ -23,7 +23,7 @@ from realign_lib.tinyworld.settings import WorldConfig
 
 __all__ = [
     "describe", "training_questions", "short_answer_questions", "SHORT_QUESTIONS",
-    "llava_record", "world_samples", "build_world", "world_vocabulary", "span_lexicon",
+    "existence_questions", "llava_record", "world_samples", "build_world", "world_vocabulary", "span_lexicon",
 ]
 
 
@@ -147,18 +147,40 @@ def short_answer_questions(s: Scene, rng: np.random.Generator, n: int = 1) -> li
     return out
 
 
+def existence_questions(s: Scene, rng: np.random.Generator, n: int, partner_negatives: float = 0.0) -> list[dict]:
+    """``n`` existence questions, alternately yes (a present object) and no.
+
+    A "no" asks for a uniformly random absent object, or — with probability ``partner_negatives``, when
+    one is absent — for the absent partner of a present object (the hard negative POPE-adversarial asks).
+    No answer-format suffix: these are POPE's own question form.
+    """
+    absent = [o for o in OBJECTS if o not in s.types]
+    partners = sorted({PARTNER[t] for t in s.types} & set(absent))
+    out = []
+    for k in range(n):
+        if k % 2 == 0:
+            out.append(_yn(existence_question(str(rng.choice(s.types))), True))
+        elif partners and partner_negatives and rng.random() < partner_negatives:
+            out.append(_yn(existence_question(str(rng.choice(partners))), False))
+        else:
+            out.append(_yn(existence_question(str(rng.choice(absent))), False))
+    return out
+
+
 def llava_record(s: Scene, image_file: str, rng: np.random.Generator, n_questions: int = 4,
-                 n_short: int = 0) -> dict:
+                 n_short: int = 0, n_existence: int = 0, partner_negatives: float = 0.0) -> dict:
     """One LLaVA-Instruct-150K record: a detailed description turn, then ``n_short`` short-answer
-    turns (:func:`short_answer_questions`) and ``n_questions`` yes/no turns."""
+    turns (:func:`short_answer_questions`), ``n_questions`` yes/no turns of four kinds
+    (:func:`training_questions`) and ``n_existence`` more existence turns (:func:`existence_questions`)."""
     conv = [{"from": "human", "value": f"<image>\n{DESCRIBE_PROMPT}"}, {"from": "gpt", "value": describe(s)}]
     for qa in short_answer_questions(s, rng, n_short) if n_short else []:
         conv += [{"from": "human", "value": qa["question"]}, {"from": "gpt", "value": qa["answer"]}]
-    for qa in training_questions(s, rng, n_questions):
+    extra = existence_questions(s, rng, n_existence, partner_negatives) if n_existence else []
+    for qa in training_questions(s, rng, n_questions) + extra:
         conv.append({"from": "human", "value": qa["question"]})
         conv.append({"from": "gpt", "value": "Yes." if qa["answer"] == "yes" else "No."})
     # present the question turns before the description half of the time, as LLaVA data mixes turns
-    if rng.random() < 0.5 and (n_questions or n_short):
+    if rng.random() < 0.5 and (n_questions or n_short or n_existence):
         qa_turns = conv[2:]
         first_q = dict(qa_turns[0])
         first_q["value"] = "<image>\n" + first_q["value"]
@@ -269,7 +291,8 @@ def build_world(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig(), pr
     records = []
     _render_all(train, out / "train_images", progress, workers)
     for s in train:
-        records.append(llava_record(s, f"{s.id}.png", rng, cfg.questions_per_image, cfg.short_answers_per_image))
+        records.append(llava_record(s, f"{s.id}.png", rng, cfg.questions_per_image, cfg.short_answers_per_image,
+                                    cfg.existence_per_image, cfg.partner_negatives))
     write_json(out / "llava_instruct_tiny.json", records, indent=None)
     write_jsonl(out / "annotations_train.jsonl", [s.to_dict() for s in train])
     _render_all(test, out / "test_images", progress, workers)
