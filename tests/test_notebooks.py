@@ -28,6 +28,9 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
     from realign_lib.run.config import load_config
 
     main_stages = set(load_config(root / "configs" / "tiny_world.yaml").stages)
+    import re
+    repo_url = re.search(r'^Repository = "([^"]+)"', (root / "pyproject.toml").read_text(), re.M).group(1)
+    readme = (root / "README.md").read_text()
     for path in _notebooks(root):
         nb = json.loads(path.read_text())
         assert nb["metadata"]["kernelspec"]["language"] == "python", path
@@ -36,6 +39,9 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
         tagged = [i for i, c in enumerate(code) if "parameters" in c["metadata"].get("tags", [])]
         assert tagged == [1], f"{path}: exactly one parameters cell, the second code cell (found {tagged})"
         assert "REALIGN_KIT_REPO" in "".join(code[0]["source"]), f"{path}: the first code cell is the setup cell"
+        assert f'REPO_URL = "{repo_url}"' in "".join(code[0]["source"]), f"{path}: the setup cell's URL is not pyproject's"
+        assert f"colab.research.google.com/github/{repo_url.split('github.com/')[1]}/blob/main/notebooks/{path.name}" \
+            in readme, f"README: no Open-in-Colab badge for {path.name}"
         twin = path.with_suffix(".py")
         assert twin.is_file(), f"{path}: py:percent twin missing"
         paired = jupytext.read(twin)
@@ -121,7 +127,7 @@ def test_chain_runs_headless_and_resumes(root, smoke_chain, tmp_path):
                   if "image/png" in o.get("data", {})]
         assert len(images) >= n_figures, (nb, len(images))
     metrics = json.loads((stage / "metrics.json").read_text())
-    assert metrics["small_run"] is True
+    assert metrics["world"]["n_train"] == 1500 and metrics["health"]["checked"] is False  # the smoke sizes
     for split in ("random", "popular", "adversarial"):
         m = metrics["pope"][split]
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["yes_ratio"] <= 1 and m["n"] > 100

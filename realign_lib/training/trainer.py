@@ -248,7 +248,7 @@ def _resume_point(ckpt_dir: Path, signature: dict, log_path: Path, args, resume:
 def train(preferences: str | os.PathLike | list[dict], model_path: str | os.PathLike, output_dir: str | os.PathLike,
           cfg: PreferenceConfig, root: str | os.PathLike | None = None, max_records: int = 0,
           training_overrides: dict | None = None, save: bool = True, resume: bool = True,
-          keep_checkpoints: bool = False, log=print) -> dict:
+          keep_checkpoints: bool = False, log=print, print_logs: bool = True) -> dict:
     """Train ``cfg.loss`` on ``preferences`` starting from ``model_path``; returns a result dict.
 
     ``preferences``: a ``preferences.jsonl`` path (image paths relative to ``root``, default the
@@ -257,7 +257,8 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
     (:func:`~realign_lib.training.config.records_to_train`). ``training_overrides``: extra ``TrainingArguments``. The result
     (also written to ``<output_dir>/train_result.json``) holds the final logged figures, the
     seconds spent on loading, the reference pass and training, the steps and the config; its
-    ``"trainer"`` entry (not written) is the :class:`PreferenceTrainer`.
+    ``"trainer"`` entry (not written) is the :class:`PreferenceTrainer`. ``print_logs=False``: the
+    Trainer does not print each logged dict (they are in ``train_log.jsonl`` either way).
 
     Kill-safe: every ``cfg.save_steps`` steps the Trainer checkpoints to ``<output_dir>/checkpoints``
     (the last two kept; each marked complete only once fully written), the reference log-probs
@@ -304,6 +305,9 @@ def train(preferences: str | os.PathLike | list[dict], model_path: str | os.Path
     trainer = PreferenceTrainer(model, cfg, dataset, processor, args=args, ref_cache=cache,
                                 callbacks=[JsonlLog(log_path, args.should_save), MarkComplete(args.should_save)])
     t_ref = time.time() - t1
+    if not print_logs:  # the logged dicts still go to train_log.jsonl; a notebook shows them as a table
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
     t2 = time.time()
     result = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
     seconds = {"load": round(t_load, 2), "reference": round(t_ref, 2), "train": round(time.time() - t2, 2)}
