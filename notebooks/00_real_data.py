@@ -30,6 +30,11 @@
 #
 # The model itself is not touched here: stages 01–05 take it by `model_path` (a hub id such as
 # `llava-hf/llava-1.5-7b-hf` or a local folder). See `configs/backbones/` for the paper's models.
+#
+# **Offline, by default**, it reads the kit's own 24-record sample in exactly that layout
+# (`data/llava_sample/`: tiny-world images and conversations, shipped with the kit) and writes into
+# its own run folder, `runs/real_data` — never into the tiny world's, whose samples it would replace.
+# Point `llava_json` and `image_folder` at LLaVA-Instruct-150K and COCO for the real thing.
 
 # %%
 # Setup for Colab or a bare kernel: when `realign_lib` is not importable, clone the kit and install its
@@ -52,10 +57,10 @@ if importlib.util.find_spec("realign_lib") is None:
           "Restart session) and run the notebook from the top; this cell then does nothing.")
 
 # %% tags=["parameters"]
-run_dir = "runs/tiny_world"  # run folder shared by all stages
+run_dir = "runs/real_data"  # run folder of the real-data chain (never the tiny world's: its samples would replace the tiny world's)
 seed = 0  # seed of everything random in the stage
-llava_json = ""  # LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json
-image_folder = ""  # its images (COCO train2017 files such as 000000033471.jpg)
+llava_json = "data/llava_sample/llava_instruct_sample.json"  # LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json; default: the kit's 24-record sample (relative: to the repository)
+image_folder = "data/llava_sample/images"  # its images (COCO train2017 files such as 000000033471.jpg)
 n_samples = 6000  # samples handed to stages 01-03
 prompt_contains = ""  # keep only records whose first question contains this text; empty: all
 shuffle = True  # a seeded random subset of the images; False: the file's first images
@@ -90,6 +95,9 @@ run = workspace.resolve_run_dir(run_dir)  # a relative run_dir is under the repo
 if not llava_json or not image_folder:
     raise ValueError("set llava_json (the LLaVA-Instruct-150K JSON) and image_folder (its COCO images); "
                      "for the offline tiny world use notebook 00_tiny_world instead")
+# a relative path is the repository's (the shipped sample), wherever the kernel starts
+llava_json, image_folder = (str(workspace.repo_root() / p) if not Path(p).is_absolute() and workspace.repo_root()
+                            and (workspace.repo_root() / p).exists() else p for p in (llava_json, image_folder))
 for p, what in ((Path(llava_json), "llava_json"), (Path(image_folder), "image_folder")):
     if not p.exists():
         raise FileNotFoundError(f"{what} {p} does not exist")

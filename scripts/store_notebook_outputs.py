@@ -6,8 +6,8 @@
 Each stage notebook of the main chain gets the outputs of its executed copy in the run folder
 (``runs/tiny_world/<stage>/<stage>.ipynb``), with machine paths rewritten, and records the digest of its
 cell sources (``metadata.realign.source_sha256``) so that tests/test_notebooks.py can tell when a
-notebook was edited after its outputs were made. Notebooks the main chain does not run (00_real_data)
-are stored without outputs, with the digest.
+notebook was edited after its outputs were made. 00_real_data is stored from its run on the
+kit's shipped sample (``configs/real_data_sample.yaml``, run here too).
 
 Notebook 05 is stored from the comparison run (``--stage-from 05_evaluation=configs/tiny_world_comparison.yaml``,
 the default: base, DPO and rDPO over worlds and seeds, the README's result), which must have finished
@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny_world.yaml", help="the reference run's config (main command)")
     ap.add_argument("--no-run", action="store_true", help="do not run the chain first")
-    ap.add_argument("--stage-from", action="append", default=["05_evaluation=configs/tiny_world_comparison.yaml"],
+    ap.add_argument("--stage-from", action="append", default=["05_evaluation=configs/tiny_world_comparison.yaml",
+                                                              "00_real_data=configs/real_data_sample.yaml"],
                     metavar="STAGE=CONFIG", help="store STAGE from the finished run of CONFIG (empty: the main run)")
     args = ap.parse_args(argv)
     cfg = load_config(ROOT / args.config, [])
@@ -45,8 +46,9 @@ def main(argv=None) -> int:
     other = {k: v for k, _, v in (x.partition("=") for x in args.stage_from)}  # the last one given wins
     if not args.no_run:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", args.config], cwd=ROOT, env=env,
-                       check=True)
+        for config in (args.config, "configs/real_data_sample.yaml"):  # (the comparison: run it yourself, an hour)
+            subprocess.run([sys.executable, "-m", "realign_lib.run.cli", "run", "--config", config], cwd=ROOT, env=env,
+                           check=True)
     for nb_path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         stage = nb_path.stem
         config = other.get(stage) or args.config
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
             if cell["cell_type"] == "code":
                 cell["outputs"], cell["execution_count"] = [], None
         executed = run / stage / f"{stage}.ipynb"
-        if stage in cfg.stages and executed.is_file():
+        if stage in stage_cfg.stages and executed.is_file():
             nb = nbstore.with_outputs(source, json.loads(executed.read_text()), replacements,
                                       outputs_from=f"{config} ({rel_run}/{stage}/{stage}.ipynb)")
             left = nbstore.machine_paths(nb)
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
                   f"outputs, {len(nbstore.figure_cells(nb)) - len(missing)} figures)"
                   + (f"; figure cells without an image: {missing}" if missing else ""))
         else:
-            if stage in cfg.stages:
+            if stage in stage_cfg.stages:
                 raise SystemExit(f"{executed} not found: run {config} first (or drop --no-run)")
             nb = source
             nb["metadata"]["realign"] = {"source_sha256": nbstore.source_digest(source), "outputs_from": None}

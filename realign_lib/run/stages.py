@@ -43,6 +43,9 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
 # ------------------------------------------------------------------------------------------ shared
 # A knob used by several stages is defined once here.
 RUN_DIR = "runs/tiny_world"
+REAL_DATA_RUN_DIR = "runs/real_data"   # 00_real_data's own default: real samples never land in the tiny world's run
+SAMPLE_LLAVA_JSON = "data/llava_sample/llava_instruct_sample.json"   # shipped: 24 LLaVA-Instruct-layout records
+SAMPLE_IMAGES = "data/llava_sample/images"
 _SHARED = {
     "run_dir": lambda: knob(RUN_DIR, "run folder shared by all stages"),
     "seed": lambda: knob(0, "seed of everything random in the stage", min=0),
@@ -190,8 +193,11 @@ class RealDataStage(Stage, EndpointKnobs):
     """``00_real_data``: samples from LLaVA-Instruct-150K (or chosen responses from an endpoint)."""
 
     name: ClassVar[str] = "00_real_data"
-    llava_json: str = knob("", "LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json")
-    image_folder: str = knob("", "its images (COCO train2017 files such as 000000033471.jpg)")
+    run_dir: str = knob(REAL_DATA_RUN_DIR, "run folder of the real-data chain (never the tiny world's: its samples "
+                                           "would replace the tiny world's)")
+    llava_json: str = knob(SAMPLE_LLAVA_JSON, "LLaVA-Instruct-150K JSON, e.g. /data/llava/llava_instruct_150k.json; "
+                                              "default: the kit's 24-record sample (relative: to the repository)")
+    image_folder: str = knob(SAMPLE_IMAGES, "its images (COCO train2017 files such as 000000033471.jpg)")
     n_samples: int = shared("n_samples")
     prompt_contains: str = knob("", "keep only records whose first question contains this text; empty: all")
     shuffle: bool = knob(True, "a seeded random subset of the images; False: the file's first images")
