@@ -69,6 +69,7 @@ index_kind = "flat"  # flat (exact) | ivf | hnsw
 batch_size = 64  # inputs per batched model call
 max_samples = 0  # use the first N samples of stage 00; 0: all
 n_show = 6  # examples shown in the notebook
+follow_id = ""  # the sample followed through stages 01-04 (its neighbours, masking, pair and log-probs); empty: the first sample
 
 # %% [markdown]
 # The next cell reads the parameters, finds the run folder (building stage 00 first if it is
@@ -301,6 +302,30 @@ ax.set_ylabel("share of the pairs")
 ax.legend(fontsize=8)
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ### One sample, followed through stages 01-04
+#
+# The same sample (`follow_id`, by default the first) appears in each of the next notebooks: here, the
+# images retrieved for it; in 02 its masked answer, in 03 its rejected answer, in 04 its log-probs.
+
+# %%
+follow = follow_id or samples[0]["id"]
+rec = next((r for r in records if r["id"] == follow), None)
+if rec is None:
+    print(f"{follow} is not among this stage's samples")
+else:
+    fi = [s["id"] for s in samples].index(follow)
+    fig, axes = plt.subplots(1, len(rec["neighbours"]) + 1, figsize=(2.1 * (len(rec["neighbours"]) + 1), 2.4))
+    axes[0].imshow(Image.open(image_paths[fi]), interpolation="nearest")
+    axes[0].set_title(f"{follow}{_describe(follow)}", fontsize=7, color="blue")
+    for ax, n in zip(axes[1:], rec["neighbours"]):
+        ax.imshow(Image.open(image_paths[[s["id"] for s in samples].index(n["id"])]), interpolation="nearest")
+        ax.set_title(f"#{n['rank']} {n['score']:.3f}{_describe(n['id'])}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    plt.show()
+    print(f"{follow}: {samples[fi]['chosen']}\nneighbours: " + ", ".join(f"{n['id']} ({n['score']:.3f})" for n in rec["neighbours"]))
 
 # %% [markdown]
 # ## 5 · Are the neighbours *similar but different*? (tiny world)

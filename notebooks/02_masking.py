@@ -88,6 +88,7 @@ max_concurrency = 8  # openai backend: requests in flight at once
 max_samples = 0  # use the first N samples of stage 00; 0: all
 batch_size = 64  # inputs per batched model call
 n_show = 6  # examples shown in the notebook
+follow_id = ""  # the sample followed through stages 01-04 (its neighbours, masking, pair and log-probs); empty: the first sample
 compare_backends = True  # also measure the other offline backends (the local LLM takes minutes on a CPU)
 n_compare = 10  # texts per set the local LLM masks when comparing backends (slow on a CPU)
 max_mask_words = 10  # validity check: the most words one [MASK] may cover; 0: no bound
@@ -450,6 +451,19 @@ if by_cat:
     for c in cats:
         top = [f"{w} ({n})" for (cc, w), n in hidden.most_common() if cc == c][:8]
         print(f"{c:>9}: {', '.join(top)}")
+
+# %% [markdown]
+# ### The followed sample
+#
+# The sample notebook 01 followed (`follow_id`): its chosen answer and what the masker hid.
+
+# %%
+follow = follow_id or samples[0]["id"]
+if follow in records:
+    print(f"{follow}\n  chosen : {records[follow]['chosen']}\n  masked : {records[follow]['masked']}\n  hidden : "
+          + ", ".join(f"{sp['text']!r}" for sp in records[follow]["spans"]))
+else:
+    print(f"{follow}: no valid masking (or not among this stage's samples)")
 
 # %% [markdown]
 # ## 5 · How the offline backends do, on the tiny world and on free-form English

@@ -109,6 +109,7 @@ corruption = "crop"  # baseline pairs: crop (keep 1-20 % of the area, as mDPO) |
 baseline_pairs = True  # also build the baseline pair sets of the ablations: random word swap and corrupted image (realign_lib.induction.baselines)
 min_length_ratio = 0.5  # refuse a candidate with fewer words than this share of the chosen response (a cut-off reply); 0: off
 n_show = 6  # examples shown in the notebook
+follow_id = ""  # the sample followed through stages 01-04 (its neighbours, masking, pair and log-probs); empty: the first sample
 
 # %% [markdown]
 # The next cell checks the parameters, makes sure stages 00–02 have outputs (building them in the
@@ -448,6 +449,25 @@ for r in show[:3]:
     print("rejected:", " ".join(f"[{w}]" if c else w for w, c in changed_words(r["chosen"], r["rejected"],
                                                                                          r["masked"])))
     print()
+
+# %% [markdown]
+# ### The followed sample
+#
+# The sample notebooks 01 and 02 followed (`follow_id`): the rank of the retrieved image whose fill was
+# accepted, its similarity to the chosen answer, and the rejected answer — or why it was skipped.
+
+# %%
+follow = follow_id or samples[0]["id"]
+if follow in prefs_by_id:
+    r = prefs_by_id[follow]
+    print(f"{follow}: accepted at rank {r['rank']} (retrieved {Path(r['retrieved_image']).name}), similarity "
+          f"{r['similarity']:.3f} < τ {tau}\n  chosen  : {r['chosen']}\n  rejected: "
+          + " ".join(f"[{w}]" if new else w for w, new in changed_words(r["chosen"], r["rejected"], r.get("masked")))
+          + "   ([ ]: written by the VLM, different from the chosen answer)")
+elif follow in skipped_by_id:
+    print(f"{follow}: skipped — {json.dumps({k: v for k, v in skipped_by_id[follow].items() if k != 'id'})[:300]}")
+else:
+    print(f"{follow}: not among this stage's items (no masking, or beyond max_samples)")
 
 # %% [markdown]
 # ## 5 · Acceptance by rank and the similarity histogram

@@ -151,6 +151,7 @@ preferences = ""  # default: <run_dir>/03_induction/preferences.jsonl; a bare fi
 max_records = 0  # pairs to train on (seeded subset); 0: max_steps × global batch, at most all
 output_name = ""  # folder under 04_training; default: the config's variant name, else <loss>_seed<seed>
 n_show = 6  # examples shown in the notebook
+follow_id = ""  # the sample followed through stages 01-04 (its neighbours, masking, pair and log-probs); empty: the first sample
 n_chair = 300  # held-out test images described for CHAIR (tiny world only; realign_lib.evaluation.chair); 0 skips it
 cpu_threads = 0  # torch threads on a CPU; 0 keeps torch's default
 
@@ -430,6 +431,25 @@ print(f"mean over {len(scored)} pairs: rDPO loss {by_hand['rdpo']:.4f}, DPO loss
 # response and away from the rejected one (compared with where it started); a positive `m_vis` means
 # the chosen response has become more likely under the true image than under the retrieved one. Each
 # loss term is $\log 2 \approx 0.693$ at margin 0 and falls as its margin grows.
+
+# %% [markdown]
+# ### The followed sample
+#
+# The pair built for the sample the earlier notebooks followed (`follow_id`), if this run trained on it:
+# its six log-probs after training, its two margins and its two loss terms, from the table above.
+
+# %%
+follow = follow_id or read_jsonl(run / "data" / "samples.jsonl")[0]["id"]
+ids_scored = [r["id"] for r in scored.records]
+if follow in ids_scored:
+    j = ids_scored.index(follow)
+    print(f"{follow}: log π(y_w|v) {pi['chosen'][j]:.2f} (ref {ref['chosen'][j]:.2f}), log π(y_l|v) "
+          f"{pi['rejected'][j]:.2f} (ref {ref['rejected'][j]:.2f}), log π(y_w|v_l) {pi['retrieved'][j]:.2f} "
+          f"(ref {ref['retrieved'][j]:.2f}); m_text {m_text[j]:.3f}, m_vis {m_vis[j]:.3f}; "
+          f"L_DPO {l_dpo[j]:.3f}, L_vDPO {l_vdpo[j]:.3f}")
+else:
+    print(f"{follow}: not among the {len(ids_scored)} training pairs scored above "
+          f"({'no pair was built for it' if follow not in {r['id'] for r in records} else 'not in the first ones trained on'})")
 
 # %% [markdown]
 # ## 4 · Loss terms, rewards and margins over training

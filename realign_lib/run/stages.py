@@ -56,6 +56,8 @@ _SHARED = {
     "top_k": lambda: knob(TOP_K, "retrieved images per sample (stage 01 keeps them, stage 03 tries them in rank "
                              "order)", min=1),
     "n_show": lambda: knob(6, "examples shown in the notebook", min=0),
+    "follow_id": lambda: knob("", "the sample followed through stages 01-04 (its neighbours, masking, pair and "
+                                  "log-probs); empty: the first sample"),
     "cpu_threads": lambda: knob(TinyVLMConfig.cpu_threads, "torch threads on a CPU; 0 keeps torch's default", min=0),
     "n_chair": lambda: knob(300, "held-out test images described for CHAIR (tiny world only; realign_lib.evaluation."
                                  "chair); 0 skips it", min=0),
@@ -226,6 +228,7 @@ class RetrievalStage(Stage):
     batch_size: int = shared("batch_size")
     max_samples: int = shared("max_samples")
     n_show: int = shared("n_show")
+    follow_id: str = shared("follow_id")
 
 
 @dataclass
@@ -241,6 +244,7 @@ class MaskingStage(Stage, EndpointKnobs):
     max_samples: int = shared("max_samples")
     batch_size: int = shared("batch_size")
     n_show: int = shared("n_show")
+    follow_id: str = shared("follow_id")
     compare_backends: bool = knob(True, "also measure the other offline backends (the local LLM takes minutes "
                                         "on a CPU)")
     n_compare: int = knob(10, "texts per set the local LLM masks when comparing backends (slow on a CPU)", min=1)
@@ -275,6 +279,7 @@ class InductionStage(Stage, EndpointKnobs):
     min_length_ratio: float = knob(MIN_LENGTH_RATIO, "refuse a candidate with fewer words than this share of the chosen "
                                         "response (a cut-off reply); 0: off", min=0.0, max=1.0)
     n_show: int = shared("n_show")
+    follow_id: str = shared("follow_id")
 
 
 @dataclass
@@ -291,6 +296,7 @@ class TrainingStage(Stage, PreferenceConfig):
     output_name: str = knob("", "folder under 04_training; default: the config's variant name, else "
                                 "<loss>_seed<seed>")
     n_show: int = shared("n_show")
+    follow_id: str = shared("follow_id")
     n_chair: int = shared("n_chair")
     cpu_threads: int = shared("cpu_threads")
 
