@@ -62,7 +62,9 @@ def record(seed: int, run: Path, wall: float, rc: int) -> dict:
         "health_problems": m["health"]["problems"],
         "test": {"pope": {s: pct(x) for s, x in m["pope"].items()},
                  "chair_i": round(100 * m["chair"]["chair_i"], 1), "chair_recall": round(100 * m["chair"]["recall"], 1)},
-        "seconds": {**m["seconds"], "stage_wall": marker["seconds"], "command_wall": round(wall, 1)},
+        "seconds": {**m["seconds"], "stage_wall": marker["seconds"], "command_wall": round(wall, 1),
+                    "training_parts": (m.get("model") or {}).get("seconds"),
+                    "load_avg_1min": round(os.getloadavg()[0], 2)},  # > ~2.5: something else ran beside it
         "rc": rc,
     }
     rec["misses"] = meets_bounds(rec)

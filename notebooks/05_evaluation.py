@@ -580,3 +580,13 @@ print(f"wrote {stage_dir / 'metrics.json'} and {stage_dir / 'comparison.md'} in 
 #   hallucination). The stage answers again (the prompt is part of the fingerprint); stage 00's base
 #   answers are not reused.
 
+# %% [markdown]
+# ## Takeaways
+#
+# * Three measurements, three views of hallucination: POPE asks about one object at a time, MME checks
+#   that general perception survived, CHAIR counts absent objects in free text.
+# * The effects of preference training on the tiny world are small, about the size of the differences
+#   between seeds and worlds: only a comparison paired over seeds (and worlds), with its spread, can
+#   tell them apart — and the generated reading above says which ones it could.
+# * A higher F1 is not always better seeing: read it beside the yes-ratio and the yes-rate to absent
+#   objects, which show whether a model only changed how often it says "yes".

@@ -156,6 +156,18 @@ def worlds_block(data: dict) -> str:
                      f"{r['seconds']['stage_wall']:.0f} | {'yes' if not r['misses'] else 'no: ' + ', '.join(r['misses'])} |")
     ok = sum(not r["misses"] for r in recs)
     walls = sorted(r["seconds"]["stage_wall"] for r in recs)
+    quiet = [r for r in recs if (r["seconds"].get("load_avg_1min") or 99) < 2.5]  # nothing else ran beside it
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    parts = ""
+    if quiet:
+        sec = [r["seconds"] for r in quiet]
+        tp = [s["training_parts"] for s in sec if s.get("training_parts")]
+        parts = (f" On the {len(quiet)} seeds that ran with nothing beside them (load average < 2.5), stage 00 took a "
+                 f"median {med([s['stage_wall'] for s in sec]):.0f} s: world {med([s['world'] for s in sec]):.0f} s, "
+                 f"training {med([s['train'] for s in sec]):.0f} s"
+                 + (f" (image loading {med([t['load_images'] for t in tp]):.0f}, tower {med([t['tower'] for t in tp]):.0f},"
+                    f" instruction tuning {med([t['sft'] for t in tp]):.0f})" if tp else "")
+                 + f", health check {med([s.get('health', 0) for s in sec]):.0f} s, test POPE {med([s['eval'] for s in sec]):.0f} s.")
     return (f"Stage 00 of `{data['config']}` on {len(recs)} world seeds (`benchmarks/bench_stage00_worlds.py`): "
             f"{st['n_train']:,} images, {st['existence_per_image']} extra existence turns per image, "
             f"{st['tower_steps']} tower + {st['sft_steps']} instruction-tuning steps at lr {st['sft_lr']:g}. "
@@ -166,7 +178,8 @@ def worlds_block(data: dict) -> str:
             + "\n".join(lines)
             + f"\n\n{ok} of {len(recs)} worlds meet every bound. Stage 00's wall time (the whole notebook: world, "
               f"training, health check, test POPE and CHAIR) ranged {walls[0]:.0f}–{walls[-1]:.0f} s, median "
-              f"{walls[len(walls) // 2]:.0f} s, on {data['machine']['cpus']} CPU cores (runs one after another).")
+              f"{walls[len(walls) // 2]:.0f} s, on {data['machine']['cpus']} CPU cores (runs one after another; some "
+              f"beside other jobs).{parts}")
 
 
 # ------------------------------------------------------------------------------------ files
