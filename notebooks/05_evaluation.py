@@ -467,6 +467,10 @@ for row, family in enumerate(families):
     for ax in axes[row][len(family):]:
         ax.axis("off")
     axes[row][0].set_ylabel("difference (points)", fontsize=8)
+if worlds:  # which colour is which world
+    from matplotlib.lines import Line2D
+    fig.legend([Line2D([], [], ls="", marker="o", color=f"C{k}") for k in range(len(worlds))], worlds,
+               loc="lower right", fontsize=8, ncol=len(worlds))
 fig.suptitle(f"Paired differences ({eval_split} images; dots: {'(world, seed) pairs, coloured by world' if worlds else 'seeds'}); "
              f"black: clear, grey: within the spread; shaded: ± 2 se of one model's figure", fontsize=9)
 fig.tight_layout()

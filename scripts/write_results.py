@@ -79,7 +79,9 @@ def _se2(d: dict) -> float:
     return 2 * d["sd"] / math.sqrt(d["n"]) if d["n"] > 1 and d["sd"] == d["sd"] else float("nan")
 
 
-def comparison_block(comp: dict) -> str:
+def comparison_block(comp: dict, per_world_table: bool = True) -> str:
+    """The comparison's tables and generated reading (``per_world_table=False``: without the per-world table,
+    for the README)."""
     rows = _rows(comp)
     summary = summarize_conditions(rows)
     worlds = comp["worlds"] or [None]
@@ -135,7 +137,8 @@ def comparison_block(comp: dict) -> str:
         intro, "\n".join(level),
         f"Paired differences over the {n_pairs} {unit} (mean ± 2 standard errors; in brackets the pairs agreeing "
         f"in sign; **bold**: all agree and the mean is beyond 2 se):", "\n".join(pooled),
-        "Per world (mean ± sd over its seeds):", "\n".join(per_world),
+        *(["Per world (mean ± sd over its seeds):", "\n".join(per_world)] if per_world_table and len(per_world) > 1
+          else ["Per world: [docs/results.md](docs/results.md#the-comparison-base-dpo-and-rdpo-over-worlds-and-seeds)."] if len(per_world) > 1 else []),
         "Reading (generated from the tables above):", "\n".join(reading)])
 
 
@@ -195,9 +198,9 @@ def render() -> dict[Path, str]:
     out = {}
     readme, doc = README.read_text(), RESULTS_DOC.read_text()
     if COMPARISON.is_file():
-        block = comparison_block(json.loads(COMPARISON.read_text()))
-        readme = replace_block(readme, "results", block)
-        doc = replace_block(doc, "comparison", block)
+        comp = json.loads(COMPARISON.read_text())
+        readme = replace_block(readme, "results", comparison_block(comp, per_world_table=False))
+        doc = replace_block(doc, "comparison", comparison_block(comp))
     if WORLDS.is_file():
         doc = replace_block(doc, "stage00-worlds", worlds_block(json.loads(WORLDS.read_text())))
     out[README], out[RESULTS_DOC] = readme, doc

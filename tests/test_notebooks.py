@@ -52,6 +52,9 @@ def test_notebooks_are_paired_parameterised_and_show_current_outputs(root):
         assert recorded == nbstore.source_digest(nb), \
             f"{path}: its stored outputs were made from other sources: run `python scripts/store_notebook_outputs.py`"
         assert nbstore.machine_paths(nb) == [], f"{path}: machine paths in the outputs"
+        noise = [o for c in code for o in c.get("outputs", []) if o.get("name") == "stderr"
+                 or any(k in "".join(o.get("text", "")) for k in ("it/s]", "Warning:", ".venv/", "site-packages"))]
+        assert not noise, f"{path}: warnings, progress bars or environment paths in the stored outputs: {noise[:1]}"
         figures = nbstore.figure_cells(nb)
         assert all(shown for _, shown in figures), (path, figures)
         assert path.stem not in main_stages or figures, f"{path}: no figure"
@@ -74,7 +77,8 @@ def test_stored_notebooks_show_the_settings_that_produced_them(root):
             continue
         cfg = load_config(root / made_by.split(" ")[0])
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-        printed = "".join(o.get("text", "") for o in code[2]["outputs"] if o.get("name") == "stdout")
+        text = lambda o: "".join(o.get("text", ""))  # noqa: E731  (stored notebooks keep text as a list of lines)
+        printed = "".join(text(o) for o in code[2]["outputs"] if o.get("name") == "stdout")
         assert f"{path.stem} runs with" in printed, (path, printed[:300])
         shown = {}
         for line in printed.splitlines():
@@ -88,7 +92,7 @@ def test_stored_notebooks_show_the_settings_that_produced_them(root):
         assert shown == expected, (path, shown, expected)
         if path.stem == "05_evaluation":
             assert len(cfg.worlds) >= 3 and shown.get("worlds") == [f"world{w}" for w in cfg.worlds]
-            models = "".join(o.get("text", "") for c in code for o in c.get("outputs", []) if o.get("name") == "stdout")
+            models = "".join(text(o) for c in code for o in c.get("outputs", []) if o.get("name") == "stdout")
             for w in shown["worlds"]:
                 for cond in ("base", "dpo_seed0", "rdpo_seed0", "dpo_seed2", "rdpo_seed2"):
                     assert f"{w}/{cond} " in models, (w, cond)
