@@ -354,8 +354,9 @@ else:
 # `CHAIR_i`, the share of named objects that are absent; `CHAIR_s`, the share of descriptions with at
 # least one; the recall of present objects; and
 # the *partner share*, the share of hallucinated objects that are the partner of a present one. A
-# partner share well above what chance would give (one type out of the eleven absent ones) means
-# the model hallucinates for the reason the world was built to provoke. In the figure, each title
+# partner share above what chance would give (one type out of the eleven absent ones) means the
+# partner prior is one reason the model hallucinates; the rest of its hallucinated objects are other
+# types (the printed line says how many), so the partner prior is not the only one. In the figure, each title
 # gives the objects present ("truth"), those the model named ("said") and, in red, the absent ones
 # it named.
 
@@ -372,7 +373,9 @@ for s, d in zip(desc_scenes, descriptions):
     if bad:
         hallucinated_examples.append({"image": f"{s.id}.png", "truth": tw.describe(s), "model": d, "absent_named": bad})
 print(f"CHAIR_i {chair['chair_i']:.3f}  CHAIR_s {chair['chair_s']:.3f}  recall {chair['recall']:.3f}  "
-      f"partner share of hallucinations {chair['partner_share']:.2f}  ({time.time() - t0:.0f} s)")
+      f"partner share of hallucinations {chair['partner_share']:.2f} (chance: 1/11 = 0.09; the other "
+      f"{1 - chair['partner_share']:.0%} of the absent objects named are not a present object's partner)  "
+      f"({time.time() - t0:.0f} s)")
 fig, axes = plt.subplots(2, (len(show) + 1) // 2, figsize=(2.6 * ((len(show) + 1) // 2), 7))
 for ax, s, d in zip(axes.flat, show, descriptions):
     bad = [o for o in chair_lib.mentioned_objects(d, LEXICON) if o not in s.types]
@@ -478,9 +481,9 @@ print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['tota
 # %% [markdown]
 # ## Takeaways
 #
-# * The tiny world builds in the cause of object hallucination: co-occurring *partners* and faint
+# * The tiny world builds in a cause of object hallucination: co-occurring *partners* and faint
 #   evidence. A model trained on it says "yes" to an absent partner far more often than to another
-#   absent object, and names partners that are not there in its descriptions.
+#   absent object (section 5); in its descriptions partners are only part of the absent objects it names.
 # * A base model must answer yes/no from the image before anything built on it means something; the
 #   health check makes that a condition of the chain, not a hope.
 # * Every file is in an official layout (LLaVA-Instruct, POPE, MME), so the later notebooks run

@@ -360,6 +360,9 @@ if by_id:
                    "shares_an_object": share_object / total, "same_object_set": same_objects / total,
                    "random_pair_same_scene": base_scene / len(samples)}
     print(json.dumps({k: round(v, 3) for k, v in world_stats.items()}, indent=1))
+    print(f"{world_stats['same_object_set']:.0%} of the neighbours hold exactly the query's objects: filling the "
+          f"masks from them can change colours, sizes and positions but name no absent object, so in stage 03 they "
+          f"give fills too close to the chosen answer (refused at τ) or pairs without an object hallucination.")
 
 # %% [markdown]
 # Finally the stage's figures go to `metrics.json`: the mean score at every rank, the number of

@@ -374,26 +374,13 @@ COLOURS = {"object": "#9ecae1", "attribute": "#fdae6b", "count": "#bcbddc", "rel
            "mask": "#d9d9d9"}
 
 
-def draw_marked(ax, pieces, fontsize=8.5):
-    """Write [(text, category or None)] into `ax` word by word, wrapping at its right edge; a category gets a coloured box."""
-    renderer, to_axes = ax.figure.canvas.get_renderer(), ax.transAxes.inverted()
-    space = 0.5 * fontsize * ax.figure.dpi / 72 / ax.get_window_extent(renderer).width  # one space, in axes units
-    x, y, line, gap = 0.0, 1.0, None, False
-    for text, cat in pieces:
-        for word in re.findall(r"\s+|\S+", text):
-            if word.isspace():
-                gap = True  # the next word is drawn one space further
-                continue
-            x, gap = x + (space if gap and x > 0 else 0.0), False
-            box = dict(boxstyle="square,pad=0.08", fc=COLOURS[cat], ec="none") if cat else None
-            t = ax.text(x, y, word, fontsize=fontsize, va="top", transform=ax.transAxes, bbox=box)
-            bb = t.get_window_extent(renderer).transformed(to_axes)
-            line = line or 1.5 * bb.height
-            if bb.x1 > 1.0 and x > 0:  # past the right edge: next line
-                x, y = 0.0, y - line
-                t.set_position((x, y))
-                bb = t.get_window_extent(renderer).transformed(to_axes)
-            x = bb.x1
+from realign_lib.figures import draw_words  # noqa: E402
+
+
+def marked_words(pieces):
+    """[(text, category or None)] → (word, style) pairs for `draw_words`: a category's words in its colour's box."""
+    return [(w, {"bbox": dict(boxstyle="square,pad=0.08", fc=COLOURS[cat], ec="none")} if cat else None)
+            for text, cat in pieces for w in text.split()]
 
 
 shown = [s["id"] for s in samples if s["id"] in records]
@@ -412,8 +399,10 @@ if shown:
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # layout first: the words are placed in the final axes
     for row, sid in enumerate(shown):
         r = records[sid]
-        draw_marked(axes[row, 0], maskers.masked_pieces(r["chosen"], r["spans"], nlp))
-        draw_marked(axes[row, 1], [(p, "mask" if p == MASK else None) for p in re.split(r"(\[MASK\])", r["masked"])])
+        line = 0.9 / n_lines[row]  # the axis holds n_lines lines of text
+        draw_words(axes[row, 0], 1.0, "", marked_words(maskers.masked_pieces(r["chosen"], r["spans"], nlp)), line=line)
+        draw_words(axes[row, 1], 1.0, "", marked_words([(p, "mask" if p == MASK else None)
+                                                        for p in re.split(r"(\[MASK\])", r["masked"])]), line=line)
     plt.show()
 else:
     print("no valid masking to show")

@@ -256,6 +256,13 @@ else:
     print("the written-out slot filler applies to the local VLM in slot mode")
 
 # %% [markdown]
+# Read the fills as the model wrote them: each slot is chosen greedily from the retrieved image, with
+# nothing that checks the sentence still makes sense, so a relation can come out as nonsense ("the
+# tree is to the right of the tree"). Such a fill still differs from the chosen answer and can pass τ:
+# the rejected answers are wrong about the image, not always fluent English — a limit of the tiny VLM's
+# slot filling that an instruction-following VLM in `instruction` mode does not share.
+
+# %% [markdown]
 # ## 2 · The τ loop by hand, on a dozen samples
 #
 # Here is the whole method for one sample, in plain Python and numpy: for each rank $t$ in order,
@@ -395,23 +402,7 @@ assert {"prompt", "chosen", "rejected", "images"} <= set(ds.column_names)
 # rank, when the run has any.
 
 # %%
-def draw_words(ax, y, label, words, colour, size=8.5, line=0.085):
-    """Write ``label`` then ``(word, highlighted)`` pairs in a monospace font from the left edge down,
-    wrapping at the axis width; highlighted words bold in ``colour``. Returns the next line's y."""
-    probe = ax.text(0, 0, "x" * 40, family="monospace", fontsize=size, transform=ax.transAxes)
-    box = probe.get_window_extent(renderer=ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
-    probe.remove()
-    cw, indent = box.width / 40, len(label) + 1  # one character's width in axis units
-    ax.text(0, y, label, family="monospace", fontsize=size, color="gray", transform=ax.transAxes, va="top")
-    col = indent
-    for w, hl in words:
-        if (col + len(w)) * cw > 1.0 and col > indent:
-            col, y = indent, y - line
-        ax.text(col * cw, y, w, family="monospace", fontsize=size, transform=ax.transAxes, va="top",
-                color=colour if hl else "black", fontweight="bold" if hl else "normal")
-        col += len(w) + 1
-    return y - line
-
+from realign_lib.figures import draw_words  # noqa: E402  (word by word, wrapping; marked words bold)
 
 rng = np.random.default_rng(seed)
 later = [r for r in prefs if r["rank"] > 1]
@@ -554,6 +545,8 @@ if baseline_pairs:
         print("random swap:    ", swap[0]["rejected"])
     if r0:
         print("corrupted image:", r0["rejected"], f"(copy {r0['retrieved_image']})")
+else:
+    print("baseline_pairs is off in this run: no comparison sets built (configs/tiny_world_ablations.yaml builds them)")
 
 # %% [markdown]
 # ## 7 · Do the rejected responses name absent objects? (tiny world)
@@ -586,6 +579,13 @@ if ann_path.is_file():
                     f"{st['object_hallucination_rate']:12.1%}  {st['partner_share']:13.1%}  "
                     f"{st['absent_in_retrieved_share']:12.1%}")
     print("\n".join(rows))
+    st = world_stats.get("re_align")
+    if st:
+        print(f"\n{1 - st['responses_with_absent']:.0%} of the rejected answers name no object absent from the "
+              f"image: their fills changed colours, sizes, counts or positions only (often from a neighbour with "
+              f"the same objects, section 5 of notebook 01) — wrong about the image, but not object hallucinations. "
+              f"Of the absent objects named, {st['partner_share']:.0%} are a present object's partner and "
+              f"{st['absent_in_retrieved_share']:.0%} are in the retrieved image.")
 
 # %% [markdown]
 # ## 8 · The stage's record

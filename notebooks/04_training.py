@@ -507,11 +507,13 @@ plt.show()
 # as logged, thick lines smoothed. Both start at exactly 0 (policy = reference). Right: the margins of
 # the trained model on the pairs scored in section 3, one dot per pair.
 #
-# How to read it: in an rDPO run both margins should rise, the visual one more slowly — swapping the
-# image changes the log-prob of the same text far less than swapping the text does, so in a short run
-# (the smoke setting's 10 steps) it barely leaves 0; over the tiny world's full run it climbs to a few
-# tenths. In a DPO run only the textual margin is trained, and the right panel shows where the visual
-# margin ended up without its term — the difference between the two runs is what the vDPO term adds. Pairs above the horizontal line have a
+# How to read it: the DPO term pushes the textual margin up, the vDPO term the visual one. Swapping the
+# image changes the log-prob of the same text far less than swapping the text does, so expect the
+# visual margin to move much less than the textual one, and in a short run hardly at all — the line
+# printed under the figure says where both ended in this run, and which share of the scored pairs has
+# each margin positive. In a DPO run only the textual margin is trained, and the right panel shows where
+# the visual margin ended up without its term — the difference between the two runs is what the vDPO
+# term adds. Pairs above the horizontal line have a
 # positive visual margin, pairs right of the vertical line a positive textual margin.
 
 # %%
@@ -558,26 +560,12 @@ if eval_scenes:
                   "after": chair_lib.chair_scores(after[:n_chair], present, LEXICON, PARTNER)}
 
 
+from realign_lib.figures import draw_words  # noqa: E402  (word by word, wrapping; marked words bold)
+
+
 def absent_flags(text, scene):
     """(word, names an object absent from the scene) for each word of a description."""
     return [(w, any(o not in scene.types for o in chair_lib.mentioned_objects(w, LEXICON))) for w in text.split()]
-
-
-def draw_words(ax, y, label, words, size=8.5, line=0.16):
-    """Write ``label`` then ``(word, flagged)`` pairs in a monospace font, wrapping at the axis width;
-    flagged words bold red. Returns the next line's y."""
-    probe = ax.text(0, 0, "x" * 40, family="monospace", fontsize=size, transform=ax.transAxes)
-    box = probe.get_window_extent(renderer=ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
-    probe.remove()
-    cw, indent, col = box.width / 40, len(label) + 1, len(label) + 1
-    ax.text(0, y, label, family="monospace", fontsize=size, color="gray", transform=ax.transAxes, va="top")
-    for w, bad in words:
-        if (col + len(w)) * cw > 1.0 and col > indent:
-            col, y = indent, y - line
-        ax.text(col * cw, y, w, family="monospace", fontsize=size, transform=ax.transAxes, va="top",
-                color="crimson" if bad else "black", fontweight="bold" if bad else "normal")
-        col += len(w) + 1
-    return y - line
 
 
 rows = list(range(min(n_show, len(eval_scenes))))
@@ -591,10 +579,10 @@ if rows:
         sc = eval_scenes[i]
         axes[row, 0].imshow(plt.imread(eval_images[i]), interpolation="nearest")
         axes[row, 0].set_title(sc.id, fontsize=8)
-        y = draw_words(axes[row, 1], 0.95, "truth ", [(w, False) for w in tinyworld.describe(sc).split()])
+        y = draw_words(axes[row, 1], 0.95, "truth ", [(w, False) for w in tinyworld.describe(sc).split()], line=0.16)
         n_before, n_after = (sum(b for _, b in absent_flags(t, sc)) for t in (before[i], after[i]))
-        y = draw_words(axes[row, 1], y - 0.03, "before", absent_flags(before[i], sc))
-        draw_words(axes[row, 1], y - 0.03, "after ", absent_flags(after[i], sc))
+        y = draw_words(axes[row, 1], y - 0.03, "before", absent_flags(before[i], sc), line=0.16)
+        draw_words(axes[row, 1], y - 0.03, "after ", absent_flags(after[i], sc), line=0.16)
         axes[row, 1].set_title(f"absent-object words: {n_before} before → {n_after} after", fontsize=8, loc="left")
     plt.show()
 for i in rows[:3]:

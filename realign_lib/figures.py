@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["STAGE_BOXES", "method_overview"]
+__all__ = ["STAGE_BOXES", "method_overview", "draw_words"]
 
 #: (stage, what it does, the file it hands over) in run order
 STAGE_BOXES = [
@@ -46,6 +46,31 @@ def method_overview(ax=None):
     ax.set_ylim(0.1, 1.08)
     ax.axis("off")
     return fig or ax.figure
+
+
+def draw_words(ax, y, label, words, colour="crimson", size=8.5, line=0.085) -> float:
+    """Write ``label`` (grey) then ``words`` in a monospace font from the left edge of ``ax`` down,
+    wrapping at the axis width; continuation lines are indented past the label.
+
+    ``words``: ``(word, style)`` pairs — a falsy style is plain text, ``True`` bold in ``colour``, a dict
+    those matplotlib text properties (e.g. ``{"bbox": {...}}`` for a coloured box). ``y`` and the
+    returned next-line ``y`` are in axis units; call it after the figure's layout is final.
+    """
+    probe = ax.text(0, 0, "x" * 40, family="monospace", fontsize=size, transform=ax.transAxes)
+    box = probe.get_window_extent(renderer=ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
+    probe.remove()
+    cw = box.width / 40                                  # one character's width, in axis units
+    indent = len(label) + 1 if label else 0
+    if label:
+        ax.text(0, y, label, family="monospace", fontsize=size, color="gray", transform=ax.transAxes, va="top")
+    col = indent
+    for w, style in words:
+        if (col + len(w)) * cw > 1.0 and col > indent:
+            col, y = indent, y - line
+        kw = style if isinstance(style, dict) else {"color": colour, "fontweight": "bold"} if style else {}
+        ax.text(col * cw, y, w, family="monospace", fontsize=size, transform=ax.transAxes, va="top", **kw)
+        col += len(w) + 1
+    return y - line
 
 
 if __name__ == "__main__":  # python -m realign_lib.figures docs/overview.png

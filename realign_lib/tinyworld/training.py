@@ -304,7 +304,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     if marker.is_file():
         done = read_json(marker)
         if done.get("config") == asdict(cfg) and done.get("world") == trained_on:
-            return done
+            return dict(done, path=str(out), reused=True)  # (a copied folder: its own path, not the one trained in)
         marker.unlink()  # made with other settings or on another world: train again
     out.mkdir(parents=True, exist_ok=True)
     if cfg.cpu_threads:
