@@ -191,8 +191,9 @@ for h, why in hand:
 # question, has an empty answer, shares no word with the caption, repeats a question or is beyond
 # `qa_per_image`, is rejected and counted under its reason. Replies are appended to
 # `00_real_data/caption_qa.jsonl` batch by batch: a killed run asks only for the images it has not
-# finished; another model, prompt or `qa_per_image` starts the file again. The prompt (the paper does
-# not publish its own; this constant is the one sent):
+# finished; another model, prompt or `qa_per_image` starts the file again. With `chosen_source =
+# "caption_qa"` the next cell prints the prompt it sends (the paper does not publish its own); this run
+# uses `llava`, so it prints nothing.
 
 # %%
 if chosen_source == "caption_qa":
@@ -273,8 +274,8 @@ print(json.dumps(metrics, indent=1))
 #   `detail_23k` part): longer chosen responses, so stage 02 masks more words per sample and stage 03
 #   has more to change; the conversation records give short answers instead.
 # * **`chosen_source = "caption_qa"`** with `qa_per_image = 2`: the paper's short QA pairs made from
-#   captions (needs an OpenAI-compatible endpoint); watch the rejected-reply counts above — a high
-#   `not_in_caption` share means the model adds what the caption does not say.
+#   captions (needs an OpenAI-compatible endpoint); watch the rejected-reply counts the QA cell then
+#   prints — a high `not_in_caption` share means the model adds what the caption does not say.
 # * **`records_per_image = 2`**: more samples from the same images. Two samples of one image have
 #   the same embedding, so stage 01 drops each as the other's exact duplicate (it reports how many)
 #   and retrieves only other images; stage 03 then induces two pairs per image.

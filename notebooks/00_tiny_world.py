@@ -150,7 +150,7 @@ plt.show()
 #   opacity; every scene has its typical objects.
 # * **Partners.** The twelve types come in six pairs — star↔moon, fish↔boat, car↔house,
 #   tree↔flower, ball↔kite, bird↔cloud. When an image has a second object, it is the first one's
-#   *partner* 75 % of the time.
+#   *partner* 75 % of the time (the table below gives lower shares because many images hold one object).
 # * **Weak evidence.** Objects are small (3.5–10 px radius) and partly transparent, and a partner
 #   is more often the small, faint one.
 #
@@ -239,9 +239,9 @@ print(sorted(p.name for p in mme_task.iterdir())[:4], "→", open(sorted(mme_tas
 
 # %% [markdown]
 # Samples for stages 1–3, one exchange (prompt, image, chosen response) per training image, as the
-# paper's data mixes them: a share `short_answer_share` of short-answer exchanges whose answers name
-# objects, attributes, counts and positions ("Where is the boat?" → "the boat is on the left ."),
-# the rest detailed descriptions. The LLaVA-Instruct loader that real data uses checks the records.
+# paper's data mixes them: a share `short_answer_share` (0 by default, as here: every sample is a
+# detailed description) of short-answer exchanges whose answers name objects, attributes, counts and
+# positions ("Where is the boat?" → "the boat is on the left ."), the rest detailed descriptions. The LLaVA-Instruct loader that real data uses checks the records.
 
 # %%
 _, sample_counts = samples_from_llava(world["train_json"], world["train_images"], limit=None, check_images=False)
@@ -471,9 +471,10 @@ print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['tota
 #   the same way (its recall near 0 % or 100 %), and only later learns to look at the image for the
 #   answer. Set `health_check = False` to see the numbers of such a model anyway, and what stage 05
 #   then "finds".
-# * **`tower_steps`** — a weaker or stronger vision tower. With 600 steps some worlds' models say "yes"
-#   to most absent partners (POPE-adversarial near 55 %): the tower does not separate a faint partner
-#   from an empty patch, and the language model falls back on the co-occurrence prior.
+# * **`tower_steps`** — a weaker or stronger vision tower. Even the default model says "yes" to most
+#   absent partners (section 5); with 600 steps some worlds' models do so more often still and their
+#   POPE-adversarial accuracy falls towards 55 %: the tower does not separate a faint partner from an
+#   empty patch, and the language model falls back on the co-occurrence prior.
 # * **`n_train`** — more training images make the co-occurrence statistics sharper and the model
 #   better; fewer make it lean on the prior. Watch the training loss curves and the partner share of
 #   hallucinations in section 4.
@@ -482,8 +483,10 @@ print(f"wrote {stage_dir / 'metrics.json'}; stage took {metrics['seconds']['tota
 # ## Takeaways
 #
 # * The tiny world builds in a cause of object hallucination: co-occurring *partners* and faint
-#   evidence. A model trained on it says "yes" to an absent partner far more often than to another
-#   absent object (section 5); in its descriptions partners are only part of the absent objects it names.
+#   evidence. A model trained on it says "yes" to an absent partner more often than to another absent
+#   object (section 5; on the adversarial split the scene's other typical objects draw many "yes" answers
+#   too, so the gap is smallest there); in its descriptions partners are only part of the absent objects
+#   it names.
 # * A base model must answer yes/no from the image before anything built on it means something; the
 #   health check makes that a condition of the chain, not a hope.
 # * Every file is in an official layout (LLaVA-Instruct, POPE, MME), so the later notebooks run

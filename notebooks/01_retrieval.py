@@ -128,7 +128,8 @@ emb = retrieval.embed_images_resumable(model, processor, image_paths, stage_dir 
 t_embed = time.time() - t0
 atomic_save_npy(stage_dir / "embeddings.npy", emb)
 write_json(stage_dir / "ids.json", [s["id"] for s in samples])
-print(f"embeddings {emb.shape} in {t_embed:.1f} s ({len(samples) / max(t_embed, 1e-9):.0f} images/s)")
+print(f"embeddings {emb.shape} in {t_embed:.1f} s" + (f" ({len(samples) / t_embed:.0f} images/s)" if t_embed > 1
+      else " (read from the saved chunks of an earlier run)"))
 
 # %% [markdown]
 # ## 2 · Cosine top-k, written out
@@ -282,8 +283,8 @@ plt.show()
 # the *cosine distance* $1 - \cos$ on a logarithmic axis: left is more similar, and each step of
 # the axis is a factor of ten. The further the neighbour bars sit to the left of the random pairs,
 # the better the embedding separates similar from unrelated images; if they overlapped, retrieval
-# would be no better than picking an image at random. (In the tiny world the random pairs have a
-# shoulder on the left: pairs that happen to come from the same scene, about one in five.)
+# would be no better than picking an image at random. (In the tiny world about one random pair in five
+# comes from the same scene — section 5 counts them; they sit in the left part of the grey bars.)
 
 # %%
 pair_rng = np.random.default_rng(seed + 1)

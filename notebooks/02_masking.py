@@ -96,7 +96,8 @@ stoplist = True  # rule backend: never mask the set phrases and abstract words o
 
 # %% [markdown]
 # The next cell reads the parameters, finds the run folder (building stage 00 first if it is
-# missing) and loads the samples; `max_samples` keeps the first N.
+# missing) and loads the samples; `max_samples` keeps the first N (the tiny-world config keeps the first
+# 800, the samples stage 03 then turns into pairs).
 
 # %%
 from realign_lib.run.workspace import quiet_notebook

@@ -19,8 +19,8 @@
 # Step 4 of Algorithm 1, the heart of Re-Align. Stage 02 hid the content words of each correct
 # description $y_w$ behind `[MASK]`, giving a masked text $y_m$. Here the **hallucination-prone
 # VLM** fills those masks again — but while looking at a *retrieved* image $v_t$ (stage 01), not at
-# the sample's own image $v$. Whatever it writes fits the scene of $v_t$, keeps the sentence of
-# $y_w$, and is wrong for $v$: a realistic hallucination. That candidate $\hat y_t$ becomes the
+# the sample's own image $v$. What it writes comes partly from $v_t$ (section 7 counts how much), keeps
+# the sentence of $y_w$, and is wrong for $v$: a hallucination. That candidate $\hat y_t$ becomes the
 # **rejected** response $y_l$, and $v_t$ the **retrieved image** $v_l$ that stage 04's visual term
 # uses.
 #
@@ -349,7 +349,9 @@ by_rank = acceptance_by_rank(prefs, skipped, top_k)
 print(f"{len(prefs)} pairs from {len(items)} samples ({len(prefs) / max(len(items), 1):.1%}); skipped "
       f"{dict(Counter(s['reason'] for s in skipped))}; {summary['fills']} fills computed in {summary['seconds']:.0f} s "
       f"(fill {summary['seconds_fill']:.0f} s, similarity {summary['seconds_similarity']:.0f} s); "
-      f"{summary['too_short']} candidates refused as cut short (min_length_ratio {min_length_ratio})")
+      f"{summary['too_short']} candidates refused as cut short (min_length_ratio {min_length_ratio})"
+      + (" — a resumed run: its results were already on disk, so these timings are not the stage's cost"
+         if summary["fills"] == 0 and prefs else ""))
 print("acceptance by rank:", [f"#{r['rank']} {r['accepted']}/{r['tried']}" for r in by_rank])
 
 # %% [markdown]
@@ -557,9 +559,10 @@ else:
 # and how many are present in the retrieved image.
 #
 # The tiny world knows every image's objects, so these can be counted exactly. How to read the table:
-# for Re-Align, "with absent" should be high (the rejected responses really do hallucinate) and
-# "in retrieved" should be well above zero (the hallucinations come *from* the retrieved image, not
-# from nowhere); random swaps name absent objects too, but ones unrelated to any image.
+# "with absent" is the share of pairs that teach *object* hallucination (the rest change attributes or
+# positions only); "in retrieved" says how many of the absent objects named come *from* the retrieved
+# image rather than from nowhere. With `baseline_pairs` on, random swaps name absent objects too, but
+# ones unrelated to any image.
 
 # %%
 world_stats = {}
@@ -582,8 +585,8 @@ if ann_path.is_file():
     st = world_stats.get("re_align")
     if st:
         print(f"\n{1 - st['responses_with_absent']:.0%} of the rejected answers name no object absent from the "
-              f"image: their fills changed colours, sizes, counts or positions only (often from a neighbour with "
-              f"the same objects, section 5 of notebook 01) — wrong about the image, but not object hallucinations. "
+              f"image: their fills changed colours, sizes, counts or positions only (possibly from a neighbour "
+              f"with the same objects: notebook 01, section 5, shows how common those are) — wrong about the image, but not object hallucinations. "
               f"Of the absent objects named, {st['partner_share']:.0%} are a present object's partner and "
               f"{st['absent_in_retrieved_share']:.0%} are in the retrieved image.")
 
@@ -640,7 +643,8 @@ print(json.dumps({k: metrics[k] for k in shown}, indent=1))
 # %% [markdown]
 # ## Takeaways
 #
-# * The rejected answer is the chosen answer's sentence with its content words written by the VLM while
-#   it looks at another image: fluent, plausible, and wrong about this image.
+# * The rejected answer keeps the chosen answer's sentence frame, with its content words written by the
+#   VLM while it looks at another image: wrong about this image — with the tiny VLM often repetitive or
+#   self-contradictory, and in under half of the pairs naming an absent object (section 7).
 # * τ trades pair count against pair quality: the first fill below it is kept, so a stricter τ means
 #   fewer pairs that differ more from the chosen answer.

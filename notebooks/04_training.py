@@ -216,8 +216,8 @@ print(f"model {model_dir} → {out_dir}")
 # run's own values. Why each one differs:
 #
 # * **`max_steps`, `per_device_train_batch_size`, `gradient_accumulation_steps`** — a fixed, short
-#   budget instead of one epoch: part of the run's pairs, a few hundred, so that the stage takes about
-#   a minute on two CPU cores;
+#   budget instead of one epoch: part of the run's pairs, a few hundred, so that the stage takes under
+#   a minute on a CPU;
 # * **`learning_rate`** — far above the paper's: a tiny model with small adapters moves very little at
 #   the paper's rate in so few steps (a feasibility study of this world also used a much higher rate);
 # * **`lora_r`, `lora_alpha`** — smaller, with the paper's ratio α/r = 2: the tiny Llama's hidden size
@@ -249,7 +249,8 @@ else:
 # ## 1 · Before: a few descriptions of the starting model
 #
 # Held-out test images (never in the preference data), greedy decoding, the same prompt as the
-# training samples. CHAIR on `n_chair` of them, measured as every stage measures it
+# training samples. CHAIR (when `n_chair` > 0; the tiny-world config sets 0 and leaves CHAIR to
+# stage 05) on `n_chair` of them, measured as every stage measures it
 # (`realign_lib.evaluation.chair`): the share of named objects that are absent (`chair_i`) and of
 # descriptions with one or more (`chair_s`); stage 05 does the full evaluation. This cell only
 # generates; section 5 shows the descriptions beside those of the trained model.
@@ -427,9 +428,10 @@ print(f"mean over {len(scored)} pairs: rDPO loss {by_hand['rdpo']:.4f}, DPO loss
       f"(each with the NLL term × {sft_weight}); equal to the library's")
 
 # %% [markdown]
-# How to read the table: a positive `m_text` means the trained model has moved towards the chosen
-# response and away from the rejected one (compared with where it started); a positive `m_vis` means
-# the chosen response has become more likely under the true image than under the retrieved one. Each
+# How to read the table: a positive `m_text` means the rejected response lost more log-probability than
+# the chosen one, compared with where the model started (both can fall: compare each policy column with
+# its ref column); a positive `m_vis` means the chosen response gained (or lost less) under the true
+# image than under the retrieved one. Each
 # loss term is $\log 2 \approx 0.693$ at margin 0 and falls as its margin grows.
 
 # %% [markdown]
@@ -635,8 +637,9 @@ print(json.dumps(metrics["last20_mean"], indent=1))
 #   log-prob changes: the logged margins grow faster, the loss terms fall sooner, and the policy is held
 #   closer to the reference; a smaller β lets it drift further for the same loss.
 # * **`sft_weight`** — set it to `0` (the paper's value) with the tiny world's learning rate: the
-#   chosen log-prob (`logps/chosen` in the log) falls instead of rising, and in section 5 the "after"
-#   descriptions may lose their grammar. Raise it and the preference margins grow more slowly.
+#   chosen log-prob (`logps/chosen` in the log) falls further (even with the NLL term it may fall a
+#   little: `rewards/chosen` below 0 in the log), and in section 5 the "after" descriptions may lose
+#   their grammar. Raise it and the preference margins grow more slowly.
 
 # %% [markdown]
 # ## Takeaways

@@ -16,8 +16,8 @@
 # %% [markdown]
 # # 05 · Evaluation: POPE, MME, CHAIR, and the comparison of conditions
 #
-# Stage 04 trained the tiny VLM on the preference pairs, with rDPO (`rdpo_seed0`) and, for
-# comparison, with plain DPO (`dpo_seed0`). Did it hallucinate less afterwards — and did it stay a
+# Stage 04 trained the tiny VLM on the preference pairs with rDPO and, for comparison, with plain DPO
+# (runs named `rdpo_seed<k>`, `dpo_seed<k>`; in a config with `worlds`, in every world). Did it hallucinate less afterwards — and did it stay a
 # good model? This notebook asks every model the same questions and counts. It uses the three
 # measurements of the Re-Align paper:
 #
@@ -35,7 +35,7 @@
 #   (`image⇥question⇥gt⇥prediction`, an image's two questions on consecutive lines) are written so
 #   MME's own `calculation.py` can score them, and scored here by the same rule (acc·100 + acc+·100
 #   per subtask, at most 200); plus the share of answers in the bare yes/no format
-#   (`realign_lib.evaluation.runner`). MME checks that training against hallucination did not cost general
+#   (`realign_lib.evaluation.runner`). MME asks whether training against hallucination cost general
 #   perception.
 # * **CHAIR** on the tiny world: the model *describes* held-out images in its own words, and we
 #   count the named objects that are absent. POPE asks about one object at a time; CHAIR measures
@@ -331,9 +331,9 @@ else:
 # figure, each row is one held-out image (the ones with the most hallucinated mentions over all
 # models), with the objects it really holds above it; to its right, the full descriptions of the base
 # model and of the first seed of each condition, with every word naming an absent object in
-# [CAPITALS]. Look for absent objects that
-# are the *partner* of a present one (moon beside a star, boat beside a fish): those are the
-# tiny world's designed hallucinations, and what training should remove.
+# [CAPITALS]. Some absent objects are the *partner* of a present one (moon beside a star, boat beside a
+# fish), the world's designed hallucination; many others are objects that fit the scene the model
+# thinks it sees (notebook 00, section 4, counts the partner share). Both are what training should remove.
 
 # %% [markdown]
 # ## 4 · Every model, every metric
@@ -354,8 +354,9 @@ display(Markdown("\n".join(rows)))
 # %% [markdown]
 # ## 5 · The comparison: conditions over seeds
 #
-# Mean ± sd over seeds per condition (the base model is one deterministic evaluation), then each
-# condition minus the baseline paired by seed, and rDPO minus DPO where both ran.
+# Mean ± sd over the models of each condition (seeds; with several worlds, (world, seed) runs — the base
+# model is one evaluation per world, so its spread is over worlds), then each condition minus the
+# baseline paired by seed (within each world), and rDPO minus DPO where both ran.
 
 # %%
 table_rows = []
@@ -386,7 +387,7 @@ if per_world:
     display(Markdown("Per world, paired by seed within the world:\n\n" + format_differences(per_world, key_metrics)))
 
 # %% [markdown]
-# The first table is the level of every condition: mean ± sd over its seeds (a single number where
+# The first table is the level of every condition: mean ± sd over its models (a single number where
 # there is one model). The second is the *change*: each condition minus the baseline, computed seed
 # by seed and then averaged; the bracket says how many seeds agree in sign out of how many there
 # are. Differences are in the metric's own unit: percentage points for POPE and CHAIR, score points
@@ -493,6 +494,13 @@ for label, d in diffs.items():
     baseline_of = label.split(" - ")[1]
     base_levels = {m: x["mean"] for m, x in summary.get(baseline_of, {}).items()}
     lines.append(describe_differences(label, d, key_metrics, base_levels, unit=pairs_are))
+for label, d in per_world.items():  # "world0: rdpo - base": clear changes within one world
+    w, comp = label.split(": ")
+    wb = [r for r in table_rows if r["group"] == w and r["condition"] == comp.split(" - ")[1]]
+    levels = summarize_conditions(wb).get(comp.split(" - ")[1], {})
+    line = describe_differences(label, d, key_metrics, {m: x["mean"] for m, x in levels.items()}, unit="seeds")
+    if "(better" in line or "(worse" in line:
+        lines.append(line)
 reading = "\n".join(lines) or "- one model only: nothing to compare."
 if "base" in summary:
     biased = answer_bias({m: x["mean"] for m, x in summary["base"].items()})
@@ -502,13 +510,14 @@ if "base" in summary:
                     "answer bias moving rather than better seeing; read accuracy and the yes-rates beside it.")
 n_seeds = max((x["n"] for d in diffs.values() for x in d.values()), default=0)
 if n_seeds > 1:
-    reading += (f"\n- How far to trust this: 'clear' is a screening rule, not a significance test (with {n_seeds} seeds, "
+    reading += (f"\n- How far to trust this: 'clear' is a screening rule, not a significance test (with {n_seeds} {pairs_are}, "
                 f"2 standard errors is a loose bar); seeds vary the training only, every model answers the same "
                 f"questions.")
     if mme_records:
         n_img = min(len(r) for r in mme_records.values()) // 2  # one image: 2 questions → acc and acc+
+        # both answers of one image flipping: acc moves 2/(2·n_img)·100, acc+ 1/n_img·100
         reading += (f" An MME-style subtask holds {n_img} images, so one image moves its score by up to "
-                    f"{150 / n_img:.0f} points.")
+                    f"{200 / n_img:.1f} points.")
 display(Markdown(reading))
 
 # %% [markdown]
@@ -568,15 +577,15 @@ print(f"wrote {stage_dir / 'metrics.json'} and {stage_dir / 'comparison.md'} in 
 # %% [markdown]
 # ## What to try next
 #
-# * **More questions: `max_questions = 0`.** The smoke configuration asks 40
-#   questions per POPE split, so one answer moves an accuracy by 2.5 points and its binomial standard
-#   error near 80 % is about $\sqrt{0.8 \cdot 0.2 / 40} \approx 6$ points; with every question of
-#   the tiny world's test images (≈ 3,700 per split) it is below 1 point. Expect the differences
-#   between models to stop jumping from run to run.
-# * **More seeds and worlds.** With one seed per condition nothing can be *clear*. Run
-#   `realign run --config configs/tiny_world_comparison.yaml` (three worlds × three seeds of DPO and
-#   rDPO, every POPE question): the figure of section 6 then has nine dots per column, coloured by
-#   world, and the per-world table says whether one world carries the pooled result.
+# * **Fewer questions and seeds: `configs/tiny_world_smoke.yaml`.** The outputs above come from
+#   `configs/tiny_world_comparison.yaml` (every POPE question: the counts printed in section 1; three
+#   worlds × three seeds). The smoke configuration asks 40 questions per split and trains one seed: one
+#   answer then moves an accuracy by 2.5 points (binomial standard error near 80 %:
+#   $\sqrt{0.8 \cdot 0.2 / 40} \approx 6$ points), there is one dot per column and nothing can be
+#   *clear* — see how much of the picture above is lost.
+# * **One world: `worlds = []`** on one run folder (`configs/tiny_world.yaml`). Compare its reading with
+#   the pooled one above: the per-world table shows that a single world's clear changes can have the
+#   opposite sign in another world.
 # * **`pope_suffix = True`.** Appends lmms-eval's "Answer the question using a single word or
 #   phrase." to every POPE question, the prompt behind LLaVA-1.5's published POPE figures. The
 #   tiny VLM never saw that sentence in training: watch section 1 for answers that say neither yes
@@ -587,10 +596,10 @@ print(f"wrote {stage_dir / 'metrics.json'} and {stage_dir / 'comparison.md'} in 
 # %% [markdown]
 # ## Takeaways
 #
-# * Three measurements, three views of hallucination: POPE asks about one object at a time, MME checks
-#   that general perception survived, CHAIR counts absent objects in free text.
-# * The effects of preference training on the tiny world are small, about the size of the differences
-#   between seeds and worlds: only a comparison paired over seeds (and worlds), with its spread, can
-#   tell them apart — and the generated reading above says which ones it could.
+# * Three measurements, three views of hallucination: POPE asks about one object at a time, MME whether
+#   general perception survived, CHAIR counts absent objects in free text.
+# * Pooled over worlds the effects of preference training are small; within single worlds some are
+#   clear, but their sign can differ from world to world, so they cancel when pooled — a result from one
+#   world is not a result (per-world table, and the per-world lines of the reading).
 # * A higher F1 is not always better seeing: read it beside the yes-ratio and the yes-rate to absent
 #   objects, which show whether a model only changed how often it says "yes".
