@@ -274,7 +274,7 @@ else:
     cfg = TinyVLMConfig(seed=seed, tower_steps=tower_steps, sft_steps=sft_steps, sft_lr=sft_lr, cpu_threads=cpu_threads)
     train_summary = train_tiny_vlm(world, model_dir, cfg,
                                    log=lambda r: print(r) if r["step"] % 300 == 0 else None)
-    train_summary["trained_here"] = True
+    train_summary["trained_here"] = not train_summary.get("reused", False)  # False: an earlier run's model, same recipe
 t_train = time.time() - t0
 print(f"model at {model_dir} ({t_train:.0f} s this run)")
 print({k: v for k, v in train_summary.items() if k != "config"})

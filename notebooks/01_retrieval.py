@@ -399,7 +399,7 @@ print(f"wrote {stage_dir / 'metrics.json'}")
 # %% [markdown]
 # ## Takeaways
 #
-# * The retrieved images are the raw material of the hallucinations: similar enough to share the
-#   scene, different enough to hold other objects.
+# * The retrieved images are the raw material of the hallucinations: most share the scene and hold other
+#   objects, but some hold exactly the query's objects (section 5), and those cannot supply an absent one.
 # * The VLM's own vision tower does the embedding, and an exact FAISS search is fast at this size;
 #   approximate indexes matter only at millions of images.

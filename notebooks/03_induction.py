@@ -559,8 +559,8 @@ else:
 # and how many are present in the retrieved image.
 #
 # The tiny world knows every image's objects, so these can be counted exactly. How to read the table:
-# "with absent" is the share of pairs that teach *object* hallucination (the rest change attributes or
-# positions only); "in retrieved" says how many of the absent objects named come *from* the retrieved
+# "with absent" is the share of pairs that teach *absent-object* hallucination (the rest change
+# attributes or positions, or swap one present object for another); "in retrieved" says how many of the absent objects named come *from* the retrieved
 # image rather than from nowhere. With `baseline_pairs` on, random swaps name absent objects too, but
 # ones unrelated to any image.
 
@@ -585,7 +585,7 @@ if ann_path.is_file():
     st = world_stats.get("re_align")
     if st:
         print(f"\n{1 - st['responses_with_absent']:.0%} of the rejected answers name no object absent from the "
-              f"image: their fills changed colours, sizes, counts or positions only (possibly from a neighbour "
+              f"image: their fills change colours, sizes or positions, or swap one present object for another (possibly from a neighbour "
               f"with the same objects: notebook 01, section 5, shows how common those are) — wrong about the image, but not object hallucinations. "
               f"Of the absent objects named, {st['partner_share']:.0%} are a present object's partner and "
               f"{st['absent_in_retrieved_share']:.0%} are in the retrieved image.")

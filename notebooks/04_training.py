@@ -550,7 +550,7 @@ print(f"last logged step: textual margin {log[-1]['rewards/margins']:.3f}"
 # from the image are in red. A preference stage that damages the language shows here first (broken
 # sentences); the NLL term on the chosen response (`sft_weight`) is there to prevent that. Fewer red
 # words after than before is what the method is for — on six images expect noise, not proof (stage 05
-# counts over hundreds). The text printout below the figure gives the same descriptions, and the CHAIR
+# counts over hundreds). The text printout below the figure gives the first three of these descriptions, and the CHAIR
 # figures before → after when `n_chair` > 0.
 
 # %%

@@ -289,6 +289,7 @@ print(f"all {len(qs)} {split} questions: " + ", ".join(f"{k} {v:.3f}" for k, v i
 # description.
 
 # %%
+named_objects = {}  # model → objects its CHAIR descriptions name (the CHAIR_i denominator)
 if chair_scenes:
     texts = {m: {r["id"]: r["text"] for r in read_jsonl(stage_dir / m / "descriptions.jsonl")} for m in shown}
     for m in shown:
@@ -299,6 +300,7 @@ if chair_scenes:
             named, hallucinated = named + len(objects), hallucinated + len(absent)
             with_hallucination += bool(absent)
         chair_i, chair_s = hallucinated / max(named, 1), with_hallucination / len(chair_scenes)
+        named_objects[m] = named
         assert np.isclose(chair_i, results[m]["chair"]["chair_i"]) and np.isclose(chair_s, results[m]["chair"]["chair_s"])
         print(f"{m:<22} CHAIR_i = {hallucinated}/{named} = {chair_i:.3f}   "
               f"CHAIR_s = {with_hallucination}/{len(chair_scenes)} = {chair_s:.3f}")
@@ -401,7 +403,7 @@ if per_world:
 # baseline; with several worlds, coloured by world), the diamond is their mean with a bar of ± 2
 # standard errors, and the dashed line is no change. The shaded band is ± 2 binomial standard errors
 # of *one* model's figure — how far a figure moves by the luck of which questions (or, for CHAIR,
-# about three named objects per described image) were asked — so a change inside it is no bigger than
+# the objects the base model's descriptions name) were asked — so a change inside it is no bigger than
 # that sampling noise, even when every seed agrees. The arrow in a panel's title says which direction
 # is better (↑ higher, ↓ lower); the yes-ratio is best near 50 %, so a base model that says yes too
 # often improves when it goes down.
@@ -427,13 +429,13 @@ n_col = max(map(len, families), default=1)
 fig, axes = plt.subplots(len(families), n_col, figsize=(2.7 * n_col, 3.3 * len(families)), squeeze=False)
 base_levels = {m: x["mean"] for m, x in summary.get(baseline, {}).items()}
 n_pope = len(next(iter(questions.values()), []))                 # questions per POPE split (one world)
-n_named = (results[models[0]].get("chair") or {}).get("n", 0)      # images described for CHAIR
+n_named = named_objects.get(models[0], 0)                           # objects the base model's descriptions name
 
 
 def noise(m):
     """± 2 binomial standard errors of ONE model's figure (the questions' sampling noise), in points."""
     p = base_levels.get(m, float("nan")) / 100
-    n = n_pope if m.startswith("pope/") else 3 * n_named if m.startswith("chair/") else 0  # CHAIR: ~3 objects named per image
+    n = n_pope if m.startswith("pope/") else n_named if m.startswith("chair/") else 0
     return 200 * np.sqrt(p * (1 - p) / n) if n and p == p and 0 < p < 1 else 0.0
 
 
