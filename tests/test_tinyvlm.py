@@ -91,7 +91,7 @@ def test_training_lowers_loss_and_saves_a_hub_style_checkpoint(small_world, tmp_
     assert ans[0].split()[0] in ("yes", "no"), ans  # already answers in the yes/no format after 60 steps
     # the summary marks completion: a second call with the same config returns without training
     again = tv.train_tiny_vlm(small_world, tmp_path / "m", cfg)
-    assert again == summary
+    assert again.pop("reused") is True and again == summary  # returned from the folder, not trained again
     # the same settings on another world (here: the same files under another seed's config) is another
     # model: trained again, not returned from the folder (two steps per phase keep this quick)
     quick = tv.TinyVLMConfig(**{**cfg.__dict__, "sft_steps": 2, "tower_steps": 2})
@@ -99,7 +99,8 @@ def test_training_lowers_loss_and_saves_a_hub_style_checkpoint(small_world, tmp_
     other_world = dict(small_world, config={**small_world["config"], "seed": small_world["config"]["seed"] + 1})
     second = tv.train_tiny_vlm(other_world, tmp_path / "q", quick)
     assert (first["world"], second["world"]) == (small_world["config"], other_world["config"])
-    assert tv.train_tiny_vlm(other_world, tmp_path / "q", quick) == second  # complete for that world now
+    third = tv.train_tiny_vlm(other_world, tmp_path / "q", quick)
+    assert third.pop("reused") is True and third == second  # complete for that world now
 
 
 def test_logprob_of_tiny_model_equals_manual_sum(parts):
