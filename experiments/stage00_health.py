@@ -43,7 +43,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from realign_lib.evaluation import chair, pope  # noqa: E402
+from realign_lib.evaluation import chair, health, pope  # noqa: E402
 from realign_lib.files import read_json  # noqa: E402
 from realign_lib.prompts import DESCRIBE_PROMPT  # noqa: E402
 from realign_lib.tinyworld import model as tinymodel  # noqa: E402
@@ -62,10 +62,8 @@ def pope_subset(world: dict, n: int, seed: int = 123) -> dict[str, list[dict]]:
     out = {}
     for split, path in world["pope_val"].items():
         qs = pope.load_pope_questions(path)
-        if n and n < len(qs):  # whole (yes, no) pairs, as the files alternate them: exactly half "yes"
-            pairs = np.sort(np.random.default_rng([seed, len(split)]).choice(len(qs) // 2, n // 2, replace=False))
-            qs = [qs[j] for i in pairs for j in (2 * i, 2 * i + 1)]
-            assert sum(q["label"] == "yes" for q in qs) == len(qs) // 2
+        qs = health.pope_subset(qs, n, seed=[seed, len(split)])  # whole (yes, no) pairs: exactly half "yes"
+        assert sum(q["label"] == "yes" for q in qs) == len(qs) // 2
         out[split] = qs
     return out
 
@@ -156,24 +154,13 @@ def main() -> None:
     if args.questions_per_image:
         rng = np.random.default_rng([args.seed, 99, args.questions_per_image])
         records = [tw.llava_record(by_id[r["id"]], r["image"], rng, args.questions_per_image) for r in records]
-    if args.existence_per_image:  # extra "Is there a X in the image?" turns, half yes (present X), half no
-        rng = np.random.default_rng([args.seed, 98, args.existence_per_image])  # (uniform absent X, as the world's own)
-        out = []
-        for r in records:
-            s = by_id[r["id"]]
-            absent = [o for o in tws.OBJECTS if o not in s.types]
-            conv = list(r["conversations"])
-            for k in range(args.existence_per_image):
-                yes = k % 2 == 0
-                partners = [tws.PARTNER[t] for t in s.types if tws.PARTNER[t] in absent]
-                if not yes and partners and rng.random() < args.partner_negatives:
-                    obj = str(rng.choice(partners))
-                else:
-                    obj = str(rng.choice(s.types)) if yes else str(rng.choice(absent))
-                conv += [{"from": "human", "value": tws.existence_question(obj)},
-                         {"from": "gpt", "value": "Yes." if yes else "No."}]
-            out.append(dict(r, conversations=conv))
-        records = out
+    if args.existence_per_image:  # extra "Is there a X in the image?" turns, as the world's own (tw.existence_questions)
+        rng = np.random.default_rng([args.seed, 98, args.existence_per_image])
+        records = [dict(r, conversations=list(r["conversations"]) + [
+            {"from": fr, "value": v} for qa in tw.existence_questions(by_id[r["id"]], rng, args.existence_per_image,
+                                                                      args.partner_negatives)
+            for fr, v in (("human", qa["question"]), ("gpt", "Yes." if qa["answer"] == "yes" else "No."))])
+            for r in records]
     if args.yn_repeat > 1:
         out = []
         for r in records:

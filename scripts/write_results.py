@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from realign_lib.evaluation.stats import (answer_bias, condition_of, describe_differences, flat_metrics,  # noqa: E402
-                                          paired_differences, summarize_conditions)
+                                          format_table, paired_differences, summarize_conditions)
 
 COMPARISON = ROOT / "experiments" / "results" / "comparison.json"
 WORLDS = ROOT / "benchmarks" / "results" / "stage00_worlds.json"
@@ -89,9 +89,8 @@ def comparison_block(comp: dict, per_world_table: bool = True) -> str:
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     q = comp["pope_questions_per_split"]
     head = "| condition | " + " | ".join(COLUMNS.values()) + " |\n| --- |" + " ---: |" * len(COLUMNS)
-    level = [head] + [f"| {NAMES.get(c, c)} | " + " | ".join(_pm(summary[c][k]["mean"], summary[c][k]["sd"])
-                                                              if k in summary[c] else "–" for k in COLUMNS) + " |"
-                      for c in ("base", "dpo", "rdpo") if c in summary]
+    level = format_table(summary, list(COLUMNS), [c for c in ("base", "dpo", "rdpo") if c in summary],
+                         heads=COLUMNS, names=NAMES)
     comps = [(a, b) for a, b in COMPARISONS if a in summary and b in summary]
     diffs = {f"{a} - {b}": paired_differences(rows, a, b) for a, b in comps}
     pooled = [head.replace("| condition |", "| paired |")]
@@ -134,7 +133,7 @@ def comparison_block(comp: dict, per_world_table: bool = True) -> str:
              f"(the base: one per world). Accuracy and rates in %, MME-style perception out of 800, CHAIR_i the "
              f"share of named objects that are absent (lower is better).")
     return "\n\n".join([
-        intro, "\n".join(level),
+        intro, level,
         f"Paired differences over the {n_pairs} {unit} (mean ± 2 standard errors; in brackets the pairs agreeing "
         f"in sign; **bold**: all agree and the mean is beyond 2 se):", "\n".join(pooled),
         *(["Per world (mean ± sd over its seeds):", "\n".join(per_world)] if per_world_table and len(per_world) > 1

@@ -40,8 +40,9 @@ class HealthBounds:
     max_yes_ratio: float = 0.85
 
 
-def pope_subset(questions: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
-    """``n`` questions of a POPE file as whole consecutive (yes, no) pairs, chosen with ``seed``.
+def pope_subset(questions: Sequence[dict], n: int, seed: int | Sequence[int] = 0) -> list[dict]:
+    """``n`` questions of a POPE file as whole consecutive (yes, no) pairs, chosen with ``seed`` (anything
+    ``numpy.random.default_rng`` takes).
 
     POPE files alternate a present object and an absent one per image, so taking whole pairs keeps
     the subset's labels exactly balanced. ``n`` ≤ 0 or ≥ the file's length keeps every question.

@@ -112,9 +112,11 @@ def paired_differences(rows: Sequence[dict], condition: str, baseline: str) -> d
 
 
 def format_table(summary: dict[str, dict[str, dict]], metrics: Sequence[str], conditions: Sequence[str],
-                 digits: int = 1) -> str:
-    """A Markdown table: one row per condition, ``mean ± sd (n)`` per metric."""
-    head = "| condition | " + " | ".join(metrics) + " |"
+                 digits: int = 1, heads: dict[str, str] | None = None, names: dict[str, str] | None = None) -> str:
+    """A Markdown table: one row per condition, ``mean ± sd`` per metric (``heads``: metric → column head,
+    ``names``: condition → row name; default the keys themselves)."""
+    heads, names = heads or {}, names or {}
+    head = "| condition | " + " | ".join(heads.get(m, m) for m in metrics) + " |"
     rows = [head, "| --- |" + " ---: |" * len(metrics)]
     for c in conditions:
         cells = []
@@ -126,7 +128,7 @@ def format_table(summary: dict[str, dict[str, dict]], metrics: Sequence[str], co
                 cells.append(f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}")
             else:
                 cells.append(f"{s['mean']:.{digits}f}")
-        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+        rows.append(f"| {names.get(c, c)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -184,12 +186,13 @@ def describe_differences(label: str, diffs: dict[str, dict], metrics: Sequence[s
     n = max((x["n"] for m, x in diffs.items() if m in metrics), default=0)
     if n < 2:
         return f"- {label}: one pair only, no spread to compare with."
-    clear = [f"{m} {x['mean']:+.2f} ({_verdict(m, x['mean'], base_levels.get(m))})"
-             for m, x in diffs.items() if m in metrics and x["clear"]]
-    if not clear:
+    verdicts = [(m, x["mean"], _verdict(m, x["mean"], base_levels.get(m)))
+                for m, x in diffs.items() if m in metrics and x["clear"]]
+    if not verdicts:
         return f"- {label}: no key metric differs beyond the spread ({n} {unit}): neither better nor worse."
-    good = sum("(better" in c for c in clear)
-    bad = sum("(worse" in c for c in clear)
+    clear = [f"{m} {mean:+.2f} ({v})" for m, mean, v in verdicts]
+    good = sum(v.startswith("better") for _, _, v in verdicts)
+    bad = sum(v.startswith("worse") for _, _, v in verdicts)
     summary = "better on every clear metric" if not bad else "worse on every clear metric" if not good \
         else f"better on {good}, worse on {bad} clear metrics"
     return (f"- {label}: {summary} (all {n} {unit} agree in sign, |mean| > 2 se): " + ", ".join(clear)
