@@ -12,7 +12,8 @@ and whether the model meets the bounds below. Figures go to ``benchmarks/results
 (one record per seed, replaced when a seed is run again); ``scripts/write_results.py`` writes the table
 in docs/results.md from it.
 
-The bounds a base model must meet on every seed (validation images): POPE accuracy >= 75 % on random
+The bounds a base model must meet on every seed (validation images; ``health.TARGET``, which stage 00
+trains towards with warm restarts, and a CHAIR_i floor): POPE accuracy >= 75 % on random
 and >= 60 % on adversarial, recall >= 70 % on every split, and descriptions that still hallucinate
 (CHAIR_i >= 20 % on the test images: the method needs something to fix).
 """
@@ -31,7 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from realign_lib.run.stages import TinyWorldStage  # noqa: E402
-BOUNDS = {"min_random_accuracy": 75.0, "min_adversarial_accuracy": 60.0, "min_recall": 70.0, "min_chair_i": 20.0}
+from realign_lib.evaluation.health import TARGET  # noqa: E402
+
+# the stage's own target (health.TARGET, in percent) and descriptions that still hallucinate
+BOUNDS = {"min_random_accuracy": 100 * TARGET.min_accuracy, "min_adversarial_accuracy": 100 * TARGET.min_adversarial_accuracy,
+          "min_recall": 100 * TARGET.min_recall, "min_chair_i": 20.0}
 
 
 def meets_bounds(rec: dict) -> list[str]:
@@ -56,7 +61,10 @@ def record(seed: int, run: Path, wall: float, rc: int) -> dict:
     rec = {
         "seed": seed,
         "settings": {k: params[k] for k in ("n_train", "existence_per_image", "partner_negatives",
-                                                          "tower_steps", "sft_steps", "sft_lr", "n_health")},
+                                                          "tower_steps", "sft_steps", "sft_lr", "sft_restarts",
+                                                          "sft_restart_steps", "n_health") if k in params},
+        "warm_restarts": (m["health"] or {}).get("restarts", 0),  # cycles stage 00 added to reach health.TARGET
+        "checks": (m["health"] or {}).get("checks", []),
         "validation": {s: pct(x) for s, x in m["health"]["pope_val"].items()},
         "n_validation_questions": {s: x["n"] for s, x in m["health"]["pope_val"].items()},
         "health_problems": m["health"]["problems"],

@@ -4,12 +4,17 @@
     python experiments/recipe_search.py --only steps_20 lr_2e-4
     python experiments/recipe_search.py --report             # table + dose-response plot from the results
 
-Stages 00-03 (world, tiny VLM, retrieval, masking, pairs) run once into ``<root>/_base``; each candidate's
-folder starts as a copy of it (:func:`realign_lib.run.cli.seed_run`), so only the stages its settings
+Stages 00-03 (world, tiny VLM, retrieval, masking, pairs) run once into ``<root>/_base`` (or are copied
+from the finished run ``base_from`` names, when its settings match: a stage whose settings differ runs
+again); each candidate's folder starts as a copy of it (:func:`realign_lib.run.cli.seed_run`), so only the stages its settings
 touch run again, then training (DPO and rDPO per seed) and evaluation on the validation images. One
 JSON line per candidate goes to the results file: its settings, the mean ± sd per condition and the
 paired differences (rDPO − base, rDPO − DPO, DPO − base) of the key validation metrics, the seconds
 it took. Candidates already in the file are skipped. The test images are never evaluated here.
+
+A config with ``worlds`` searches across worlds: ``_base`` and every candidate hold one folder per world
+(``world<k>``, stages 00-04 each), stage 05 evaluates all of them and pairs conditions within each world,
+so each paired difference runs over the (world, seed) pairs.
 """
 from __future__ import annotations
 
@@ -43,8 +48,9 @@ def _summary(run_dir: Path) -> dict:
     if m.get("eval_split") != "validation":
         raise RuntimeError(f"{run_dir}: evaluated on {m.get('eval_split')!r}, not the validation images")
     trained = {}
-    for name in m["models"]:
-        result = run_dir / "04_training" / name / "train_result.json"
+    for name in m["models"]:  # "dpo_seed0", or "world1/dpo_seed0" in a config with worlds
+        world, _, model = name.rpartition("/")
+        result = run_dir / world / "04_training" / model / "train_result.json"
         if result.is_file():
             r = json.loads(result.read_text())
             trained[name] = {"steps": r["steps"], "pairs_seen": r["steps"] * r["global_batch"], "records": r["records"]}
@@ -74,17 +80,27 @@ def search(spec_path: Path, only: list[str] | None) -> None:
         load_config(config, [f"{k}={v}" for k, v in (sets or {}).items()])
     done = {r["candidate"] for r in read_appended(results)} if results.is_file() else set()
     base = root / "_base"
-    stages = list(load_config(config).stages)
-    if not (base / "03_induction" / ".done.json").is_file():
-        print(f"building stages 00-03 once in {base}", flush=True)
+    cfg = load_config(config)
+    stages = list(cfg.stages)
+    folders = [cfg.world_folder(w) for w in cfg.worlds] or [""]  # one folder per world, or run_dir itself
+    before_05 = {"data", "model", "00_tiny_world", "01_retrieval", "02_masking", "03_induction", "config.json"}
+    if not all((base / f / "03_induction" / ".done.json").is_file() for f in folders):
+        if spec.get("base_from"):  # stages 00-03 of a finished run with the same settings: copied, not rebuilt
+            source = (ROOT / spec["base_from"]).resolve()
+            print(f"copying stages 00-03 from {source} into {base}", flush=True)
+            for f in folders:
+                if not (base / f).exists():
+                    seed_run(source / f, base / f, stages, only=before_05)
+        print(f"building stages 00-03 once in {base}" + (f" ({len(folders)} worlds)" if cfg.worlds else ""),
+              flush=True)  # (a copied stage whose settings match is skipped)
         _realign(config, base, {}, ["--stage", "0", "--stage", "1", "--stage", "2", "--stage", "3"])
     for name, sets in candidates.items():
         if (only and name not in only) or name in done:
             continue
         run_dir = root / name
         if not run_dir.exists():
-            seed_run(base, run_dir, stages, only={"data", "model", "00_tiny_world", "01_retrieval", "02_masking",
-                                                  "03_induction", "config.json"})
+            for f in folders:
+                seed_run(base / f, run_dir / f, stages, only=before_05)
         t0 = time.time()
         print(f"[{name}] {sets or 'defaults'}", flush=True)
         _realign(config, run_dir, sets or {})

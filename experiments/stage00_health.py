@@ -134,6 +134,10 @@ def main() -> None:
     ap.add_argument("--curve", default="", help="SFT steps at which to measure POPE too")
     ap.add_argument("--n_curve", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--restart_steps", type=int, default=0,
+                    help="after instruction tuning and its POPE: another cosine cycle of this many steps (warm restart)")
+    ap.add_argument("--restart_lr", type=float, default=0.0, help="its peak lr (0: --sft_lr)")
+    ap.add_argument("--restart_curve", default="", help="steps of the restart cycle at which to measure POPE too")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -232,6 +236,32 @@ def main() -> None:
         curve.append({"step": args.sft_steps, **{s: {k: rec["pope_val"][s][k] for k in ("accuracy", "recall", "yes_ratio")}
                                                  for s in rec["pope_val"]}})
         rec["curve"] = curve
+    if args.restart_steps:  # a warm restart: a fresh optimiser and cosine cycle from the trained model
+        from dataclasses import replace
+        cfg2 = replace(cfg, sft_steps=args.restart_steps, sft_lr=args.restart_lr or cfg.sft_lr, seed=cfg.seed + 1000)
+        r_steps = {int(x) for x in args.restart_curve.split(",") if x}
+        r_curve = []
+
+        def on_log2(r):
+            if r["step"] in r_steps and r["step"] < args.restart_steps - 1:
+                model.eval()
+                with torch.no_grad():
+                    m = eval_pope(model, processor, world, curve_sub, tmp, f"restart{r['step']}")
+                model.train()
+                model.model.vision_tower.eval()
+                r_curve.append({"step": r["step"], "lr": r["lr"],
+                                **{x: {k: m[x][k] for k in ("accuracy", "recall", "yes_ratio")} for x in m}})
+                print("restart curve", r_curve[-1], flush=True)
+
+        t0 = time.time()
+        tinyvlm.instruction_tune(model, tokenizer, pixels, records, cfg2, log=on_log2)
+        sec["restart"] = round(time.time() - t0, 1)
+        model.eval()
+        with torch.no_grad():
+            final = eval_pope(model, processor, world, pope_subset(world, args.n_pope), tmp, "restarted")
+        rec["restart"] = {"steps": args.restart_steps, "lr": cfg2.sft_lr, "curve": r_curve,
+                          "pope_val_before": rec["pope_val"]}
+        rec["pope_val"] = final  # the figures below (and the table) are the restarted model's
     if args.n_chair:
         t0 = time.time()
         val_scenes = tws.load_annotations(world["annotations_val"])[:args.n_chair]

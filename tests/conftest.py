@@ -24,3 +24,16 @@ def small_world(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("world")
     return build_world(out, WorldConfig(seed=3, n_train=400, n_test=60, n_mme=8, n_val=40))
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory):
+    """One uninterrupted run of the smoke chain (stages 00-05), shared by the tests that start from it."""
+    import subprocess
+
+    from tests.support.chain import chain_cmd
+
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    res = subprocess.run(chain_cmd(run_dir), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir

@@ -16,7 +16,7 @@ from realign_lib.files import RunLock, read_json, read_jsonl
 def _config(tmp_path, run_dir) -> str:
     p = tmp_path / "c.yaml"
     p.write_text(f"run_dir: {run_dir}\nstages:\n  '00_tiny_world': {{n_train: 1500, n_test: 120, n_mme: 10, n_val: 60, "
-                 f"n_samples: 300, tower_steps: 120, sft_steps: 150, health_check: false}}\n")  # the smoke sizes
+                 f"n_samples: 300, tower_steps: 120, sft_steps: 150, sft_restarts: 0, health_check: false}}\n")  # the smoke sizes
     return str(p)
 
 

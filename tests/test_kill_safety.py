@@ -80,8 +80,10 @@ import json, sys
 from realign_lib.tinyworld import training as tv
 from realign_lib.tinyworld.settings import TinyVLMConfig
 world = json.load(open(sys.argv[1]))
-cfg = TinyVLMConfig(tower_steps=60, sft_steps=60, tower_batch=16, sft_batch=8, seed=4, cpu_threads=1)
-tv.train_tiny_vlm(world, sys.argv[2], cfg, checkpoint_every=5)
+cfg = TinyVLMConfig(tower_steps=60, sft_steps=60, tower_batch=16, sft_batch=8, seed=4, cpu_threads=1,
+                    sft_restarts=2, sft_restart_steps=30)
+# a check the model misses twice: two warm restarts follow instruction tuning
+tv.train_tiny_vlm(world, sys.argv[2], cfg, checkpoint_every=5, check=lambda m, p, k: ["forced"] if k < 2 else [])
 """
 
 
@@ -91,9 +93,10 @@ def _saved(out: Path) -> dict | None:
 
 
 def test_tiny_vlm_killed_in_each_phase_resumes_to_the_same_weights(root, small_world, tmp_path):
-    """Kill points: during vision-tower pre-training, then (rerun) during instruction tuning. The
-    third run finishes from the last saved state, with the same weights and loss log as an
-    uninterrupted run, and removes its resume folder."""
+    """Kill points: during vision-tower pre-training, then (rerun) during instruction tuning, then
+    during the second warm restart. The last run finishes from the last saved state, with the same
+    weights, loss log and record of checks and restarts as an uninterrupted run, and removes its
+    resume folder."""
     from safetensors.torch import load_file
 
     world = tmp_path / "world.json"
@@ -112,11 +115,18 @@ def test_tiny_vlm_killed_in_each_phase_resumes_to_the_same_weights(root, small_w
     second = _saved(killed)
     assert second["phase"] == "sft" and 10 <= second["step"] < 60, second
     assert not (killed / "tiny_vlm.json").exists() and not (killed / "model.safetensors").exists()
+    kill_when(cmd, lambda: (_saved(killed) or {}).get("phase") == "restart2" and _saved(killed)["step"] >= 10, root)
+    third = _saved(killed)
+    assert third["phase"] == "restart2" and 10 <= third["step"] < 30, third
+    assert [r["cycle"] for r in json.loads((killed / "tiny_vlm.json").read_text())["restarts"]] == [1]
     run(cmd, root)
 
-    summary = json.loads((killed / "tiny_vlm.json").read_text())
+    summary, reference = json.loads((killed / "tiny_vlm.json").read_text()), json.loads((ref / "tiny_vlm.json").read_text())
     assert summary["resumed_from"]["phase"] == "sft" and summary["resumed_from"]["step"] >= second["step"]
-    assert not (killed / "resume").exists()
+    assert [r["cycle"] for r in summary["restarts"]] == [r["cycle"] for r in reference["restarts"]] == [1, 2]
+    assert summary["checks"] == reference["checks"] == [{"restarts": k, "missed": ["forced"] * (k < 2)} for k in range(3)]
+    assert summary["weights"] == reference["weights"]
+    assert not (killed / "resume").exists() and not (killed / ".restart_weights").exists()
     assert (killed / "train_log.jsonl").read_text() == (ref / "train_log.jsonl").read_text()
     a, b = load_file(ref / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()

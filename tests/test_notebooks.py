@@ -13,6 +13,8 @@ import jupytext
 import nbformat
 import pytest
 
+from tests.support.chain import chain_cmd, copy_run
+
 
 def _notebooks(root):
     nbs = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -98,26 +100,12 @@ def test_stored_notebooks_show_the_settings_that_produced_them(root):
                     assert f"{w}/{cond} " in models, (w, cond)
 
 
-def _chain_cmd(root, run_dir):
-    return [sys.executable, "-m", "realign_lib.run.cli", "run", "--config", str(root / "configs" / "tiny_world_smoke.yaml"),
-            "--set", f"run_dir={run_dir}"]
-
-
-@pytest.fixture(scope="module")
-def smoke_chain(root, tmp_path_factory):
-    """One uninterrupted run of the smoke chain (stages 00-05), shared by the tests below."""
-    run_dir = tmp_path_factory.mktemp("chain") / "run"
-    res = subprocess.run(_chain_cmd(root, run_dir), cwd=root, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return run_dir
-
-
 @pytest.mark.slow
 def test_chain_runs_headless_and_resumes(root, smoke_chain, tmp_path):
     """`realign run` on the smoke config (stages 00-05, two stage-04 variants): every stage's outputs, a
     tiny model loadable by path, and a rerun that skips every finished stage."""
     run_dir = smoke_chain
-    cmd = _chain_cmd(root, run_dir)
+    cmd = chain_cmd(run_dir)
     stage = run_dir / "00_tiny_world"
     executed = json.loads((stage / "00_tiny_world.ipynb").read_text())
     assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
@@ -220,10 +208,10 @@ def test_chain_killed_mid_evaluation_resumes_to_the_same_results(root, smoke_cha
     import signal
     import time
 
-    run_dir = _copy_run(root, smoke_chain, tmp_path / "run",
+    run_dir = copy_run(smoke_chain, tmp_path / "run",
                         only={"data", "model", "config.json", "00_tiny_world", "01_retrieval", "02_masking",
                               "03_induction", "04_training"})
-    proc = subprocess.Popen(_chain_cmd(root, run_dir), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(chain_cmd(run_dir), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     probe = run_dir / "05_evaluation" / "dpo_seed0" / "pope_random_answers.jsonl"
     deadline = time.time() + 900
@@ -232,7 +220,7 @@ def test_chain_killed_mid_evaluation_resumes_to_the_same_results(root, smoke_cha
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert probe.exists() and not (run_dir / "05_evaluation" / ".done.json").exists(), "killed at the wrong moment"
-    res = subprocess.run(_chain_cmd(root, run_dir), cwd=root, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(chain_cmd(run_dir), cwd=root, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("skipped") == 6 and "[05_evaluation] running" in res.stdout
     for split in ("random", "popular", "adversarial"):  # no duplicated or missing answers after the resume
@@ -241,6 +229,31 @@ def test_chain_killed_mid_evaluation_resumes_to_the_same_results(root, smoke_cha
                    for x in open(run_dir / "05_evaluation" / name / f"pope_{split}_answers.jsonl")]
             assert len(ids) == len(set(ids)) == 40
     assert _comparable(run_dir) == _comparable(smoke_chain)
+
+
+@pytest.mark.slow
+def test_a_starved_base_model_fails_its_health_check_and_stops_the_chain(root, smoke_chain, tmp_path):
+    """The smoke budget (a minute of training) cannot learn yes/no answers: with the health check on and
+    one short warm restart allowed, stage 00 checks the model, restarts instruction tuning once from the
+    saved model, checks again, then fails with the figures and the settings to raise, rc != 0, and no
+    later stage runs."""
+    run_dir = tmp_path / "run"
+    copy_run(smoke_chain, run_dir, only=["00_tiny_world", "data", "model"])  # world and model reused
+    res = subprocess.run(chain_cmd(run_dir) + ["--set", "00_tiny_world.health_check=true",
+                                               "--set", "00_tiny_world.sft_restarts=1",
+                                               "--set", "00_tiny_world.sft_restart_steps=10"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "UnhealthyBaseModel" in out and "failed its health check on the validation images" in out, out[-3000:]
+    assert "sft_steps=150" in out and "sft_restarts=1" in out and "Raise sft_steps, sft_restarts" in out, out[-3000:]
+    assert "health_check=false" in out, out[-3000:]
+    assert "[01_retrieval] running" not in out and not (run_dir / "01_retrieval").exists()
+    summary = json.loads((run_dir / "model" / "tiny_vlm" / "tiny_vlm.json").read_text())
+    assert [r["cycle"] for r in summary["restarts"]] == [1] and [c["restarts"] for c in summary["checks"]] == [0, 1]
+    assert all(c["missed"] for c in summary["checks"])
+    m = json.loads((smoke_chain / "00_tiny_world" / "metrics.json").read_text())  # the smoke run: checked, let through
+    assert m["health"]["checked"] is False and m["health"]["problems"], m["health"]
 
 
 @pytest.mark.slow
@@ -301,14 +314,6 @@ def test_real_data_notebook_reads_llava_instruct(root, small_world, tmp_path):
                             cwd=str(root), progress_bar=False)
 
 
-def _copy_run(root, src, dest, only=None):
-    """:func:`realign_lib.run.cli.seed_run` with the smoke config's stages: the copied stages are skipped."""
-    from realign_lib.run.cli import seed_run
-    from realign_lib.run.config import load_config
-
-    return seed_run(src, dest, list(load_config(root / "configs" / "tiny_world_smoke.yaml").stages), only)
-
-
 # what may differ between two runs that made the same results: timings, what one run did (counts of
 # resumed work), executed notebooks (timings in outputs), markers, pickled arguments, caches
 _RUN_ONLY_KEYS = {"seconds", "this_run", "texts_per_second", "images_per_second", "finished"}
@@ -352,10 +357,10 @@ def test_a_rerun_with_settings_changed_gives_the_files_of_a_clean_run(root, smok
                "--set", "03_induction.stop_margin=0.0",        # 03: other fills, other pairs
                "--set", "04_training.beta=0.5",                # 04: same pairs' reference log-probs, other loss
                "--set", "05_evaluation.pope_suffix=true"]      # 05: other prompts for the same questions
-    rerun = _copy_run(root, smoke_chain, tmp_path / "rerun")
-    clean = _copy_run(root, smoke_chain, tmp_path / "clean", only={"data", "model", "00_tiny_world", "config.json"})
+    rerun = copy_run(smoke_chain, tmp_path / "rerun")
+    clean = copy_run(smoke_chain, tmp_path / "clean", only={"data", "model", "00_tiny_world", "config.json"})
     for run_dir in (rerun, clean):
-        res = subprocess.run(_chain_cmd(root, run_dir) + changes, cwd=root, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(chain_cmd(run_dir) + changes, cwd=root, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "[00_tiny_world] complete" in res.stdout and "[05_evaluation] done" in res.stdout
     _same_results(rerun, clean)
@@ -374,10 +379,12 @@ def test_a_rerun_with_settings_changed_gives_the_files_of_a_clean_run(root, smok
         fresh = values(clean / "04_training" / name / "reference_logps.jsonl")
         assert fresh and fresh <= values(rerun / "04_training" / name / "reference_logps.jsonl")
 
-    world = ["--set", "00_tiny_world.seed=1", "--stage", "0", "--stage", "1"]
-    rerun_world, clean_world = _copy_run(root, smoke_chain, tmp_path / "rerun_world"), tmp_path / "clean_world"
+    # (a smaller world than the smoke run's, in both runs: what is compared is the rerun against the clean run)
+    world = ["--set", "00_tiny_world.seed=1", "--set", "00_tiny_world.n_train=300", "--set", "00_tiny_world.n_samples=150",
+             "--set", "00_tiny_world.tower_steps=20", "--set", "00_tiny_world.sft_steps=20", "--stage", "0", "--stage", "1"]
+    rerun_world, clean_world = copy_run(smoke_chain, tmp_path / "rerun_world"), tmp_path / "clean_world"
     for run_dir in (rerun_world, clean_world):
-        res = subprocess.run(_chain_cmd(root, run_dir) + world, cwd=root, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(chain_cmd(run_dir) + world, cwd=root, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _same_results(rerun_world, clean_world, under=("data/", "model/", "00_tiny_world/", "01_retrieval/"))
     old = (smoke_chain / "data" / "tiny_world" / "train_images" / "train_000000.png").read_bytes()
@@ -400,8 +407,9 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     server that demands a recognisable fake key (read from the environment only). Some requests are
     refused with an error body that quotes the key back, as real APIs do. Afterwards no file in the
     run folder — executed notebooks, metrics, configs, markers, failure records, logs — nor the
-    runner's output holds the key; the server saw it on every request. Also: the stages after a
-    re-run stage run again (their inputs changed), the earlier ones are skipped."""
+    runner's output holds the key; the server saw it on every request. Only stages 02-03 run (04-05
+    never see a key; that the stages after a re-run stage run again is test_a_rerun_...'s to check);
+    stage 03 runs again because stage 02 did, stages 00-01 are skipped."""
     import os
     import re
 
@@ -425,15 +433,16 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
         return Reply(content=re.sub(r"\[MASK\]", "red cat", masked))
 
     # the smoke chain's folder as a starting point (stages 00 and 01 are reused, not rerun)
-    run_dir = _copy_run(root, smoke_chain, smoke_chain.parent / "run_with_key")
+    run_dir = copy_run(smoke_chain, smoke_chain.parent / "run_with_key")
     env = {**os.environ, "REALIGN_TEST_KEY": FAKE_KEY}
     with ChatServer(respond, key=FAKE_KEY) as srv:
-        cmd = _chain_cmd(root, run_dir) + [
+        cmd = chain_cmd(run_dir) + [
             "--set", "02_masking.backend=openai", "--set", f"02_masking.api_base_url={srv.url}",
             "--set", "02_masking.api_model=fake-masker", "--set", "02_masking.api_key_env=REALIGN_TEST_KEY",
             "--set", "03_induction.fill_backend=openai", "--set", "03_induction.fill_mode=instruction",
             "--set", f"03_induction.api_base_url={srv.url}", "--set", "03_induction.api_model=fake-vlm",
-            "--set", "03_induction.api_key_env=REALIGN_TEST_KEY"]
+            "--set", "03_induction.api_key_env=REALIGN_TEST_KEY", "--stage", "0", "--stage", "1", "--stage", "2",
+            "--stage", "3"]
         res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run_dir / "runner_stdout.log").write_text(res.stdout)
@@ -443,7 +452,6 @@ def test_chain_with_an_api_key_writes_it_nowhere(root, smoke_chain, tmp_path):
     assert {r.image is None for r in srv.requests} == {True, False}  # masking and fills both went through it
     assert "[00_tiny_world] complete" in res.stdout and "[01_retrieval] complete" in res.stdout
     assert "[03_induction] an earlier stage ran again since: running again" in res.stdout
-    assert "[05_evaluation] running" in res.stdout
     failures = [json.loads(x) for x in open(run_dir / "02_masking" / "masking_failures.jsonl")]
     quoted = [f for f in failures if f["reason"] == "api_error"]
     assert len(quoted) == len(refused) > 0 and all("***" in f["detail"] for f in quoted)  # the key, scrubbed
@@ -472,7 +480,7 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
 
     cfg = load_config(root / "configs" / "tiny_world_smoke.yaml")
     home = tmp_path / "home"
-    _copy_run(root, smoke_chain, home / "runs" / "student")
+    copy_run(smoke_chain, home / "runs" / "student")
     monkeypatch.setenv("REALIGN_HOME", str(home))
     monkeypatch.delenv(CHAIN_ENV, raising=False)
     for name in ("00_tiny_world", "01_retrieval", "02_masking", "03_induction", "04_training", "05_evaluation"):
@@ -486,7 +494,7 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
     assert not (root / "notebooks" / "runs").exists(), "a relative run_dir was resolved against the kernel's folder"
     assert (home / "runs" / "student" / "05_evaluation" / "metrics.json").is_file()
 
-    partial = _copy_run(root, smoke_chain, home / "runs" / "partial", only=["data", "model", "00_tiny_world"])
+    partial = copy_run(smoke_chain, home / "runs" / "partial", only=["data", "model", "00_tiny_world"])
     marker_00 = (partial / "00_tiny_world" / ".done.json").read_bytes()
     out = tmp_path / "03_alone.ipynb"
     pm.execute_notebook(str(root / "notebooks" / "03_induction.ipynb"), str(out), kernel_name="python3",

@@ -118,3 +118,55 @@ def test_logprob_of_tiny_model_equals_manual_sum(parts):
         manual = sum(logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
         assert got[i].item() == pytest.approx(manual, abs=1e-4)
         assert len(ids) - n_prompt == len(responses[i].split()) + 1  # response words + </s>
+
+
+def test_warm_restarts_run_while_the_check_misses_and_a_reused_model_continues_them(small_world, tmp_path):
+    """train_tiny_vlm with a check: a restart cycle per missed check (at most sft_restarts), each check
+    recorded; a model that met its target is reused without checking; allowing more restarts continues
+    from the saved model; other restart steps train again."""
+    from dataclasses import replace
+
+    from realign_lib.files import read_jsonl
+
+    cfg = tv.TinyVLMConfig(tower_steps=6, sft_steps=6, tower_batch=16, sft_batch=8, seed=2, cpu_threads=1,
+                           sft_restarts=1, sft_restart_steps=4)
+    calls = []
+
+    def check(model, processor, restarts):  # misses its target until two restarts were made
+        calls.append(restarts)
+        assert not model.training and processor.tokenizer is not None
+        return ["not yet"] if restarts < 2 else []
+
+    out = tmp_path / "m"
+    first = tv.train_tiny_vlm(small_world, out, cfg, check=check, checkpoint_every=0)
+    assert calls == [0, 1] and [r["cycle"] for r in first["restarts"]] == [1]  # at most one restart allowed
+    assert [c["missed"] for c in first["checks"]] == [["not yet"], ["not yet"]]
+    phases = [r["phase"] for r in read_jsonl(out / "train_log.jsonl")]
+    assert phases.index("restart1") > phases.index("sft") and "restart2" not in phases
+    weights = (out / "model.safetensors").read_bytes()
+
+    calls.clear()  # two restarts allowed now: the saved model is checked again and one more cycle runs
+    second = tv.train_tiny_vlm(small_world, out, replace(cfg, sft_restarts=2), check=check, checkpoint_every=0)
+    assert calls == [1, 2] and [r["cycle"] for r in second["restarts"]] == [1, 2] and not second.get("reused")
+    assert (out / "model.safetensors").read_bytes() != weights
+
+    calls.clear()  # on target: reused without a check
+    third = tv.train_tiny_vlm(small_world, out, replace(cfg, sft_restarts=2), check=check, checkpoint_every=0)
+    assert calls == [] and third["reused"] and len(third["restarts"]) == 2
+
+    marker = json.loads((out / "tiny_vlm.json").read_text())  # a model saved before warm restarts existed:
+    plain = tmp_path / "plain"                                 # no restarts or checks in its marker
+    tv.train_tiny_vlm(small_world, plain, replace(cfg, sft_restarts=0), checkpoint_every=0)
+    old = {k: v for k, v in json.loads((plain / "tiny_vlm.json").read_text()).items() if k not in ("restarts", "checks")}
+    (plain / "tiny_vlm.json").write_text(json.dumps(old))
+    calls.clear()
+    again = tv.train_tiny_vlm(small_world, plain, cfg, check=check, checkpoint_every=0)
+    assert calls == [0, 1] and [r["cycle"] for r in again["restarts"]] == [1] and not again.get("reused")
+    calls.clear()  # checked again (its last check missed, no restart is left), nothing changed: reused
+    assert tv.train_tiny_vlm(small_world, plain, cfg, check=check, checkpoint_every=0)["reused"] and calls == [1]
+    assert marker["restarts"] == third["restarts"]
+
+    calls.clear()  # other restart steps: the restarted weights are not what they would make: trained again
+    fourth = tv.train_tiny_vlm(small_world, out, replace(cfg, sft_restarts=2, sft_restart_steps=3), check=check,
+                               checkpoint_every=0)
+    assert not fourth.get("reused") and calls == [0, 1, 2] and [r["steps"] for r in fourth["restarts"]] == [3, 3]

@@ -6,7 +6,9 @@ often "gains" F1 without seeing anything better. Stage 00 runs this check on the
 the chain when it fails, naming the figures and the settings to raise.
 
 * :func:`pope_subset` — a seeded subset of whole (yes, no) question pairs, so exactly half are "yes";
-* :class:`HealthBounds` — the sane ranges (accuracy on random, recall, yes-ratio per split);
+* :class:`HealthBounds` — the sane ranges (accuracy on random and adversarial, recall, yes-ratio per
+  split); :data:`TARGET` — the stricter figures stage 00 trains towards (warm restarts, see
+  :func:`realign_lib.tinyworld.training.train_tiny_vlm`);
 * :func:`health_problems` — the figures outside them, one sentence each;
 * :func:`health_message` — the message the stage fails with.
 
@@ -19,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["HealthBounds", "pope_subset", "health_problems", "health_message", "UnhealthyBaseModel"]
+__all__ = ["HealthBounds", "TARGET", "pope_subset", "health_problems", "health_message", "UnhealthyBaseModel"]
 
 
 class UnhealthyBaseModel(RuntimeError):
@@ -35,9 +37,15 @@ class HealthBounds:
     """
 
     min_accuracy: float = 0.65       # on the "random" split (the easiest one)
+    min_adversarial_accuracy: float = 0.0   # on the "adversarial" split (absent partners; 0: not checked)
     min_recall: float = 0.50         # on every split: share of present objects answered "yes"
     min_yes_ratio: float = 0.20      # on every split (the label balance is 0.5)
     max_yes_ratio: float = 0.85
+
+
+# What the tiny VLM's recipe aims at on every world seed (stage 00 restarts instruction tuning while the
+# model misses it): POPE accuracy >= 75 % on random and >= 60 % on adversarial, recall >= 70 % on every split.
+TARGET = HealthBounds(min_accuracy=0.75, min_adversarial_accuracy=0.60, min_recall=0.70)
 
 
 def pope_subset(questions: Sequence[dict], n: int, seed: int | Sequence[int] = 0) -> list[dict]:
@@ -59,6 +67,9 @@ def health_problems(pope_metrics: Mapping[str, Mapping[str, float]], bounds: Hea
     rnd = pope_metrics.get("random")
     if rnd is not None and rnd["accuracy"] < bounds.min_accuracy:
         out.append(f"accuracy on random {100 * rnd['accuracy']:.1f} % < {100 * bounds.min_accuracy:.0f} %")
+    adv = pope_metrics.get("adversarial")
+    if adv is not None and adv["accuracy"] < bounds.min_adversarial_accuracy:
+        out.append(f"accuracy on adversarial {100 * adv['accuracy']:.1f} % < {100 * bounds.min_adversarial_accuracy:.0f} %")
     for split, m in pope_metrics.items():
         if m["recall"] < bounds.min_recall:
             out.append(f"recall on {split} {100 * m['recall']:.1f} % < {100 * bounds.min_recall:.0f} %")

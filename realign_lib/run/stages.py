@@ -179,6 +179,10 @@ class TinyWorldStage(Stage):
     sft_steps: int = _from(TinyVLMConfig, "sft_steps", "instruction-tuning steps (batch 48 exchanges)", min=1)
     sft_lr: float = _from(TinyVLMConfig, "sft_lr", "instruction-tuning peak learning rate (cosine schedule)",
                           above=0.0)
+    sft_restarts: int = _from(TinyVLMConfig, "sft_restarts", "warm restarts of instruction tuning allowed while the "
+                              "base model misses its target on the validation images (health.TARGET)", min=0)
+    sft_restart_steps: int = _from(TinyVLMConfig, "sft_restart_steps", "steps of each warm restart (a fresh cosine "
+                                   "cycle peaking at sft_lr)", min=1)
     model_path: str = knob("", "an existing model folder to evaluate instead of training the tiny VLM")
     health_check: bool = knob(True, "stop the chain when the base model's validation POPE figures are outside "
                                     "sane bounds (realign_lib.evaluation.health); false: go on, with a warning")

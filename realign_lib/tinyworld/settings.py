@@ -57,6 +57,8 @@ class TinyVLMConfig:
     sft_steps: int = 1000         # phase 2 steps (instruction tuning, one exchange per row)
     sft_batch: int = 48
     sft_lr: float = 5e-4
+    sft_restarts: int = 2         # warm restarts of instruction tuning allowed while the model misses its target
+    sft_restart_steps: int = 500  # steps of each (a fresh cosine cycle peaking at sft_lr)
     max_length: int = 96          # tokens per training exchange (incl. 16 image tokens)
     seed: int = 0
     cpu_threads: int = 0          # torch threads on a CPU; 0 keeps torch's default

@@ -8,13 +8,20 @@ descriptions ignore the image beyond its scene.
    conversations (tower frozen), loss on the assistant turns only, as LLaVA's stage 2 does.
 
 A killed run continues from its last saved state (:class:`realign_lib.tinyworld.resume.ResumeState`).
+
+Given a ``check`` (a health check: the figures the model misses), :func:`train_tiny_vlm` then makes
+*warm restarts* of phase 2 while the model misses them, up to ``cfg.sft_restarts`` cycles of
+``cfg.sft_restart_steps`` steps, each a fresh AdamW and cosine schedule from the weights so far. Why:
+the yes/no answers sit on a plateau (every question answered alike) for hundreds of steps and on
+some world seeds leave it only as the cosine schedule has decayed, ending near chance; a second
+cycle at the peak learning rate gets them off it.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +34,9 @@ from realign_lib.tinyworld.resume import ResumeState
 from realign_lib.tinyworld.settings import TinyVLMConfig
 
 __all__ = ["region_weights", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "exchange_loss",
-           "instruction_tune", "train_tiny_vlm"]
+           "instruction_tune", "train_tiny_vlm", "RESTART_KNOBS"]
+
+RESTART_KNOBS = ("sft_restarts", "sft_restart_steps")  # how many warm restarts may follow, not the base model's recipe
 
 
 # -------------------------------------------------------------------------- phase 1: the tower
@@ -219,12 +228,14 @@ def exchange_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict], cfg: TinyVLMConfig,
                      log: Callable[[dict], None] | None = None,
-                     resume: ResumeState | None = None) -> list[dict]:
+                     resume: ResumeState | None = None, phase: str = "sft") -> list[dict]:
     """Phase 2: train projector + language model on single exchanges (vision tower frozen).
 
     ``pixels``: ``(N, 3, H, W)``, row ``i`` is the image of ``records[i]``; each step samples
-    ``sft_batch`` exchanges (see :func:`split_exchanges`). With ``resume``, the phase saves its
-    state as it goes and continues from the latest save. Returns the loss history.
+    ``sft_batch`` exchanges (see :func:`split_exchanges`); ``cfg.sft_steps`` steps of AdamW under a
+    cosine schedule (5 % warm-up) peaking at ``cfg.sft_lr``. With ``resume``, the phase (named
+    ``phase`` in the saves and the log) saves its state as it goes and continues from the latest
+    save. Returns the loss history.
     """
     n_img = model.config.image_seq_length
     exchanges = [(i, ex) for i, r in enumerate(records) for ex in split_exchanges(r["conversations"])]
@@ -239,7 +250,7 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
     sched = _cosine(opt, cfg.sft_steps, warmup=max(1, cfg.sft_steps // 20))
     g = torch.Generator().manual_seed(cfg.seed + 2)
     saved_parts = {"model": model}
-    start, hist = resume.restore("sft", saved_parts, opt, sched, g) if resume else (0, [])
+    start, hist = resume.restore(phase, saved_parts, opt, sched, g) if resume else (0, [])
     model.train()
     tower.eval()
     # length buckets (short yes/no exchanges vs long descriptions): each step draws a bucket with
@@ -267,26 +278,42 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
         loss = exchange_loss(logits, labels)
         _optimizer_step(loss, opt, sched, params)
         if step % 50 == 0 or step == cfg.sft_steps - 1:
-            rec = {"phase": "sft", "step": step, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0]}
+            rec = {"phase": phase, "step": step, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0]}
             hist.append(rec)
             if log:
                 log(rec)
         if resume:
-            resume.checkpoint("sft", step + 1, cfg.sft_steps, saved_parts, opt, sched, g, hist)
+            resume.checkpoint(phase, step + 1, cfg.sft_steps, saved_parts, opt, sched, g, hist)
     for p in tower.parameters():
         p.requires_grad_(True)
     model.eval()
     return hist
 
 
+def _recipe(cfg: TinyVLMConfig | dict) -> dict:
+    """The settings that make the base model (before any warm restart): what a saved model is reused for."""
+    d = asdict(cfg) if not isinstance(cfg, dict) else cfg
+    return {k: v for k, v in d.items() if k not in RESTART_KNOBS}
+
+
 def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig = TinyVLMConfig(),
-                   log: Callable[[dict], None] | None = None, checkpoint_every: int = 100) -> dict:
+                   log: Callable[[dict], None] | None = None, checkpoint_every: int = 100,
+                   check: Callable[[object, object, int], list[str]] | None = None) -> dict:
     """Build, train and ``save_pretrained`` the tiny VLM on a world made by ``build_world``.
 
     Writes the model and processor to ``out_dir`` (safetensors) with ``train_log.jsonl`` and
-    ``tiny_vlm.json`` (config, the world's config, timings, parameter count) beside them;
-    ``tiny_vlm.json`` is written last and marks a complete model, reused only for the same settings
-    and the same world. Returns that summary.
+    ``tiny_vlm.json`` (config, the world's config, timings, parameter count, warm restarts) beside
+    them; ``tiny_vlm.json`` is written last and marks a complete model, reused only for the same
+    recipe and the same world. Returns that summary.
+
+    ``check(model, processor, restarts)``: the targets the model (in memory, equal to the saved one,
+    after ``restarts`` warm restarts) misses, ``[]`` when it meets them all. While it misses some and
+    fewer than ``cfg.sft_restarts`` restarts were made, instruction tuning runs another cycle of
+    ``cfg.sft_restart_steps`` steps (fresh AdamW, cosine schedule peaking at ``cfg.sft_lr``, sampling
+    seed ``cfg.seed + 1000 * cycle``) and the model is saved again. Each check's result is kept in
+    the summary's ``checks``; the cycles made in ``restarts``. A reused model is checked again (a run
+    with more restarts allowed continues where the last one stopped); one made with other restart
+    steps, or more restarts than now allowed, is trained again.
 
     Killed and called again with the same config, training continues from the last state saved
     in ``out_dir/resume`` (every ``checkpoint_every`` steps; 0 saves none) and ends with the same
@@ -301,61 +328,141 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     out = Path(out_dir)
     marker = out / "tiny_vlm.json"
     trained_on = world.get("config")  # the world's seed and sizes: another world means another model
-    if marker.is_file():
-        done = read_json(marker)
-        if done.get("config") == asdict(cfg) and done.get("world") == trained_on:
-            return dict(done, path=str(out), reused=True)  # (a copied folder: its own path, not the one trained in)
-        marker.unlink()  # made with other settings or on another world: train again
-    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.jsonl"
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    log_path = out / "train_log.jsonl"
-    resume = ResumeState(out / "resume", {"model": asdict(cfg), "world": trained_on}, checkpoint_every, log_path)
-    latest = resume.latest()
-    if latest is None:
-        resume.clear()
-        if log_path.exists():
-            log_path.unlink()
-    else:  # cut the log back to what the saved state had logged
-        write_jsonl(log_path, read_appended(log_path)[:latest["log_lines"]])
 
     def _log(rec):
         append_jsonl(log_path, [rec])
         if log:
             log(rec)
 
-    t0 = time.time()
-    records = read_json(world["train_json"])
-    scenes = load_annotations(world["annotations_train"])
-    by_id = {s.id: s for s in scenes}
-    img_dir = Path(world["train_images"])
-    arr = np.stack([np.asarray(Image.open(img_dir / r["image"]).convert("RGB")) for r in records])
-    pixels = images_to_pixels(arr)
-    t_load = time.time() - t0
+    loaded: dict = {}
 
-    tokenizer = build_tokenizer(world_vocabulary(short_answers=world["config"].get("short_answers_per_image", 0) > 0))
-    processor = build_processor(tokenizer, cfg)
-    model = build_model(tokenizer, cfg)
-    t1 = time.time()
-    if latest is None or latest["phase"] == "tower":  # a saved instruction-tuning state holds the tower too
-        pretrain_vision_tower(model, pixels, [by_id[r["id"]] for r in records], cfg, log=_log, resume=resume)
-    t_tower = time.time() - t1
-    t2 = time.time()
-    instruction_tune(model, tokenizer, pixels, records, cfg, log=_log, resume=resume)
-    t_sft = time.time() - t2
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    summary = {
-        "config": asdict(cfg),
-        "world": trained_on,
-        "path": str(out),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "vocab_size": len(tokenizer),
-        "image_tokens": int(model.config.image_seq_length),
-        "seconds": {"load_images": round(t_load, 1), "tower": round(t_tower, 1), "sft": round(t_sft, 1)},
-        "torch_threads": torch.get_num_threads(),
-        "resumed_from": {"phase": latest["phase"], "step": latest["step"]} if latest else None,
-    }
-    write_json(marker, summary)
-    resume.clear()
-    return summary
+    def _data():  # the training images and conversations, loaded once
+        if not loaded:
+            t0 = time.time()
+            records = read_json(world["train_json"])
+            img_dir = Path(world["train_images"])
+            arr = np.stack([np.asarray(Image.open(img_dir / r["image"]).convert("RGB")) for r in records])
+            loaded.update(records=records, pixels=images_to_pixels(arr), seconds=time.time() - t0)
+        return loaded["records"], loaded["pixels"]
+
+    summary = None
+    if marker.is_file():
+        done = read_json(marker)
+        made = done.get("restarts", [])
+        if (_recipe(done.get("config", {})) == _recipe(cfg) and done.get("world") == trained_on
+                and len(made) <= cfg.sft_restarts and all(r["steps"] == cfg.sft_restart_steps for r in made)):
+            _finish_swap(out, done)
+            summary = dict(done, path=str(out), reused=True)  # (a copied folder: its own path, not the one trained in)
+            if check is None or (done.get("checks") and not done["checks"][-1]["missed"]):
+                return summary  # nothing to check, or it met its targets: no restart could follow
+            from transformers import AutoProcessor, LlavaForConditionalGeneration
+            processor = AutoProcessor.from_pretrained(out)
+            tokenizer, model = processor.tokenizer, LlavaForConditionalGeneration.from_pretrained(out)
+        else:
+            marker.unlink()  # made with other settings or on another world: train again
+    if summary is None:
+        out.mkdir(parents=True, exist_ok=True)
+        resume = ResumeState(out / "resume", {"model": _recipe(cfg), "world": trained_on}, checkpoint_every, log_path)
+        latest = resume.latest()
+        if latest is None:
+            resume.clear()
+            if log_path.exists():
+                log_path.unlink()
+        else:  # cut the log back to what the saved state had logged
+            write_jsonl(log_path, read_appended(log_path)[:latest["log_lines"]])
+        records, pixels = _data()
+        by_id = {s.id: s for s in load_annotations(world["annotations_train"])}
+        tokenizer = build_tokenizer(world_vocabulary(short_answers=world["config"].get("short_answers_per_image", 0) > 0))
+        processor = build_processor(tokenizer, cfg)
+        model = build_model(tokenizer, cfg)
+        t1 = time.time()
+        if latest is None or latest["phase"] == "tower":  # a saved instruction-tuning state holds the tower too
+            pretrain_vision_tower(model, pixels, [by_id[r["id"]] for r in records], cfg, log=_log, resume=resume)
+        t_tower = time.time() - t1
+        t2 = time.time()
+        instruction_tune(model, processor.tokenizer, pixels, records, cfg, log=_log, resume=resume)
+        t_sft = time.time() - t2
+        model.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+        summary = {
+            "config": asdict(cfg),
+            "world": trained_on,
+            "path": str(out),
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "vocab_size": len(tokenizer),
+            "image_tokens": int(model.config.image_seq_length),
+            "seconds": {"load_images": round(loaded["seconds"], 1), "tower": round(t_tower, 1), "sft": round(t_sft, 1)},
+            "torch_threads": torch.get_num_threads(),
+            "resumed_from": {"phase": latest["phase"], "step": latest["step"]} if latest else None,
+            "restarts": [],
+        }
+        write_json(marker, summary)
+        resume.clear()
+    if check is None:
+        return summary
+    return _warm_restarts(out, summary, model, processor, cfg, check, _data, _log, checkpoint_every, log_path)
+
+
+def _warm_restarts(out: Path, summary: dict, model, processor, cfg: TinyVLMConfig, check, data, log,
+                   checkpoint_every: int, log_path: Path) -> dict:
+    """The check-and-restart loop of :func:`train_tiny_vlm` from a complete saved model (``summary``)."""
+    from realign_lib.cache import file_digest
+    from realign_lib.files import read_appended, write_json, write_jsonl
+
+    reused, made_here = bool(summary.get("reused")), 0  # returned: reused only if this call changed no weights
+    summary = {k: v for k, v in summary.items() if k not in ("reused", "path")} | {"path": str(out)}
+    summary["config"] = asdict(cfg)
+    summary.setdefault("restarts", [])  # (a model saved before warm restarts existed has none)
+    checks = [c for c in summary.get("checks", []) if c["restarts"] <= len(summary["restarts"])]
+    while True:
+        k = len(summary["restarts"])
+        resume = ResumeState(out / "resume", {"model": _recipe(cfg), "world": summary["world"], "restart": k + 1,
+                                              "steps": cfg.sft_restart_steps}, checkpoint_every, log_path)
+        pending = resume.latest()  # a restart cycle killed part-way: its check was made, finish it
+        if pending is None:
+            model.eval()
+            missed = list(check(model, processor, k))
+            checks = [c for c in checks if c["restarts"] < k] + [{"restarts": k, "missed": missed}]
+            summary["checks"] = checks
+            write_json(out / "tiny_vlm.json", summary)
+            if not missed or k >= cfg.sft_restarts:
+                return dict(summary, reused=True) if reused and not made_here else summary
+            # (lines a killed, never-saved start of this cycle logged)
+            write_jsonl(log_path, [r for r in read_appended(log_path) if r.get("phase") != f"restart{k + 1}"])
+        else:
+            write_jsonl(log_path, read_appended(log_path)[:pending["log_lines"]])
+        records, pixels = data()
+        t0 = time.time()
+        instruction_tune(model, processor.tokenizer, pixels, records,
+                         replace(cfg, sft_steps=cfg.sft_restart_steps, seed=cfg.seed + 1000 * (k + 1)),
+                         log=log, resume=resume, phase=f"restart{k + 1}")
+        # the new weights go in by a two-step swap: saved aside, named in the marker, then moved in place
+        # (a kill between the two: the next call finishes the move, see _finish_swap)
+        aside = out / ".restart_weights"
+        model.save_pretrained(aside, safe_serialization=True)
+        summary["restarts"] = summary["restarts"] + [{"cycle": k + 1, "steps": cfg.sft_restart_steps,
+                                                      "seconds": round(time.time() - t0, 1)}]
+        summary["weights"] = file_digest(aside / "model.safetensors")
+        write_json(out / "tiny_vlm.json", summary)
+        _finish_swap(out, summary)
+        resume.clear()
+        made_here += 1
+
+
+def _finish_swap(out: Path, summary: dict) -> None:
+    """Move weights saved aside by a warm restart into place when the marker names them (a run killed
+    between the two steps); drop weights the marker does not name (killed before it was written)."""
+    import shutil
+
+    from realign_lib.cache import file_digest
+
+    aside = out / ".restart_weights"
+    if not aside.is_dir():
+        return
+    if (aside / "model.safetensors").is_file() and summary.get("weights") == file_digest(aside / "model.safetensors"):
+        for f in aside.iterdir():
+            os.replace(f, out / f.name)
+    shutil.rmtree(aside, ignore_errors=True)
