@@ -31,6 +31,7 @@ KEY_METRICS = ("pope/adversarial/f1", "pope/adversarial/accuracy", "pope/adversa
                "pope/adversarial/absent_partner_yes_rate", "pope/random/f1", "pope/popular/f1",
                "chair/chair_i", "chair/recall")
 COMPARISONS = ("rdpo - base", "rdpo - dpo", "dpo - base")
+PAIR_KEYS = ("mean", "sd", "n", "same_sign", "clear", "diffs", "groups")  # kept of each paired difference
 
 
 def _realign(config: Path, run_dir: Path, sets: dict, extra=()) -> None:
@@ -57,8 +58,7 @@ def _summary(run_dir: Path) -> dict:
     return {"eval_split": m["eval_split"], "models": m["models"], "trained": trained,
             "pairs_seen": max((t["pairs_seen"] for t in trained.values()), default=0),
             "per_condition": {c: {k: v for k, v in s.items() if k in KEY_METRICS} for c, s in m["summary"].items()},
-            "paired_differences": {c: {k: {x: d[k][x] for x in ("mean", "sd", "n", "same_sign", "clear", "diffs")}
-                                       for k in KEY_METRICS if k in d}
+            "paired_differences": {c: {k: {x: d[k][x] for x in PAIR_KEYS if x in d[k]} for k in KEY_METRICS if k in d}
                                    for c, d in m["paired_differences"].items()}}
 
 
@@ -90,7 +90,7 @@ def search(spec_path: Path, only: list[str] | None) -> None:
             print(f"copying stages 00-03 from {source} into {base}", flush=True)
             for f in folders:
                 if not (base / f).exists():
-                    seed_run(source / f, base / f, stages, only=before_05)
+                    seed_run(source / f, base / f, stages, only=before_05, run_dir=str(base) if f else None)
         print(f"building stages 00-03 once in {base}" + (f" ({len(folders)} worlds)" if cfg.worlds else ""),
               flush=True)  # (a copied stage whose settings match is skipped)
         _realign(config, base, {}, ["--stage", "0", "--stage", "1", "--stage", "2", "--stage", "3"])
@@ -100,7 +100,7 @@ def search(spec_path: Path, only: list[str] | None) -> None:
         run_dir = root / name
         if not run_dir.exists():
             for f in folders:
-                seed_run(base / f, run_dir / f, stages, only=before_05)
+                seed_run(base / f, run_dir / f, stages, only=before_05, run_dir=str(run_dir) if f else None)
         t0 = time.time()
         print(f"[{name}] {sets or 'defaults'}", flush=True)
         _realign(config, run_dir, sets or {})

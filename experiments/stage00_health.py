@@ -147,8 +147,11 @@ def main() -> None:
     sec = {}
     t0 = time.time()
     wdir = WORLDS / f"seed{args.seed}_n{args.world_n_train}"
+    # the world's own conversations without extra existence turns (--existence_per_image adds them here): the
+    # runs logged before this was pinned, on worlds built while WorldConfig's default was 4 (seed 5), had 4 + K
     world = tw.build_world(wdir, WorldConfig(seed=args.seed, n_train=args.world_n_train, n_test=1000, n_mme=30,
-                                                n_val=500), progress=False, workers=1)
+                                             n_val=500, existence_per_image=0, partner_negatives=0.0),
+                           progress=False, workers=1)
     sec["world"] = round(time.time() - t0, 1)  # ~0 when the world was already built
 
     t0 = time.time()

@@ -10,7 +10,9 @@ Inputs (committed, small JSON):
 * ``experiments/results/comparison.json`` — every model's metrics of ``configs/tiny_world_comparison.yaml``
   (``--collect`` writes it from the run's ``05_evaluation/metrics.json``);
 * ``benchmarks/results/stage00_worlds.json`` — the base model of ten world seeds
-  (``benchmarks/bench_stage00_worlds.py``).
+  (``benchmarks/bench_stage00_worlds.py``);
+* ``experiments/results/recipe_search_worlds.jsonl`` — the recipe search across worlds
+  (``experiments/recipe_search.py --spec experiments/recipe_search_worlds.yaml``), when it has run.
 
 Each generated part sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers; everything
 outside them is left as it is. No number in those parts is typed by hand.
@@ -31,6 +33,7 @@ from realign_lib.evaluation.stats import (answer_bias, condition_of, describe_di
 
 COMPARISON = ROOT / "experiments" / "results" / "comparison.json"
 WORLDS = ROOT / "benchmarks" / "results" / "stage00_worlds.json"
+SEARCH_WORLDS = ROOT / "experiments" / "results" / "recipe_search_worlds.jsonl"
 README = ROOT / "README.md"
 RESULTS_DOC = ROOT / "docs" / "results.md"
 COLUMNS = {  # metric → column head
@@ -190,6 +193,41 @@ def worlds_block(data: dict) -> str:
               f"beside other jobs).{parts}")
 
 
+def search_score(rec: dict) -> float:
+    """The recipe search's rule (experiments/recipe_search.yaml): the smallest of rDPO−base F1, base−rDPO
+    CHAIR_i, rDPO−DPO F1 and DPO−rDPO CHAIR_i (paired means, points; better is positive)."""
+    d = rec["paired_differences"]
+    return min(d["rdpo - base"]["pope/adversarial/f1"]["mean"], -d["rdpo - base"]["chair/chair_i"]["mean"],
+               d["rdpo - dpo"]["pope/adversarial/f1"]["mean"], -d["rdpo - dpo"]["chair/chair_i"]["mean"])
+
+
+def search_block(recs: list[dict]) -> str:
+    """The candidates of a recipe search: paired differences (mean ± sd, * clear), the rule's score, the choice."""
+    cols = [("rdpo - base", "pope/adversarial/f1"), ("rdpo - base", "chair/chair_i"), ("rdpo - dpo", "pope/adversarial/f1"),
+            ("rdpo - dpo", "chair/chair_i"), ("dpo - base", "pope/adversarial/f1"), ("dpo - base", "chair/chair_i")]
+    name = {"pope/adversarial/f1": "F1", "chair/chair_i": "CHAIR_i"}
+    lines = ["| candidate | settings | " + " | ".join(f"{c.replace('rdpo', 'rDPO').replace('dpo', 'DPO').replace(' - ', ' − ')} "
+                                                   f"{name[m]}" for c, m in cols) + " | score |",
+             "| --- | --- |" + " ---: |" * (len(cols) + 1)]
+    for r in recs:
+        cells = []
+        for c, m in cols:
+            x = r["paired_differences"][c][m]
+            cells.append(f"{x['mean']:+.2f} ± {x['sd']:.2f}{'*' if x['clear'] else ''}")
+        lines.append(f"| `{r['candidate']}` | `{json.dumps(r['settings'])}` | " + " | ".join(cells)
+                     + f" | {search_score(r):+.2f} |")
+    best = max(recs, key=search_score)
+    n = recs[0]["paired_differences"]["rdpo - base"]["pope/adversarial/f1"]["n"]
+    worlds = sorted({m.split("/")[0] for m in recs[0]["models"] if "/" in m})
+    return (f"Validation images of {len(worlds)} worlds ({', '.join(worlds)}), {n} (world, seed) pairs per difference; "
+            "points, mean ± sd over the pairs (* every pair agrees and |mean| > 2 se); F1 higher is better, CHAIR_i "
+            "lower is better; score: the smallest of the first four differences, signed so that better is positive.\n\n"
+            + "\n".join(lines)
+            + f"\n\nHighest score: `{best['candidate']}` ({search_score(best):+.2f})"
+            + (": no candidate has all four differences in the right direction." if search_score(best) <= 0 else
+               ": all four of its differences point the right way."))
+
+
 # ------------------------------------------------------------------------------------ files
 def replace_block(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
@@ -208,6 +246,9 @@ def render() -> dict[Path, str]:
         doc = replace_block(doc, "comparison", comparison_block(comp))
     if WORLDS.is_file():
         doc = replace_block(doc, "stage00-worlds", worlds_block(json.loads(WORLDS.read_text())))
+    if SEARCH_WORLDS.is_file():
+        doc = replace_block(doc, "search-worlds", search_block(
+            [json.loads(x) for x in SEARCH_WORLDS.read_text().splitlines() if x.strip()]))
     out[README], out[RESULTS_DOC] = readme, doc
     return out
 

@@ -160,20 +160,32 @@ def _stale_lock(folder, pid):
     os.utime(folder / ".realign.lock", (time.time() - 60, time.time() - 60))
 
 
+def _started_kernel(dead: int, seconds: int) -> subprocess.Popen:
+    """A stand-in kernel of the dead run, returned once /proc shows its environment (until the child has
+    exec'd, /proc shows the parent's, without JPY_PARENT_PID: a loaded machine widens that window)."""
+    from realign_lib.files import kernels_of
+
+    kernel = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                              env=dict(os.environ, JPY_PARENT_PID=str(dead)))
+    deadline = time.time() + 20
+    while kernel.pid not in kernels_of(dead) and time.time() < deadline:
+        time.sleep(0.01)
+    assert kernel.pid in kernels_of(dead)
+    return kernel
+
+
 def test_a_lock_is_not_taken_over_while_the_stopped_runs_kernel_still_writes(tmp_path):
     """After kill -9 of `realign run` its kernel (JPY_PARENT_PID = the dead command) lives on for seconds:
     the next run waits for it, and fails naming it if it does not end."""
     dead = _dead_pid()
-    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"],
-                              env=dict(os.environ, JPY_PARENT_PID=str(dead)))
+    kernel = _started_kernel(dead, 2)
     _stale_lock(tmp_path, dead)
     said, t0 = [], time.time()
     with RunLock(tmp_path, log=said.append):
         assert kernel.poll() is not None and time.time() - t0 > 1.0  # taken only once the kernel ended
         assert read_json(tmp_path / ".realign.lock")["pid"] == os.getpid()
     assert "its notebook kernel" in said[0] and str(kernel.pid) in said[0] and "stale lock" in said[1]
-    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
-                              env=dict(os.environ, JPY_PARENT_PID=str(dead)))
+    kernel = _started_kernel(dead, 30)
     try:
         _stale_lock(tmp_path, dead)
         with pytest.raises(RuntimeError, match=rf"still written by a notebook kernel of a stopped run \(pid {kernel.pid}\)"):

@@ -348,22 +348,27 @@ def _same_results(rerun, clean, under=("",)):
 
 @pytest.mark.slow
 def test_a_rerun_with_settings_changed_gives_the_files_of_a_clean_run(root, smoke_chain, tmp_path):
-    """Rerunning a finished chain's folder with one setting of every stage 01-05 changed writes the same
-    results as a clean run with those settings; then the same for a setting of stage 00 (the world's
-    seed: every image, sample and the tiny VLM change under the same file names) over stages 00-01.
-    Caches that outlive a rerun (embeddings, reference log-probs) may keep old entries, never use them."""
-    changes = ["--set", "top_k=3",                             # 01 (and 03's candidates)
-               "--set", "02_masking.max_mask_words=5",         # 02: resumed maskings were checked under 10
+    """Rerunning a finished chain's folder with a setting of each of stages 02-04 changed writes the same
+    results as a clean run with those settings (stages 00-04; the stages after them would run again too,
+    as every stage after a re-run one does); then the same for settings of stage 00 (the world's seed and
+    size: every image, sample and the tiny VLM change, mostly under the same file names) over stages
+    00-01. Caches that outlive a rerun (maskings, embeddings, reference log-probs) may keep old entries,
+    never use them. (Stage 05's answer cache under a changed prompt: tests/test_evaluation.py.)"""
+    changes = ["--set", "02_masking.max_mask_words=5",         # 02: resumed maskings were checked under 10
                "--set", "03_induction.stop_margin=0.0",        # 03: other fills, other pairs
                "--set", "04_training.beta=0.5",                # 04: same pairs' reference log-probs, other loss
-               "--set", "05_evaluation.pope_suffix=true"]      # 05: other prompts for the same questions
+               "--set", "03_induction.max_samples=100",        # (smaller than the smoke run, in both runs)
+               "--set", "04_training.n_chair=16",
+               "--stage", "0", "--stage", "1", "--stage", "2", "--stage", "3", "--stage", "4"]
     rerun = copy_run(smoke_chain, tmp_path / "rerun")
-    clean = copy_run(smoke_chain, tmp_path / "clean", only={"data", "model", "00_tiny_world", "config.json"})
+    clean = copy_run(smoke_chain, tmp_path / "clean", only={"data", "model", "00_tiny_world", "01_retrieval",
+                                                            "config.json"})
     for run_dir in (rerun, clean):
         res = subprocess.run(chain_cmd(run_dir) + changes, cwd=root, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert "[00_tiny_world] complete" in res.stdout and "[05_evaluation] done" in res.stdout
-    _same_results(rerun, clean)
+        assert "[01_retrieval] complete" in res.stdout and "[04_training/dpo_seed0] done" in res.stdout
+    _same_results(rerun, clean, under=("data/", "model/", "00_tiny_world/", "01_retrieval/", "02_masking/",
+                                       "03_induction/", "04_training/"))
     # the changes did change the results (the smoke model may answer every POPE question alike, so the pairs
     # and the training curves are what must differ)
     assert (rerun / "03_induction" / "preferences.jsonl").read_text() != \

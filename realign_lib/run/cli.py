@@ -44,12 +44,14 @@ def upstream_digest(stage: str, stages: list[str], run_dir: Path) -> dict[str, s
     return out
 
 
-def seed_run(src: str | os.PathLike, dest: str | os.PathLike, stages, only=None) -> Path:
+def seed_run(src: str | os.PathLike, dest: str | os.PathLike, stages, only=None, run_dir: str | None = None) -> Path:
     """Start the run folder ``dest`` from the finished run ``src``: copy its top-level entries (those
     named in ``only``, default all) and rewrite the copied stage markers as if those stages had run in
     ``dest``. A run there then skips each copied stage whose parameters are unchanged and runs the
     others and every later one (a recipe search builds the world and the pairs once this way).
-    ``stages``: the config's stage keys."""
+    ``stages``: the config's stage keys. ``run_dir``: the ``run_dir`` parameter the run will give the
+    stages (default ``dest``; for a world folder ``<run_dir>/world<k>`` of a config with ``worlds``,
+    that config's ``run_dir``)."""
     import json
     import shutil
 
@@ -63,7 +65,7 @@ def seed_run(src: str | os.PathLike, dest: str | os.PathLike, stages, only=None)
         marker = dest / stage / ".done.json"
         if marker.is_file():
             m = json.loads(marker.read_text())
-            m["parameters"]["run_dir"] = str(dest)
+            m["parameters"]["run_dir"] = str(dest) if run_dir is None else str(run_dir)
             m["upstream"] = upstream_digest(stage, stages, dest)
             marker.write_text(json.dumps(m))
     return dest

@@ -10,18 +10,14 @@ descriptions ignore the image beyond its scene.
 A killed run continues from its last saved state (:class:`realign_lib.tinyworld.resume.ResumeState`).
 
 Given a ``check`` (a health check: the figures the model misses), :func:`train_tiny_vlm` then makes
-*warm restarts* of phase 2 while the model misses them, up to ``cfg.sft_restarts`` cycles of
-``cfg.sft_restart_steps`` steps, each a fresh AdamW and cosine schedule from the weights so far. Why:
-the yes/no answers sit on a plateau (every question answered alike) for hundreds of steps and on
-some world seeds leave it only as the cosine schedule has decayed, ending near chance; a second
-cycle at the peak learning rate gets them off it.
+*warm restarts* of phase 2 while the model misses them (:mod:`realign_lib.tinyworld.restarts`).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -34,9 +30,7 @@ from realign_lib.tinyworld.resume import ResumeState
 from realign_lib.tinyworld.settings import TinyVLMConfig
 
 __all__ = ["region_weights", "pretrain_vision_tower", "encode_conversations", "split_exchanges", "exchange_loss",
-           "instruction_tune", "train_tiny_vlm", "RESTART_KNOBS"]
-
-RESTART_KNOBS = ("sft_restarts", "sft_restart_steps")  # how many warm restarts may follow, not the base model's recipe
+           "instruction_tune", "train_tiny_vlm"]
 
 
 # -------------------------------------------------------------------------- phase 1: the tower
@@ -290,12 +284,6 @@ def instruction_tune(model, tokenizer, pixels: torch.Tensor, records: list[dict]
     return hist
 
 
-def _recipe(cfg: TinyVLMConfig | dict) -> dict:
-    """The settings that make the base model (before any warm restart): what a saved model is reused for."""
-    d = asdict(cfg) if not isinstance(cfg, dict) else cfg
-    return {k: v for k, v in d.items() if k not in RESTART_KNOBS}
-
-
 def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig = TinyVLMConfig(),
                    log: Callable[[dict], None] | None = None, checkpoint_every: int = 100,
                    check: Callable[[object, object, int], list[str]] | None = None) -> dict:
@@ -322,6 +310,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     from PIL import Image
 
     from realign_lib.files import append_jsonl, read_appended, read_json, write_json, write_jsonl
+    from realign_lib.tinyworld.restarts import finish_swap, recipe, warm_restarts
     from realign_lib.tinyworld.scenes import load_annotations
     from realign_lib.tinyworld.world import world_vocabulary
 
@@ -352,9 +341,9 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
     if marker.is_file():
         done = read_json(marker)
         made = done.get("restarts", [])
-        if (_recipe(done.get("config", {})) == _recipe(cfg) and done.get("world") == trained_on
+        if (recipe(done.get("config", {})) == recipe(cfg) and done.get("world") == trained_on
                 and len(made) <= cfg.sft_restarts and all(r["steps"] == cfg.sft_restart_steps for r in made)):
-            _finish_swap(out, done)
+            finish_swap(out, done)
             summary = dict(done, path=str(out), reused=True)  # (a copied folder: its own path, not the one trained in)
             if check is None or (done.get("checks") and not done["checks"][-1]["missed"]):
                 return summary  # nothing to check, or it met its targets: no restart could follow
@@ -365,7 +354,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
             marker.unlink()  # made with other settings or on another world: train again
     if summary is None:
         out.mkdir(parents=True, exist_ok=True)
-        resume = ResumeState(out / "resume", {"model": _recipe(cfg), "world": trained_on}, checkpoint_every, log_path)
+        resume = ResumeState(out / "resume", {"model": recipe(cfg), "world": trained_on}, checkpoint_every, log_path)
         latest = resume.latest()
         if latest is None:
             resume.clear()
@@ -403,66 +392,5 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
         resume.clear()
     if check is None:
         return summary
-    return _warm_restarts(out, summary, model, processor, cfg, check, _data, _log, checkpoint_every, log_path)
-
-
-def _warm_restarts(out: Path, summary: dict, model, processor, cfg: TinyVLMConfig, check, data, log,
-                   checkpoint_every: int, log_path: Path) -> dict:
-    """The check-and-restart loop of :func:`train_tiny_vlm` from a complete saved model (``summary``)."""
-    from realign_lib.cache import file_digest
-    from realign_lib.files import read_appended, write_json, write_jsonl
-
-    reused, made_here = bool(summary.get("reused")), 0  # returned: reused only if this call changed no weights
-    summary = {k: v for k, v in summary.items() if k not in ("reused", "path")} | {"path": str(out)}
-    summary["config"] = asdict(cfg)
-    summary.setdefault("restarts", [])  # (a model saved before warm restarts existed has none)
-    checks = [c for c in summary.get("checks", []) if c["restarts"] <= len(summary["restarts"])]
-    while True:
-        k = len(summary["restarts"])
-        resume = ResumeState(out / "resume", {"model": _recipe(cfg), "world": summary["world"], "restart": k + 1,
-                                              "steps": cfg.sft_restart_steps}, checkpoint_every, log_path)
-        pending = resume.latest()  # a restart cycle killed part-way: its check was made, finish it
-        if pending is None:
-            model.eval()
-            missed = list(check(model, processor, k))
-            checks = [c for c in checks if c["restarts"] < k] + [{"restarts": k, "missed": missed}]
-            summary["checks"] = checks
-            write_json(out / "tiny_vlm.json", summary)
-            if not missed or k >= cfg.sft_restarts:
-                return dict(summary, reused=True) if reused and not made_here else summary
-            # (lines a killed, never-saved start of this cycle logged)
-            write_jsonl(log_path, [r for r in read_appended(log_path) if r.get("phase") != f"restart{k + 1}"])
-        else:
-            write_jsonl(log_path, read_appended(log_path)[:pending["log_lines"]])
-        records, pixels = data()
-        t0 = time.time()
-        instruction_tune(model, processor.tokenizer, pixels, records,
-                         replace(cfg, sft_steps=cfg.sft_restart_steps, seed=cfg.seed + 1000 * (k + 1)),
-                         log=log, resume=resume, phase=f"restart{k + 1}")
-        # the new weights go in by a two-step swap: saved aside, named in the marker, then moved in place
-        # (a kill between the two: the next call finishes the move, see _finish_swap)
-        aside = out / ".restart_weights"
-        model.save_pretrained(aside, safe_serialization=True)
-        summary["restarts"] = summary["restarts"] + [{"cycle": k + 1, "steps": cfg.sft_restart_steps,
-                                                      "seconds": round(time.time() - t0, 1)}]
-        summary["weights"] = file_digest(aside / "model.safetensors")
-        write_json(out / "tiny_vlm.json", summary)
-        _finish_swap(out, summary)
-        resume.clear()
-        made_here += 1
-
-
-def _finish_swap(out: Path, summary: dict) -> None:
-    """Move weights saved aside by a warm restart into place when the marker names them (a run killed
-    between the two steps); drop weights the marker does not name (killed before it was written)."""
-    import shutil
-
-    from realign_lib.cache import file_digest
-
-    aside = out / ".restart_weights"
-    if not aside.is_dir():
-        return
-    if (aside / "model.safetensors").is_file() and summary.get("weights") == file_digest(aside / "model.safetensors"):
-        for f in aside.iterdir():
-            os.replace(f, out / f.name)
-    shutil.rmtree(aside, ignore_errors=True)
+    return warm_restarts(out, summary, model, processor, cfg, check, _data, _log, checkpoint_every, log_path,
+                         instruction_tune)
