@@ -108,8 +108,14 @@ def search(spec_path: Path, only: list[str] | None) -> None:
                "seconds": round(time.time() - t0), **_summary(run_dir)}
         append_jsonl(results, [rec])
         d = rec["paired_differences"].get("rdpo - base", {}).get("pope/adversarial/f1")
-        print(f"[{name}] done in {rec['seconds']} s; rDPO − base POPE-adv F1 "
-              f"{d['mean']:+.2f} ± {d['sd']:.2f}" if d else f"[{name}] done", flush=True)
+        print(f"[{name}] done in {rec['seconds']} s; rDPO − base POPE-adv F1 {d['mean']:+.2f}{_pm(d)}" if d
+              else f"[{name}] done", flush=True)
+
+
+def _pm(d: dict) -> str:
+    """``±sd`` of a paired difference; nothing for a single pair (no sd)."""
+    sd = d.get("sd")
+    return f"±{sd:.2f}" if sd is not None and sd == sd else ""
 
 
 def report(spec_path: Path) -> None:
@@ -132,7 +138,7 @@ def report(spec_path: Path) -> None:
         for c in COMPARISONS:
             d = r["paired_differences"].get(c, {})
             f, ch = d.get("pope/adversarial/f1"), d.get("chair/chair_i")
-            cells.append(" / ".join(f"{x['mean']:+.2f}±{x['sd']:.2f}{'*' if x['clear'] else ''}" if x else "–"
+            cells.append(" / ".join(f"{x['mean']:+.2f}{_pm(x)}{'*' if x['clear'] else ''}" if x else "–"
                                     for x in (f, ch)))
         rows.append(f"| {r['candidate']} | `{json.dumps(r['settings'])}` | " + " | ".join(cells) + " |")
     md = ("Validation paired differences, mean ± sd over seeds (* clear: every seed agrees and |mean| > 2 se). "

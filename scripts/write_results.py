@@ -213,7 +213,8 @@ def search_block(recs: list[dict]) -> str:
         cells = []
         for c, m in cols:
             x = r["paired_differences"][c][m]
-            cells.append(f"{x['mean']:+.2f} ± {x['sd']:.2f}{'*' if x['clear'] else ''}")
+            sd = f" ± {x['sd']:.2f}" if x.get("sd") is not None and x["sd"] == x["sd"] else ""
+            cells.append(f"{x['mean']:+.2f}{sd}{'*' if x['clear'] else ''}")
         lines.append(f"| `{r['candidate']}` | `{json.dumps(r['settings'])}` | " + " | ".join(cells)
                      + f" | {search_score(r):+.2f} |")
     best = max(recs, key=search_score)

@@ -357,7 +357,8 @@ def test_a_rerun_with_settings_changed_gives_the_files_of_a_clean_run(root, smok
     changes = ["--set", "02_masking.max_mask_words=5",         # 02: resumed maskings were checked under 10
                "--set", "03_induction.stop_margin=0.0",        # 03: other fills, other pairs
                "--set", "04_training.beta=0.5",                # 04: same pairs' reference log-probs, other loss
-               "--set", "03_induction.max_samples=100",        # (smaller than the smoke run, in both runs)
+               "--set", "02_masking.max_samples=100",          # (smaller than the smoke run, in both runs)
+               "--set", "03_induction.max_samples=60", "--set", "04_training.max_steps=6",
                "--set", "04_training.n_chair=16",
                "--stage", "0", "--stage", "1", "--stage", "2", "--stage", "3", "--stage", "4"]
     rerun = copy_run(smoke_chain, tmp_path / "rerun")
@@ -475,8 +476,9 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
                                                                                  monkeypatch):
     """A student's path: the kernel starts in notebooks/, run_dir is relative. Each stage notebook, run by
     hand (not under `realign run`), finds the run under $REALIGN_HOME (else the repository root) and its
-    executed copy holds an image for every figure cell. Then notebook 03 opened on a run that has only
-    stage 00 builds the missing stages 01-02 in the small setting (one `realign run` call) and goes on."""
+    executed copy holds an image for every figure cell. Notebook 03 is the one opened on a run that has
+    only stage 00: it builds the missing stages 01-02 in the small setting (one `realign run` call), goes
+    on, and shows its figures too."""
     import papermill as pm
 
     from realign_lib.run import nbstore
@@ -488,7 +490,7 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
     copy_run(smoke_chain, home / "runs" / "student")
     monkeypatch.setenv("REALIGN_HOME", str(home))
     monkeypatch.delenv(CHAIN_ENV, raising=False)
-    for name in ("00_tiny_world", "01_retrieval", "02_masking", "03_induction", "04_training", "05_evaluation"):
+    for name in ("00_tiny_world", "01_retrieval", "02_masking", "04_training", "05_evaluation"):  # 03: below
         out = tmp_path / f"{name}.ipynb"
         # the run's own settings (so each stage resumes its finished work), with a relative run_dir
         params = dict(cfg.parameters("04_training/rdpo_seed0" if name == "04_training" else name), run_dir="runs/student")
@@ -511,3 +513,5 @@ def test_notebooks_opened_from_their_folder_find_the_run_and_show_their_figures(
     text = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
                    for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
     assert "building stages 01, 02 in the small setting" in text
+    figures = nbstore.figure_cells(json.loads(out.read_text()))
+    assert figures and all(shown for _, shown in figures), [f for f, shown in figures if not shown]
