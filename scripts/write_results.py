@@ -224,8 +224,9 @@ def search_block(recs: list[dict]) -> str:
             "points, mean ± sd over the pairs (* every pair agrees and |mean| > 2 se); F1 higher is better, CHAIR_i "
             "lower is better; score: the smallest of the first four differences, signed so that better is positive.\n\n"
             + "\n".join(lines)
-            + f"\n\nHighest score: `{best['candidate']}` ({search_score(best):+.2f})"
-            + (": no candidate has all four differences in the right direction." if search_score(best) <= 0 else
+            + f"\n\n{len(recs)} candidate(s) run ({', '.join(r['candidate'] for r in recs)}). Highest score: "
+              f"`{best['candidate']}` ({search_score(best):+.2f})"
+            + (": not all four of its differences point the right way." if search_score(best) <= 0 else
                ": all four of its differences point the right way."))
 
 
