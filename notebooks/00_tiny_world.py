@@ -371,6 +371,7 @@ for split, m in health_metrics.items():
     print(f"{split:<12} accuracy {100 * m['accuracy']:5.1f}  recall {100 * m['recall']:5.1f}  "
           f"yes-ratio {100 * m['yes_ratio']:5.1f}  ({m['n']} questions)")
 problems = health.health_problems(health_metrics)
+target_missed = health.health_problems(health_metrics, health.TARGET)
 t_health = time.time() - t0
 if problems:
     message = health.health_message(
@@ -383,8 +384,8 @@ if problems:
     print("WARNING (health_check is off): " + message)
 else:
     print("healthy: every figure within", health.HealthBounds())
-    print("on target" if not health.health_problems(health_metrics, health.TARGET) else "below the target "
-          f"({'; '.join(health.health_problems(health_metrics, health.TARGET))}) after {sft_restarts} warm restarts")
+    print("on target" if not target_missed else f"below the target ({'; '.join(target_missed)}) after "
+          f"{len(train_summary.get('restarts', []))} warm restart(s)")
 
 # %% [markdown]
 # ## 4 · What it says about held-out images
@@ -487,7 +488,7 @@ metrics = {
     "pope": pope_metrics,
     "pope_partner": partner,
     "health": {"pope_val": health_metrics, "problems": problems, "checked": health_check,
-               "target_missed": health.health_problems(health_metrics, health.TARGET),
+               "target_missed": target_missed,
                "restarts": len(train_summary.get("restarts", [])), "checks": train_summary.get("checks", [])},
     "chair": chair,
     "hallucinated_examples": hallucinated_examples[:10],

@@ -67,8 +67,8 @@ def warm_restarts(out: Path, summary: dict, model, processor, cfg: TinyVLMConfig
         records, pixels = data()
         t0 = time.time()
         tune(model, processor.tokenizer, pixels, records,
-                         replace(cfg, sft_steps=cfg.sft_restart_steps, seed=cfg.seed + 1000 * (k + 1)),
-                         log=log, resume=resume, phase=f"restart{k + 1}")
+             replace(cfg, sft_steps=cfg.sft_restart_steps, seed=cfg.seed + 1000 * (k + 1)),
+             log=log, resume=resume, phase=f"restart{k + 1}")
         # the new weights go in by a two-step swap: saved aside, named in the marker, then moved in place
         # (a kill between the two: the next call finishes the move, see finish_swap)
         aside = out / ".restart_weights"

@@ -349,7 +349,7 @@ def train_tiny_vlm(world: dict, out_dir: str | os.PathLike, cfg: TinyVLMConfig =
                 return summary  # nothing to check, or it met its targets: no restart could follow
             from transformers import AutoProcessor, LlavaForConditionalGeneration
             processor = AutoProcessor.from_pretrained(out)
-            tokenizer, model = processor.tokenizer, LlavaForConditionalGeneration.from_pretrained(out)
+            model = LlavaForConditionalGeneration.from_pretrained(out)
         else:
             marker.unlink()  # made with other settings or on another world: train again
     if summary is None:
